@@ -1,0 +1,1 @@
+"""Built-in defences; importing this package registers them (``robustbench_med.defenses``)."""

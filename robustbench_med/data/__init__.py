@@ -1,0 +1,1 @@
+"""Datasets: the embedded phantom world and loaders for real data (registered on import)."""

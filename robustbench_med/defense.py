@@ -1,0 +1,103 @@
+"""The defence interface: a :class:`Defense` wraps a victim and gives a defended victim.
+
+Kinds: ``'purifier'`` (transforms the input before the model), ``'latent'`` (perturbs a segmentor's latent between
+``encode`` and ``decode``) and ``'detector'`` (flags adversarial inputs). ``differentiable`` and ``randomized`` tell
+the harness how to attack the defended victim adaptively: non-differentiable purifiers are attacked through BPDA
+(Athalye et al., "Obfuscated Gradients Give a False Sense of Security", ICML 2018: the purifier's backward pass is
+replaced by the identity), randomised ones with EOT (gradients averaged over the defence's randomness).
+"""
+from __future__ import annotations
+
+import abc
+from typing import Any, ClassVar
+
+import torch
+
+from robustbench_med.victim import Victim
+
+GRADIENT_MODES = ("full", "bpda", "detach")
+
+
+class Defense(abc.ABC):
+    """Base class of all defences. Subclasses implement :meth:`wrap`."""
+
+    kind: ClassVar[str] = "purifier"
+    differentiable: ClassVar[bool] = True
+    randomized: ClassVar[bool] = False
+    name: str = "defense"
+
+    def params(self) -> dict[str, Any]:
+        """The defence's parameters (recorded with every result)."""
+        return {}
+
+    @abc.abstractmethod
+    def wrap(self, victim: Victim) -> Victim:
+        """A defended victim with the same card, task and input contract as ``victim``."""
+
+    @property
+    def default_gradient_mode(self) -> str:
+        return "full" if self.differentiable else "bpda"
+
+
+class InputPurifier(Defense):
+    """A defence that transforms the input: ``defended(x) = victim(purify(x))``. Implement :meth:`purify`."""
+
+    kind: ClassVar[str] = "purifier"
+
+    @abc.abstractmethod
+    def purify(self, x: torch.Tensor) -> torch.Tensor:
+        """The purified batch (same shape, values in [0, 1])."""
+
+    def wrap(self, victim: Victim) -> "PurifiedVictim":
+        return PurifiedVictim(victim, self)
+
+
+class PurifiedVictim(Victim):
+    """``victim ∘ purify`` with a selectable gradient path through the purifier.
+
+    ``gradient_mode``: ``'full'`` differentiates through ``purify``; ``'bpda'`` uses the straight-through estimator
+    ``x + (purify(x) − x).detach()``; ``'detach'`` purifies a detached copy, so no gradient reaches the input (the
+    naive "adaptive" attack whose gradients are masked).
+    """
+
+    def __init__(self, victim: Victim, defense: InputPurifier, gradient_mode: str | None = None):
+        super().__init__(victim.card)
+        self.victim = victim
+        self.defense = defense
+        self.mean, self.std = victim.mean, victim.std
+        self.sdr_radius, self.heatmap_sigma = victim.sdr_radius, victim.heatmap_sigma
+        self.gradient_mode = gradient_mode or defense.default_gradient_mode
+        if self.gradient_mode not in GRADIENT_MODES:
+            raise ValueError(f"gradient_mode must be one of {GRADIENT_MODES}, got {self.gradient_mode!r}")
+
+    def with_gradient_mode(self, mode: str) -> "PurifiedVictim":
+        return PurifiedVictim(self.victim, self.defense, mode)
+
+    def forward_normalized(self, z: torch.Tensor) -> torch.Tensor:  # pragma: no cover - forward is overridden
+        return self.victim.forward_normalized(z)
+
+    def purified(self, x: torch.Tensor) -> torch.Tensor:
+        """The purified input, with the gradient path chosen by ``gradient_mode``."""
+        if self.gradient_mode == "full":
+            return self.defense.purify(x)
+        if self.gradient_mode == "bpda":
+            return x + (self.defense.purify(x.detach()) - x).detach()
+        return self.defense.purify(x.detach()).detach()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.victim(self.purified(x))
+
+    def objective(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.victim.objective(self.purified(x), target)
+
+    def evaluate(self, x: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.victim.evaluate(self.purified(x), target)
+
+    def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.victim.loss(output, target)
+
+    def metrics(self, output: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.victim.metrics(output, target)
+
+    def feature_modules(self):
+        return {f"victim.{k}": v for k, v in self.victim.feature_modules().items()}

@@ -1,0 +1,107 @@
+"""Deterministic training of registered victims on the embedded phantom world (or any registered dataset).
+
+``train_victim(name)`` builds the victim at random init, trains it with its registered :class:`TrainRecipe` under a
+fixed seed, and writes ``<home>/weights/<name>.safetensors`` with a sidecar JSON (sha256, recipe, dataset
+fingerprint, validation metric, library versions).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from robustbench_med import paths
+from robustbench_med.registry import VICTIMS
+
+
+@dataclass(frozen=True)
+class TrainRecipe:
+    """How a victim is trained: data, target field, optimiser and schedule."""
+
+    dataset: str = "phantom.ct"
+    target_field: str = "label"
+    n_train: int = 1200
+    n_val: int = 200
+    epochs: int = 6
+    batch_size: int = 32
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    seed: int = 0
+
+
+def weights_path(name: str) -> Path:
+    return paths.weights_dir() / f"{name}.safetensors"
+
+
+def recipe_for(name: str) -> TrainRecipe:
+    recipe = VICTIMS.get(name).meta.get("recipe")
+    if recipe is None:
+        raise ValueError(f"victim {name!r} has no training recipe (it loads external weights only)")
+    return recipe
+
+
+def _eval_metric(victim, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> float:
+    victim.eval()
+    scores = []
+    with torch.no_grad():
+        for i in range(0, len(x), batch_size):
+            out = victim(x[i : i + batch_size])
+            scores.append(next(iter(victim.metrics(out, y[i : i + batch_size]).values())))
+    return float(torch.cat(scores).mean())
+
+
+def train_victim(name: str, *, force: bool = False, device: str | torch.device | None = None, progress: bool = True) -> Path:
+    """Train victim ``name`` with its recipe and cache the weights; skip if cached and not ``force``."""
+    from robustbench_med.api import create_dataset, create_victim
+    from robustbench_med.weights import save_weights
+
+    path = weights_path(name)
+    if path.exists() and not force:
+        return path
+    recipe = recipe_for(name)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(recipe.seed)
+    victim = create_victim(name, weights=None).to(device)
+    train = create_dataset(recipe.dataset, split="train", n=recipe.n_train)
+    val = create_dataset(recipe.dataset, split="val", n=recipe.n_val)
+    x, y = train.images().to(device), train.targets(recipe.target_field).to(device)
+    xv, yv = val.images().to(device), val.targets(recipe.target_field).to(device)
+    opt = torch.optim.AdamW(victim.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    steps = recipe.epochs * ((len(x) + recipe.batch_size - 1) // recipe.batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe.lr, total_steps=steps)
+    gen = torch.Generator().manual_seed(recipe.seed)
+    start = time.perf_counter()
+    bar = _progress(steps, f"train {name}", progress)
+    for _epoch in range(recipe.epochs):
+        victim.train()
+        order = torch.randperm(len(x), generator=gen).to(device)
+        for i in range(0, len(x), recipe.batch_size):
+            idx = order[i : i + recipe.batch_size]
+            loss = victim.loss(victim(x[idx]), y[idx]).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
+    val_metric = _eval_metric(victim, xv, yv, 64)
+    meta: dict[str, Any] = {
+        "victim": name,
+        "recipe": asdict(recipe),
+        "train_fingerprint": train.fingerprint(),
+        "val_metric": {victim.spec.metric: val_metric},
+        "train_seconds": round(time.perf_counter() - start, 1),
+        "torch": torch.__version__,
+    }
+    save_weights(victim, path, meta)
+    return path
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not enabled, leave=False)

@@ -1,0 +1,201 @@
+"""The victim interface: every model the suite attacks sits behind :class:`Victim`.
+
+Contract (``shared/reference/anchors.md`` §"fixed input contract"): images are float tensors in [0, 1], NCHW, with the
+channel count and size the card declares; normalisation happens *inside* the victim. ``forward`` returns the task's
+raw output (see :mod:`robustbench_med.tasks`); ``loss``, ``predict`` and ``score`` are per sample; ``features``
+returns named intermediate activations through forward hooks.
+"""
+from __future__ import annotations
+
+import abc
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from robustbench_med import tasks as T
+from robustbench_med.errors import InputContractError
+
+
+@dataclass(frozen=True)
+class VictimCard:
+    """Frozen metadata of a registered victim (what it is, what it eats, where its weights come from)."""
+
+    name: str
+    task: str
+    modality: str
+    input_size: tuple[int, int, int]  # (C, H, W)
+    classes: tuple[str, ...] = ()
+    paper: str = ""
+    weights_file: str | None = None
+    weights_sha256: str | None = None
+    params: int | None = None
+    flops: int | None = None
+    notes: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.task not in T.TASKS:
+            raise ValueError(f"unknown task {self.task!r}; choose one of {T.TASKS}")
+        object.__setattr__(self, "input_size", tuple(int(v) for v in self.input_size))
+        object.__setattr__(self, "classes", tuple(self.classes))
+
+    def with_weights(self, path: str, sha256: str) -> "VictimCard":
+        return replace(self, weights_file=path, weights_sha256=sha256)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def validate_images(x: torch.Tensor, input_size: Sequence[int] | None = None, *, full: bool = True) -> None:
+    """Raise :class:`InputContractError` unless ``x`` is a float NCHW batch (of ``input_size``) in [0, 1], finite.
+
+    ``full=False`` checks only shape and dtype (no device synchronisation), for use inside attack loops.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise InputContractError(f"images must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise InputContractError(f"images must be NCHW (4 dims), got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise InputContractError(f"images must be floating point in [0, 1], got dtype {x.dtype}")
+    if input_size is not None and tuple(x.shape[1:]) != tuple(input_size):
+        raise InputContractError(f"images must have (C, H, W) = {tuple(input_size)}, got {tuple(x.shape[1:])}")
+    if full and x.numel():
+        if not torch.isfinite(x).all():
+            raise InputContractError("images contain NaN or infinite values")
+        lo, hi = float(x.min()), float(x.max())
+        if lo < 0 or hi > 1:
+            raise InputContractError(f"images must lie in [0, 1], got range [{lo:.4g}, {hi:.4g}]")
+
+
+class Victim(nn.Module, abc.ABC):
+    """A model under attack. Subclasses implement :meth:`forward_normalized` only.
+
+    Args:
+        card: the frozen metadata card.
+        mean, std: per-channel normalisation applied inside the victim (defaults: identity).
+    """
+
+    feature_layers: tuple[str, ...] = ()
+
+    def __init__(self, card: VictimCard, mean: Sequence[float] | None = None, std: Sequence[float] | None = None):
+        super().__init__()
+        self.card = card
+        c = card.input_size[0]
+        self.register_buffer("mean", torch.tensor(mean if mean is not None else [0.0] * c).view(1, c, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std if std is not None else [1.0] * c).view(1, c, 1, 1), persistent=False)
+        self.sdr_radius = float(card.extra.get("sdr_radius", 4.0))
+        self.heatmap_sigma = float(card.extra.get("heatmap_sigma", 2.0))
+
+    @property
+    def task(self) -> str:
+        return self.card.task
+
+    @property
+    def spec(self) -> T.TaskSpec:
+        return T.task_spec(self.task, self.sdr_radius)
+
+    @property
+    def device(self) -> torch.device:
+        for t in self.parameters():
+            return t.device
+        return self.mean.device
+
+    @abc.abstractmethod
+    def forward_normalized(self, z: torch.Tensor) -> torch.Tensor:
+        """The model on a normalised batch ``z = (x − mean) / std``; returns the task's raw output."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        validate_images(x, self.card.input_size, full=False)
+        return self.forward_normalized((x - self.mean) / self.std)
+
+    def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Per-sample loss (the attack objective)."""
+        return T.loss_per_sample(self.task, output, target, self.heatmap_sigma)
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Hard predictions for a checked batch."""
+        validate_images(x, self.card.input_size)
+        return T.predict(self.task, self(x))
+
+    def metrics(self, output: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-sample metrics; the first is the primary score (see :mod:`robustbench_med.tasks`)."""
+        return T.metrics_per_sample(self.task, output, target, self.sdr_radius)
+
+    def objective(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Per-sample attack objective on images ``x`` (default ``loss(forward(x), target)``).
+
+        Victims whose output needs the target to be computed (e.g. VQA: the questions) override this and
+        :meth:`evaluate`; attacks and the harness only call these two.
+        """
+        return self.loss(self(x), target)
+
+    def evaluate(self, x: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-sample metrics of images ``x`` (default ``metrics(forward(x), target)``); first = primary score."""
+        return self.metrics(self(x), target)
+
+    @torch.no_grad()
+    def score(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Per-sample primary score (higher is better) for a checked batch."""
+        validate_images(x, self.card.input_size)
+        return next(iter(self.evaluate(x, target).values()))
+
+    def feature_modules(self) -> dict[str, nn.Module]:
+        """Named modules whose outputs :meth:`features` can return (default: ``feature_layers``)."""
+        modules = dict(self.named_modules())
+        return {name: modules[name] for name in self.feature_layers if name in modules}
+
+    def features(self, x: torch.Tensor, layers: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+        """Named intermediate activations of one forward pass (gradients flow through them)."""
+        available = self.feature_modules()
+        wanted = list(layers) if layers is not None else list(available)
+        missing = [name for name in wanted if name not in available]
+        if missing:
+            raise KeyError(f"unknown feature layers {missing}; available: {list(available)}")
+        out: dict[str, torch.Tensor] = {}
+        hooks = [available[n].register_forward_hook(_store(out, n)) for n in wanted]
+        try:
+            self(x)
+        finally:
+            for h in hooks:
+                h.remove()
+        return out
+
+
+def _store(out: dict[str, torch.Tensor], name: str):
+    def hook(_module: nn.Module, _inp: Any, output: Any) -> None:
+        out[name] = output[0] if isinstance(output, (tuple, list)) else output
+
+    return hook
+
+
+class ModelVictim(Victim):
+    """A victim around a plain ``nn.Module`` ``net`` (the usual case for classifiers and segmentors).
+
+    If ``net`` has ``encode`` / ``decode`` methods, they are exposed so latent-space defences can sit between them.
+    """
+
+    def __init__(self, net: nn.Module, card: VictimCard, mean=None, std=None, feature_layers: Sequence[str] = ()):
+        super().__init__(card, mean, std)
+        self.net = net
+        self.feature_layers = tuple(f"net.{n}" if not n.startswith("net.") else n for n in feature_layers)
+
+    def forward_normalized(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z)
+
+    @property
+    def has_latent(self) -> bool:
+        return hasattr(self.net, "encode") and hasattr(self.net, "decode")
+
+    def encode(self, x: torch.Tensor) -> Any:
+        validate_images(x, self.card.input_size, full=False)
+        return self.net.encode((x - self.mean) / self.std)
+
+    def decode(self, latent: Any) -> torch.Tensor:
+        return self.net.decode(latent)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

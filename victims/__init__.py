@@ -1,0 +1,1 @@
+"""Built-in victims; importing this package registers them (``robustbench_med.victims``)."""

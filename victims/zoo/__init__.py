@@ -1,0 +1,1 @@
+"""Re-implementations of published medical architectures (registered on import)."""
