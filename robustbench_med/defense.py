@@ -34,9 +34,62 @@ class Defense(abc.ABC):
     def wrap(self, victim: Victim) -> Victim:
         """A defended victim with the same card, task and input contract as ``victim``."""
 
+    def prepare(self, victim: Victim, train: Any) -> None:
+        """Fit whatever the defence learns (detectors, latent perturbers) on ``train`` (a ``MedicalDataset``
+        split) for ``victim``. Called by the harness before :meth:`wrap`; defences that learn nothing keep this."""
+
     @property
     def default_gradient_mode(self) -> str:
         return "full" if self.differentiable else "bpda"
+
+
+class DetectorVictim(Victim):
+    """A victim guarded by an adversarial-example detector: predictions are the victim's, and ``detect(x)`` gives
+    a per-sample score (higher = more likely adversarial) that the harness stores with every result."""
+
+    def __init__(self, victim: Victim, detector: "Defense"):
+        super().__init__(victim.card)
+        self.victim = victim
+        self.detector = detector
+        self.mean, self.std = victim.mean, victim.std
+        self.sdr_radius, self.heatmap_sigma = victim.sdr_radius, victim.heatmap_sigma
+
+    def forward_normalized(self, z: torch.Tensor) -> torch.Tensor:
+        return self.victim.forward_normalized(z)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.victim(x)
+
+    def objective(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.victim.objective(x, target)
+
+    def evaluate(self, x: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.victim.evaluate(x, target)
+
+    def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.victim.loss(output, target)
+
+    def metrics(self, output: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.victim.metrics(output, target)
+
+    def detect(self, x: torch.Tensor) -> torch.Tensor:
+        return self.detector.score(self.victim, x)
+
+    def feature_modules(self):
+        return {f"victim.{k}": v for k, v in self.victim.feature_modules().items()}
+
+
+class Detector(Defense):
+    """A reactive defence that scores inputs as adversarial. Implement :meth:`score` (and usually ``prepare``)."""
+
+    kind: ClassVar[str] = "detector"
+
+    @abc.abstractmethod
+    def score(self, victim: Victim, x: torch.Tensor) -> torch.Tensor:
+        """Per-sample detection score of ``x`` for ``victim`` (higher = more likely adversarial)."""
+
+    def wrap(self, victim: Victim) -> DetectorVictim:
+        return DetectorVictim(victim, self)
 
 
 class InputPurifier(Defense):

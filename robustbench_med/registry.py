@@ -58,6 +58,11 @@ class Registry(Generic[T]):
             raise ConfigError(f"{self.kind} {name!r} is already registered")
         self._entries[name] = Entry(name, factory, dict(meta))
 
+    def remove(self, name: str) -> None:
+        """Unregister ``name`` (for temporary registrations, e.g. in tests)."""
+        self.get(name)
+        del self._entries[name]
+
     def get(self, name: str) -> Entry[T]:
         """The entry for ``name``; an unknown name raises :class:`UnknownNameError` listing close names."""
         try:

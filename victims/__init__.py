@@ -1,1 +1,2 @@
 """Built-in victims; importing this package registers them (``robustbench_med.victims``)."""
+from robustbench_med.victims import basic as _basic  # noqa: F401

@@ -1,0 +1,188 @@
+"""Throughput and memory benchmarks, printed as ratios measured side by side in one run.
+
+    python benchmarks/bench_throughput.py [--victim resnet18.phantom] [--n 256] [--batch 64] [--repeats 3]
+
+1. PGD (L∞, 10 steps) through the harness (``run_grid``: planning, clean pass, checks, SQLite writes) vs
+   ``torchattacks.PGD`` called directly on the same model and batches: overhead ratio = t_torchattacks / t_harness
+   (target ≥ 0.95).
+2. The same PGD through the Adversarial Robustness Toolbox (``PyTorchClassifier`` + ``ProjectedGradientDescent``), if
+   installed (``pip install adversarial-robustness-toolbox``; ``make bench`` does it).
+3. An eps sweep of 4 values batched as one grid group vs 4 separate runs (speed-up; target ≥ 1.5× on CPU).
+4. One PGD step vs one forward + backward of the model (the physical floor).
+5. Peak resident memory of a grid run as n_examples grows (separate processes).
+Medians over ``--repeats`` runs; CPU timings on shared machines are noisy (stack.md §1).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+import robustbench_med as rbm  # noqa: E402
+from robustbench_med.grid import parse_grid  # noqa: E402
+from robustbench_med.runner import run_grid  # noqa: E402
+from robustbench_med.tasks import two_class_logits  # noqa: E402
+
+EPS, ALPHA, STEPS = 8 / 255, 2 / 255, 10
+
+
+def median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def machine() -> str:
+    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    return f"{dev}; torch {torch.__version__}; python {platform.python_version()}"
+
+
+class Logits(torch.nn.Module):
+    def __init__(self, victim):
+        super().__init__()
+        self.victim = victim
+
+    def forward(self, x):
+        out = self.victim(x)
+        return two_class_logits(out) if self.victim.task == "binary" else out
+
+
+def grid(victim: str, n: int, batch: int, eps_list, device: str) -> dict:
+    return {"name": "bench", "n_examples": n, "batch_size": batch, "device": device, "victims": [{"name": victim, "weights": None, "target_field": target_field(victim)}],
+            "attacks": [{"name": "pgd.linf", "params": {"eps": eps_list, "steps": STEPS, "step_size": ALPHA}}]}
+
+
+def target_field(victim: str) -> str:
+    from robustbench_med.registry import VICTIMS
+
+    return VICTIMS.get(victim).meta["recipe"].target_field
+
+
+def bench_harness_vs_torchattacks(args, device) -> dict:
+    import torchattacks
+
+    ds = rbm.create_dataset("phantom.ct", split="test", n=args.n)
+    victim = rbm.create_victim(args.victim, weights=None, device=device)
+    x, y = ds.images().to(device), ds.targets(target_field(args.victim)).to(device)
+    model = Logits(victim).eval()
+
+    def direct():
+        atk = torchattacks.PGD(model, eps=EPS, alpha=ALPHA, steps=STEPS)
+        for i in range(0, len(x), args.batch):
+            atk(x[i : i + args.batch], y[i : i + args.batch])
+
+    def harness():
+        with tempfile.TemporaryDirectory() as d:
+            run_grid(parse_grid(grid(args.victim, args.n, args.batch, [EPS], str(device))), d, progress=False)
+
+    harness()  # warm-up (dataset cache, imports)
+    t_ta, t_h = median_time(direct, args.repeats), median_time(harness, args.repeats)
+    out = {"torchattacks_s": t_ta, "harness_s": t_h, "overhead_ratio": t_ta / t_h, "images_per_s_harness": args.n / t_h}
+    try:
+        import numpy as np
+        from art.attacks.evasion import ProjectedGradientDescent
+        from art.estimators.classification import PyTorchClassifier
+
+        clf = PyTorchClassifier(model=model, loss=torch.nn.CrossEntropyLoss(), input_shape=tuple(victim.card.input_size),
+                                nb_classes=2 if victim.task == "binary" else len(victim.card.classes), clip_values=(0.0, 1.0),
+                                device_type="gpu" if device.type == "cuda" else "cpu")
+        pgd = ProjectedGradientDescent(clf, norm=np.inf, eps=EPS, eps_step=ALPHA, max_iter=STEPS, batch_size=args.batch, verbose=False)
+        xn, yn = x.cpu().numpy(), y.cpu().numpy()
+        out["art_s"] = median_time(lambda: pgd.generate(xn, yn), args.repeats)
+        out["art_over_harness"] = out["art_s"] / t_h
+    except ImportError:
+        out["art_s"] = None
+    return out
+
+
+def bench_eps_sweep(args, device) -> dict:
+    eps_list = [1 / 255, 2 / 255, 4 / 255, 8 / 255]
+
+    def batched():
+        with tempfile.TemporaryDirectory() as d:
+            run_grid(parse_grid(grid(args.victim, args.n, args.batch * 4, eps_list, str(device))), d, progress=False)
+
+    def sequential():
+        for e in eps_list:
+            with tempfile.TemporaryDirectory() as d:
+                run_grid(parse_grid(grid(args.victim, args.n, args.batch, [e], str(device))), d, progress=False)
+
+    t_b, t_s = median_time(batched, args.repeats), median_time(sequential, args.repeats)
+    return {"batched_s": t_b, "sequential_s": t_s, "speedup": t_s / t_b}
+
+
+def bench_step_vs_floor(args, device) -> dict:
+    victim = rbm.create_victim(args.victim, weights=None, device=device)
+    ds = rbm.create_dataset("phantom.ct", split="test", n=args.batch)
+    x, y = ds.images().to(device), ds.targets(target_field(args.victim)).to(device)
+
+    def fwd_bwd():
+        xr = x.clone().requires_grad_(True)
+        torch.autograd.grad(victim.objective(xr, y).sum(), xr)
+
+    atk = rbm.create_attack("pgd.linf", eps=EPS, steps=1, step_size=ALPHA)
+    t_floor = median_time(fwd_bwd, args.repeats * 3)
+    t_step = median_time(lambda: atk(victim, x, y), args.repeats * 3)
+    return {"fwd_bwd_s": t_floor, "pgd_step_s": t_step, "step_over_floor": t_step / t_floor}
+
+
+def bench_memory(args) -> dict:
+    out = {}
+    for n in (64, 256, 1024):
+        code = ("import resource, tempfile, robustbench_med as r; from robustbench_med.grid import parse_grid; from robustbench_med.runner import run_grid;"
+                f"g=parse_grid({grid(args.victim, n, args.batch, [EPS], 'cpu')!r});"
+                "d=tempfile.mkdtemp(); run_grid(g, d, progress=False);"
+                "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        out[n] = int(res.stdout.strip().splitlines()[-1]) / 1024  # MiB
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--victim", default="resnet18.phantom")
+    p.add_argument("--n", type=int, default=256)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--json", type=Path, help="also write the numbers here")
+    args = p.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    print(f"machine: {machine()}\nvictim: {args.victim} (random init), n={args.n}, batch={args.batch}, PGD L∞ eps=8/255, {STEPS} steps")
+    results = {"machine": machine(), "victim": args.victim, "n": args.n, "batch": args.batch}
+    results["pgd"] = r = bench_harness_vs_torchattacks(args, device)
+    print(f"[1] PGD: torchattacks {r['torchattacks_s']:.2f}s, harness {r['harness_s']:.2f}s → overhead ratio {r['overhead_ratio']:.3f} (target ≥ 0.95); {r['images_per_s_harness']:.1f} img/s")
+    if r.get("art_s"):
+        print(f"[2] ART PGD {r['art_s']:.2f}s → ART / harness time {r['art_over_harness']:.2f}×")
+    else:
+        print("[2] ART not installed (pip install adversarial-robustness-toolbox) — skipped")
+    results["eps_sweep"] = r = bench_eps_sweep(args, device)
+    print(f"[3] eps sweep ×4: batched {r['batched_s']:.2f}s vs sequential {r['sequential_s']:.2f}s → speed-up {r['speedup']:.2f}× (target ≥ 1.5× on CPU)")
+    results["step"] = r = bench_step_vs_floor(args, device)
+    print(f"[4] one PGD step {r['pgd_step_s'] * 1e3:.1f} ms vs forward+backward {r['fwd_bwd_s'] * 1e3:.1f} ms → {r['step_over_floor']:.2f}× the floor")
+    results["peak_rss_mib"] = r = bench_memory(args)
+    print("[5] peak RSS vs n_examples: " + ", ".join(f"n={n}: {v:.0f} MiB" for n, v in r.items()))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

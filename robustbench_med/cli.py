@@ -1,0 +1,122 @@
+"""Command line: ``robustbench-med run|train|list|leaderboard`` (also ``python -m robustbench_med``)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from importlib import resources
+from pathlib import Path
+
+from robustbench_med.errors import RobustBenchMedError
+
+
+def default_grid_path(name: str = "default") -> Path:
+    return Path(str(resources.files("robustbench_med") / "grids" / f"{name}.yaml"))
+
+
+def _grid_arg(value: str | None) -> Path:
+    if value is None:
+        return default_grid_path()
+    path = Path(value)
+    if not path.exists() and (default_grid_path(value)).exists():
+        return default_grid_path(value)  # a packaged grid by name, e.g. `run zoo`
+    return path
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from robustbench_med.distributed import process_context
+    from robustbench_med.grid import load_grid
+    from robustbench_med.leaderboard import summarize, to_text, write_leaderboard
+    from robustbench_med.runner import run_grid
+
+    grid = load_grid(_grid_arg(args.grid))
+    out = Path(args.out or Path("runs") / grid.name)
+    print(f"robustbench-med: grid '{grid.name}' ({len(grid.victims)} victims × {len(grid.attacks)} attack settings × "
+          f"{len(grid.defenses)} defences, n={grid.n_examples}) → {out}", flush=True)
+    store = run_grid(grid, out, device=args.device, progress=not args.quiet)
+    if not process_context().is_main:
+        return 0  # rank 0 renders the leaderboard once every rank has finished
+    paths = write_leaderboard(store, out)
+    print(to_text(summarize(store)))
+    print("written: " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from robustbench_med.api import list_victims
+    from robustbench_med.registry import VICTIMS
+    from robustbench_med.training import train_victim
+
+    names = args.names or [n for n in list_victims() if VICTIMS.get(n).meta.get("recipe") is not None]
+    for name in names:
+        VICTIMS.get(name)
+        path = train_victim(name, force=args.force, device=args.device, progress=not args.quiet)
+        print(f"{name}: {path}")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from robustbench_med.registry import ATTACKS, DATASETS, DEFENSES, VICTIMS
+
+    tables = {"victims": VICTIMS, "attacks": ATTACKS, "defenses": DEFENSES, "datasets": DATASETS}
+    for kind in [args.kind] if args.kind else list(tables):
+        reg = tables[kind]
+        print(f"{kind}:")
+        for name in reg.list(args.pattern):
+            meta = reg.get(name).meta
+            card = meta.get("card")
+            info = f"task={card.task}" if card is not None else meta.get("paper", meta.get("kind", ""))
+            print(f"  {name:32s} {info}")
+    return 0
+
+
+def cmd_leaderboard(args: argparse.Namespace) -> int:
+    from robustbench_med.leaderboard import summarize, to_text, write_leaderboard
+
+    store = Path(args.store)
+    if store.is_dir():
+        store = store / "results.sqlite"
+    if not store.exists():
+        raise RobustBenchMedError(f"no result store at {store}")
+    paths = write_leaderboard(store, args.out or store.parent)
+    print(to_text(summarize(store)))
+    print("written: " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="robustbench-med", description="Adversarial robustness and fairness under attack for medical imaging models.")
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="run a grid (default: the packaged default grid on the phantom)")
+    r.add_argument("grid", nargs="?", help="grid YAML file or packaged grid name (default: default)")
+    r.add_argument("--out", help="output directory (default: runs/<grid name>); re-running resumes")
+    r.add_argument("--device", help="cpu, cuda, cuda:1 … (default: from the grid, else auto)")
+    r.add_argument("--quiet", action="store_true", help="no progress bars")
+    r.set_defaults(func=cmd_run)
+    t = sub.add_parser("train", help="train registered victims on the phantom and cache their weights")
+    t.add_argument("names", nargs="*", help="victim names (default: all trainable)")
+    t.add_argument("--force", action="store_true", help="retrain even if weights are cached (fixes corrupted files)")
+    t.add_argument("--device")
+    t.add_argument("--quiet", action="store_true")
+    t.set_defaults(func=cmd_train)
+    ls = sub.add_parser("list", help="list registered victims, attacks, defences or datasets")
+    ls.add_argument("kind", nargs="?", choices=["victims", "attacks", "defenses", "datasets"])
+    ls.add_argument("--pattern", default="*", help="shell-style filter, e.g. 'pgd.*'")
+    ls.set_defaults(func=cmd_list)
+    lb = sub.add_parser("leaderboard", help="render a leaderboard from a result store")
+    lb.add_argument("store", help="results.sqlite or a run directory")
+    lb.add_argument("--out", help="output directory (default: the store's directory)")
+    lb.set_defaults(func=cmd_leaderboard)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except RobustBenchMedError as e:
+        print(f"robustbench-med: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

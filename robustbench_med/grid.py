@@ -1,0 +1,254 @@
+"""The YAML grid spec: victims × attacks (with parameter lists) × defences × dataset × n_examples × seed.
+
+Example::
+
+    name: default
+    dataset: {name: phantom.ct, split: test}
+    n_examples: 128
+    batch_size: 64
+    seed: 0
+    victims: [cnn.phantom, {name: unet.phantom}]
+    attacks:
+      - noise.uniform
+      - {name: pgd.linf, params: {eps: [2/255, 4/255, 8/255], steps: 10}}
+      - {name: square.linf, params: {eps: 8/255}, defenses: [identity.none]}   # restrict an expensive attack
+    defenses:
+      - identity.none
+      - {name: jpeg.bpda, params: {quality: 75}}            # attacked through BPDA
+      - {name: gaussian.eot, params: {sigma: 0.05}, eot: 8}  # attacked with EOT over 8 draws
+
+A list-valued attack parameter expands into one cell per value. Unknown keys, unknown names and invalid parameters
+raise :class:`ConfigError` naming the file, the field and the valid choices, before any work starts.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from robustbench_med.errors import ConfigError, RobustBenchMedError, UnknownNameError
+from robustbench_med.registry import ATTACKS, DATASETS, DEFENSES, VICTIMS
+
+TOP_KEYS = {"name", "dataset", "n_examples", "batch_size", "seed", "device", "victims", "attacks", "defenses", "save_adversarial", "description"}
+VICTIM_KEYS = {"name", "weights", "target_field", "params"}
+ATTACK_KEYS = {"name", "params", "victims", "defenses"}
+DEFENSE_KEYS = {"name", "params", "attack_through", "eot"}
+DATASET_KEYS = {"name", "split", "params"}
+ATTACK_THROUGH = ("adaptive", "transfer", "detach")
+
+
+@dataclass(frozen=True)
+class VictimSpec:
+    name: str
+    weights: str | None = "auto"
+    target_field: str | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AttackSpec:
+    """One attack setting; ``victims`` / ``defenses`` optionally restrict the cells it runs in."""
+
+    name: str
+    params: dict[str, Any]
+    victims: tuple[str, ...] = ()
+    defenses: tuple[str, ...] = ()
+
+    def applies_to(self, victim: str, defense: str) -> bool:
+        return (not self.victims or victim in self.victims) and (not self.defenses or defense in self.defenses)
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}{canonical(self.params)}"
+
+
+@dataclass(frozen=True)
+class DefenseSpec:
+    name: str
+    params: dict[str, Any] = field(default_factory=dict)
+    attack_through: str = "adaptive"
+    eot: int | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}{canonical(self.params)}|{self.attack_through}|eot={self.eot}"
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A validated grid spec."""
+
+    name: str
+    dataset: str
+    split: str
+    dataset_params: dict[str, Any]
+    n_examples: int
+    batch_size: int
+    seed: int
+    device: str
+    victims: tuple[VictimSpec, ...]
+    attacks: tuple[AttackSpec, ...]
+    defenses: tuple[DefenseSpec, ...]
+    save_adversarial: bool = False
+    source: str = "<dict>"
+
+    def config_hash(self) -> str:
+        payload = {k: v for k, v in self.as_dict().items() if k not in ("source", "device")}
+        return hashlib.sha256(canonical(payload).encode()).hexdigest()[:16]
+
+    def as_dict(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+
+def canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str, separators=(",", ":"))
+
+
+def load_grid(path: str | Path) -> Grid:
+    """Read and validate a grid YAML file."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"grid file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    return parse_grid(raw, source=str(path))
+
+
+def parse_grid(raw: Any, source: str = "<dict>") -> Grid:
+    """Validate a grid given as a dict (e.g. from YAML)."""
+    where = _Where(source)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: a grid must be a mapping, got {type(raw).__name__}")
+    where.keys(raw, TOP_KEYS, "top level")
+    for key in ("victims", "attacks"):
+        if not raw.get(key):
+            raise ConfigError(f"{source}: field '{key}' is required and must be a non-empty list")
+    ds_name, split, ds_params = _dataset(raw.get("dataset", "phantom.ct"), where)
+    grid = Grid(
+        name=str(raw.get("name", Path(source).stem)),
+        dataset=ds_name,
+        split=split,
+        dataset_params=ds_params,
+        n_examples=where.positive_int(raw.get("n_examples", 128), "n_examples"),
+        batch_size=where.positive_int(raw.get("batch_size", 64), "batch_size"),
+        seed=where.int_(raw.get("seed", 0), "seed"),
+        device=str(raw.get("device", "auto")),
+        victims=tuple(_victim(v, i, where) for i, v in enumerate(where.list_(raw["victims"], "victims"))),
+        attacks=tuple(a for i, e in enumerate(where.list_(raw["attacks"], "attacks")) for a in _attacks(e, i, where)),
+        defenses=tuple(_defense(d, i, where) for i, d in enumerate(where.list_(raw.get("defenses") or ["identity.none"], "defenses"))),
+        save_adversarial=bool(raw.get("save_adversarial", False)),
+        source=source,
+    )
+    _instantiate_all(grid, where)
+    return grid
+
+
+class _Where:
+    """Error messages that name the file and field."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def fail(self, field_: str, msg: str) -> ConfigError:
+        return ConfigError(f"{self.source}: field '{field_}': {msg}")
+
+    def keys(self, d: dict[str, Any], allowed: set[str], field_: str) -> None:
+        unknown = sorted(set(d) - allowed)
+        if unknown:
+            raise self.fail(field_, f"unknown key(s) {unknown}; valid keys: {sorted(allowed)}")
+
+    def list_(self, value: Any, field_: str) -> list[Any]:
+        if not isinstance(value, list):
+            raise self.fail(field_, f"must be a list, got {type(value).__name__}")
+        return value
+
+    def int_(self, value: Any, field_: str) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.fail(field_, f"must be an integer, got {value!r}")
+        return value
+
+    def positive_int(self, value: Any, field_: str) -> int:
+        v = self.int_(value, field_)
+        if v < 1:
+            raise self.fail(field_, f"must be >= 1, got {v}")
+        return v
+
+    def name(self, registry, value: Any, field_: str) -> str:
+        if not isinstance(value, str):
+            raise self.fail(field_, f"must be a name string, got {value!r}")
+        if value not in registry:
+            raise UnknownNameError(f"{self.source}: field '{field_}': {registry.unknown_message(value)}")
+        return value
+
+    def entry(self, value: Any, allowed: set[str], field_: str) -> dict[str, Any]:
+        entry = {"name": value} if isinstance(value, str) else value
+        if not isinstance(entry, dict):
+            raise self.fail(field_, f"must be a name or a mapping, got {value!r}")
+        self.keys(entry, allowed, field_)
+        params = entry.get("params", {}) or {}
+        if not isinstance(params, dict):
+            raise self.fail(f"{field_}.params", f"must be a mapping, got {params!r}")
+        return {**entry, "params": params}
+
+
+def _dataset(value: Any, where: _Where) -> tuple[str, str, dict[str, Any]]:
+    entry = where.entry(value, DATASET_KEYS, "dataset")
+    return where.name(DATASETS, entry.get("name"), "dataset.name"), str(entry.get("split", "test")), entry["params"]
+
+
+def _victim(value: Any, i: int, where: _Where) -> VictimSpec:
+    entry = where.entry(value, VICTIM_KEYS, f"victims[{i}]")
+    name = where.name(VICTIMS, entry.get("name"), f"victims[{i}].name")
+    return VictimSpec(name, entry.get("weights", "auto"), entry.get("target_field"), entry["params"])
+
+
+def _attacks(value: Any, i: int, where: _Where) -> list[AttackSpec]:
+    entry = where.entry(value, ATTACK_KEYS, f"attacks[{i}]")
+    name = where.name(ATTACKS, entry.get("name"), f"attacks[{i}].name")
+    params = entry["params"]
+    only_v = tuple(where.name(VICTIMS, v, f"attacks[{i}].victims") for v in where.list_(entry.get("victims", []), f"attacks[{i}].victims"))
+    only_d = tuple(where.name(DEFENSES, d, f"attacks[{i}].defenses") for d in where.list_(entry.get("defenses", []), f"attacks[{i}].defenses"))
+    keys = sorted(params)
+    choices = [params[k] if isinstance(params[k], list) else [params[k]] for k in keys]
+    return [AttackSpec(name, dict(zip(keys, combo)), only_v, only_d) for combo in itertools.product(*choices)]
+
+
+def _defense(value: Any, i: int, where: _Where) -> DefenseSpec:
+    entry = where.entry(value, DEFENSE_KEYS, f"defenses[{i}]")
+    name = where.name(DEFENSES, entry.get("name"), f"defenses[{i}].name")
+    through = entry.get("attack_through", "adaptive")
+    if through not in ATTACK_THROUGH:
+        raise where.fail(f"defenses[{i}].attack_through", f"must be one of {ATTACK_THROUGH}, got {through!r}")
+    eot = entry.get("eot")
+    if eot is not None:
+        where.positive_int(eot, f"defenses[{i}].eot")
+    return DefenseSpec(name, entry["params"], through, eot)
+
+
+def _instantiate_all(grid: Grid, where: _Where) -> None:
+    """Build every attack and defence once so invalid parameters fail before any work."""
+    from robustbench_med.api import create_attack, create_defense
+
+    for i, spec in enumerate(grid.attacks):
+        try:
+            create_attack(spec.name, **spec.params)
+        except TypeError as e:
+            raise where.fail(f"attacks ({spec.name}).params", f"{e}") from None
+        except RobustBenchMedError as e:
+            raise where.fail(f"attacks ({spec.name}).params", str(e)) from None
+    for spec in grid.defenses:
+        try:
+            create_defense(spec.name, **spec.params)
+        except TypeError as e:
+            raise where.fail(f"defenses ({spec.name}).params", f"{e}") from None
+        except RobustBenchMedError as e:
+            raise where.fail(f"defenses ({spec.name}).params", str(e)) from None

@@ -1,0 +1,280 @@
+"""Leaderboards from the store: per victim × defence × attack cell, and worst case over attacks.
+
+Columns (names say what they compute):
+
+- ``clean_<metric>``: mean clean primary score over the cell's n samples (accuracy, Dice, SDR …).
+- ``robust_<metric>``: mean primary score on the adversarial examples. Only for valid cells: a cell whose attack
+  broke its budget is listed as ``invalid`` with no number.
+- ``robust_ci95_low`` / ``robust_ci95_high``: Wilson score interval for 0/1 scores, otherwise a seeded percentile
+  bootstrap (2,000 resamples) of the mean.
+- ``attack_success_rate``: among samples correct on clean input (score ≥ the task threshold), the fraction that
+  are incorrect on the adversarial input.
+- ``mean_linf`` / ``mean_l2``: mean L∞ / L2 norm of the perturbation actually applied.
+- ``robust_gap_<attr>`` / ``worst_group_robust_<attr>``: max − min and min of the per-group robust metric
+  (fairness under attack; see :mod:`robustbench_med.fairness` for the full set).
+- ``flags``: reliability flags: masked gradients (zero input gradients), randomised outputs, black-box beats
+  white-box at the same budget (gradient masking), invalid budget.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from robustbench_med.store import Store
+from robustbench_med.threat import eps_display
+
+Z95 = 1.959963984540054
+GROUP_ATTRS = ("sex", "age_group")
+BLACK_BOX_MARGIN = 0.02
+
+
+def wilson(k: float, n: int) -> tuple[float, float]:
+    """Wilson score 95% interval of a binomial proportion k/n (Wilson, JASA 1927)."""
+    if n == 0:
+        return (math.nan, math.nan)
+    p = k / n
+    denom = 1 + Z95**2 / n
+    centre = (p + Z95**2 / (2 * n)) / denom
+    half = Z95 * math.sqrt(p * (1 - p) / n + Z95**2 / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def bootstrap_ci(values: np.ndarray, n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap 95% interval of the mean (Efron & Tibshirani 1993), seeded."""
+    if len(values) == 0:
+        return (math.nan, math.nan)
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), size=(n_boot, len(values)))].mean(1)
+    return (float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975)))
+
+
+def mean_ci(values: np.ndarray) -> tuple[float, float]:
+    if len(values) and np.all((values == 0) | (values == 1)):
+        return wilson(float(values.sum()), len(values))
+    return bootstrap_ci(values)
+
+
+def _load(store: Store) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
+    cells = pd.DataFrame(store.cells())
+    samples = store.samples_frame()
+    return cells, samples, store.flags()
+
+
+def _group_stats(sub: pd.DataFrame, attrs: pd.DataFrame) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for attr in GROUP_ATTRS:
+        if attr not in attrs:
+            continue
+        by = sub.groupby(attrs[attr].values)["adv_score"].mean()
+        if len(by) >= 2:
+            out[f"robust_gap_{attr}"] = float(by.max() - by.min())
+            out[f"worst_group_robust_{attr}"] = float(by.min())
+            out[f"worst_group_{attr}"] = str(by.idxmin())
+    return out
+
+
+def summarize(store: Store | str | Path) -> pd.DataFrame:
+    """One row per attacked cell (valid, invalid or skipped) plus worst-case-over-attacks rows."""
+    own = not isinstance(store, Store)
+    st = Store(store) if own else store
+    try:
+        cells, samples, flags = _load(st)
+    finally:
+        if own:
+            st.close()
+    if cells.empty:
+        return pd.DataFrame()
+    attrs = _parse_json_column(samples["attrs"])
+    by_cell = dict(tuple(samples.groupby("cell_id", sort=False)))
+    empty = samples.iloc[0:0]
+    rows = [_cell_row(c, by_cell.get(c["cell_id"], empty), attrs, flags) for _, c in cells.iterrows()]
+    df = pd.DataFrame(rows)
+    df = pd.concat([df, _worst_case_rows(df, cells, samples)], ignore_index=True)
+    _flag_black_box(df)
+    return df.sort_values(["victim", "defense", "norm", "eps", "attack"], na_position="last").reset_index(drop=True)
+
+
+def _parse_json_column(column: pd.Series) -> pd.DataFrame:
+    """Decode a column of JSON objects once (e.g. per-sample attributes) into a frame on the same index."""
+    return pd.DataFrame([json.loads(v) if isinstance(v, str) else {} for v in column], index=column.index)
+
+
+def _cell_row(cell: pd.Series, sub: pd.DataFrame, all_attrs: pd.DataFrame, flags: dict[str, Any]) -> dict[str, Any]:
+    threat = json.loads(cell["threat"]) if isinstance(cell["threat"], str) else {}
+    extra = json.loads(cell["extra"]) if isinstance(cell["extra"], str) else {}
+    row: dict[str, Any] = {
+        "cell_id": cell["cell_id"], "victim": cell["victim"], "task": cell["task"], "metric": cell["metric"],
+        "defense": cell["defense"], "defense_params": cell["defense_params"], "attack_through": cell["attack_through"],
+        "attack": cell["attack"], "attack_params": cell["attack_params"], "knowledge": extra.get("knowledge"),
+        "norm": threat.get("norm"), "eps": threat.get("eps"), "eps_display": eps_display(threat["eps"]) if "eps" in threat else "",
+        "status": cell["status"], "reason": cell["reason"] or "", "n": int(len(sub)), "weights_sha256": cell["weights_sha256"],
+        "flags": sorted(k for k, (v, _) in flags.get(extra.get("group_key", ""), {}).items() if v),
+    }
+    if sub.empty or cell["status"] == "skipped":
+        return row
+    clean = sub["clean_score"].to_numpy(float)
+    row["clean"] = float(clean.mean())
+    row["mean_linf"] = float(sub["linf"].mean())
+    row["mean_l2"] = float(sub["l2"].mean())
+    if cell["status"] == "invalid":
+        row["flags"] = row["flags"] + ["invalid_budget"]
+        return row
+    adv = sub["adv_score"].to_numpy(float)
+    lo, hi = mean_ci(adv)
+    correct = sub["clean_correct"].to_numpy(int)
+    row.update({
+        "robust": float(adv.mean()), "robust_ci95_low": lo, "robust_ci95_high": hi,
+        "attack_success_rate": float(((correct == 1) & (sub["adv_correct"].to_numpy(int) == 0)).sum() / max(1, correct.sum())),
+    })
+    row.update(_group_stats(sub, all_attrs.loc[sub.index]))
+    return row
+
+
+def _worst_case_rows(df: pd.DataFrame, cells: pd.DataFrame, samples: pd.DataFrame) -> pd.DataFrame:
+    """Per victim × defence × norm × eps: each sample's minimum score over all valid attacks at that budget."""
+    valid = df[(df.status == "done") & df.robust.notna()] if "robust" in df else df.iloc[0:0]
+    out = []
+    for key, g in valid.groupby(["victim", "defense", "defense_params", "attack_through", "norm", "eps"], dropna=False):
+        attacks = [a for a in g.attack if not a.startswith("noise.")]
+        if len(attacks) < 2:
+            continue
+        sub = samples[samples.cell_id.isin(g[~g.attack.str.startswith("noise.")].cell_id)]
+        per_sample = sub.groupby("sample_idx").agg(adv=("adv_score", "min"), clean=("clean_score", "first"), correct=("clean_correct", "first"))
+        adv = per_sample["adv"].to_numpy(float)
+        lo, hi = mean_ci(adv)
+        first = g.iloc[0]
+        correct = per_sample["correct"].to_numpy(int)
+        thr = 0.5
+        out.append({
+            "cell_id": "", "victim": key[0], "task": first.task, "metric": first.metric, "defense": key[1],
+            "defense_params": key[2], "attack_through": key[3], "attack": f"worst-case({len(attacks)} attacks)",
+            "attack_params": json.dumps(sorted(attacks)), "knowledge": "ensemble", "norm": key[4], "eps": key[5],
+            "eps_display": first.eps_display, "status": "done", "reason": "", "n": int(len(per_sample)),
+            "weights_sha256": first.weights_sha256, "flags": [], "clean": float(per_sample["clean"].mean()),
+            "robust": float(adv.mean()), "robust_ci95_low": lo, "robust_ci95_high": hi,
+            "attack_success_rate": float(((correct == 1) & (adv < thr)).sum() / max(1, correct.sum())),
+        })
+    return pd.DataFrame(out)
+
+
+def _flag_black_box(df: pd.DataFrame) -> None:
+    """Flag white-box cells beaten by a black-box or noise attack at the same budget (a gradient-masking sign)."""
+    if "robust" not in df:
+        return
+    for _, g in df[df.status == "done"].groupby(["victim", "defense", "defense_params", "attack_through", "norm", "eps"], dropna=False):
+        weak = g[g.knowledge.isin(["black-box", "none"])]
+        if weak.empty:
+            continue
+        best_weak = weak.robust.min()
+        for i, r in g[g.knowledge == "white-box"].iterrows():
+            if r.robust > best_weak + BLACK_BOX_MARGIN:
+                df.at[i, "flags"] = sorted(set(r["flags"]) | {"black_box_beats_white_box"})
+
+
+DISPLAY = [("victim", "victim"), ("defense", "defense"), ("attack", "attack"), ("norm", "norm"), ("eps_display", "eps"),
+           ("metric", "metric"), ("clean", "clean"), ("robust", "robust"), ("ci", "95% CI"),
+           ("attack_success_rate", "ASR"), ("n", "n"), ("mean_linf", "mean L∞"), ("mean_l2", "mean L2"), ("flags", "flags")]
+
+
+def _fmt(v: Any) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.3f}"
+    if isinstance(v, list):
+        return ", ".join(v)
+    return str(v)
+
+
+def display_rows(df: pd.DataFrame) -> list[list[str]]:
+    rows = []
+    for _, r in df[df.status.isin(["done", "invalid"])].iterrows():
+        r = r.copy()
+        r["ci"] = f"[{r.robust_ci95_low:.3f}, {r.robust_ci95_high:.3f}]" if pd.notna(r.get("robust_ci95_low")) else "–"
+        if r.status == "invalid":
+            r["robust"] = "INVALID"
+        rows.append([_fmt(r.get(col)) for col, _ in DISPLAY])
+    return rows
+
+
+def to_markdown(df: pd.DataFrame) -> str:
+    """A GitHub-flavoured Markdown table of the leaderboard (pipes in text are escaped)."""
+    head = [h for _, h in DISPLAY]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for row in display_rows(df):
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in row) + " |")
+    skipped = df[df.status == "skipped"]
+    if len(skipped):
+        lines.append("")
+        lines.append(f"Skipped cells ({len(skipped)}): " + "; ".join(f"{r.victim} × {r.attack}: {r.reason}" for _, r in skipped.iterrows()))
+    return "\n".join(lines) + "\n"
+
+
+def to_text(df: pd.DataFrame) -> str:
+    """A fixed-width table for the terminal."""
+    head = [h for _, h in DISPLAY]
+    rows = display_rows(df)
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
+    fmt = "  ".join("{:<" + str(w) + "}" for w in widths)
+    return "\n".join([fmt.format(*head), fmt.format(*("-" * w for w in widths))] + [fmt.format(*r) for r in rows]) + "\n"
+
+
+def plot_robustness(df: pd.DataFrame, path: str | Path) -> Path | None:
+    """Robust metric vs eps per victim × defence, one panel per norm (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = df[(df.status == "done") & df.robust.notna() & df.attack.str.startswith("worst-case")] if "robust" in df else df.iloc[0:0]
+    if data.empty and "robust" in df:
+        data = df[(df.status == "done") & df.robust.notna() & ~df.attack.str.startswith("noise.")]
+    if data.empty:
+        return None
+    norms = sorted(data.norm.dropna().unique())
+    fig, axes = plt.subplots(1, len(norms), figsize=(6 * len(norms), 4.2), squeeze=False)
+    for ax, norm in zip(axes[0], norms):
+        for (victim, defense), g in data[data.norm == norm].groupby(["victim", "defense"]):
+            g = g.groupby("eps").robust.min().sort_index()
+            clean = df[(df.victim == victim) & (df.defense == defense)].clean.dropna()
+            xs = [0.0] + list(g.index)
+            ys = [float(clean.iloc[0]) if len(clean) else float("nan")] + list(g.values)
+            ax.plot(xs, ys, marker="o", label=f"{victim} / {defense}")
+        ax.set_xlabel(f"eps ({norm})")
+        ax.set_ylabel("robust metric (worst case over attacks)")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_leaderboard(store: Store | str | Path, out_dir: str | Path) -> dict[str, Path]:
+    """Write ``leaderboard.md``, ``.csv``, ``.json`` and ``robustness_vs_eps.png`` into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    df = summarize(store)
+    own = not isinstance(store, Store)
+    st = Store(store) if own else store
+    try:
+        manifests = st.manifests()
+    finally:
+        if own:
+            st.close()
+    paths = {"markdown": out / "leaderboard.md", "csv": out / "leaderboard.csv", "json": out / "leaderboard.json"}
+    paths["markdown"].write_text(to_markdown(df))
+    df.assign(flags=df["flags"].map(lambda f: ";".join(f))).to_csv(paths["csv"], index=False)
+    records = json.loads(df.to_json(orient="records"))
+    paths["json"].write_text(json.dumps({"rows": records, "manifests": manifests}, indent=1, default=str))
+    png = plot_robustness(df, out / "robustness_vs_eps.png")
+    if png:
+        paths["plot"] = png
+    return paths

@@ -1,0 +1,128 @@
+"""Invariants of every registered attack: budget, range, robust ≤ clean, determinism; torchattacks equivalence."""
+import pytest
+import torch
+
+import robustbench_med as rbm
+from robustbench_med.errors import ConfigError, TaskNotSupportedError
+from robustbench_med.registry import ATTACKS
+from robustbench_med.threat import check_budget
+
+from conftest import make_toy
+
+FAST = {"square.linf": {"n_queries": 40}, "square.l2": {"n_queries": 40}, "cw.l2": {"steps": 10},
+        "apgd.ce": {"steps": 5}, "apgd.dlr": {"steps": 5}, "pgd.linf": {"steps": 5}, "pgd.l2": {"steps": 5}}
+IMAGE_ATTACKS = [n for n in rbm.list_attacks() if ATTACKS.get(n).factory().tasks & {"classification", "binary", "multilabel"}]
+
+
+def _toy(task):
+    victim = make_toy(task)
+    x = torch.rand(12, 1, 16, 16, generator=torch.Generator().manual_seed(3))
+    out = victim(x)
+    y = out.argmax(1) if task == "classification" else (out > 0).long().squeeze(1) if task == "binary" else (out > 0).long()
+    return victim, x, y
+
+
+def _supported(name, task):
+    return task in ATTACKS.get(name).factory().tasks and not (name == "apgd.dlr" and task == "binary")
+
+
+CASES = [(n, t) for n in IMAGE_ATTACKS for t in ("classification", "binary", "multilabel") if _supported(n, t)]
+
+
+@pytest.mark.parametrize("name,task", CASES)
+def test_attack_respects_budget_and_range(name, task):
+    victim, x, y = _toy(task)
+    attack = rbm.create_attack(name, **FAST.get(name, {}))
+    x_adv = attack(victim, x, y)
+    report = check_budget(x, x_adv, attack.threat.norm, attack.threat.eps)
+    assert report.valid, report.reason()
+    assert x_adv.shape == x.shape and x_adv.dtype == x.dtype
+
+
+@pytest.mark.parametrize("name,task", CASES)
+def test_robust_not_above_clean_and_deterministic(name, task):
+    victim, x, y = _toy(task)
+    attack = rbm.create_attack(name, seed=7, **FAST.get(name, {}))
+    a, b = attack(victim, x, y), attack(victim, x, y)
+    assert torch.equal(a, b), "same seed must give identical adversarial examples"
+    clean = victim.score(x, y).mean()
+    robust = victim.score(a, y).mean()
+    if attack.knowledge == "none":
+        assert robust <= clean + 0.25  # noise may help a little by chance, never a lot
+    else:
+        assert robust <= clean
+
+
+@pytest.mark.parametrize("name", ["pgd.linf", "fgsm.linf", "apgd.ce", "autoattack.standard"])
+def test_white_box_attacks_break_an_undefended_linear_model(name):
+    victim, x, y = _toy("classification")
+    attack = rbm.create_attack(name, eps=0.1, **FAST.get(name, {}))
+    assert victim.score(attack(victim, x, y), y).mean() < 0.5
+
+
+def test_native_pgd_matches_torchattacks_pgd():
+    import torchattacks
+
+    victim, x, y = _toy("classification")
+    ours = rbm.create_attack("pgd.linf", eps=4 / 255, step_size=1 / 255, steps=7, random_start=False)(victim, x, y)
+    ref = torchattacks.PGD(victim, eps=4 / 255, alpha=1 / 255, steps=7, random_start=False)(x, y)
+    assert torch.allclose(ours, ref, atol=1e-6)
+
+
+def test_native_pgd_l2_matches_torchattacks_pgdl2():
+    import torchattacks
+
+    victim, x, y = _toy("classification")
+    ours = rbm.create_attack("pgd.l2", eps=0.5, step_size=0.1, steps=5, random_start=False)(victim, x, y)
+    ref = torchattacks.PGDL2(victim, eps=0.5, alpha=0.1, steps=5, random_start=False)(x, y)
+    assert torch.allclose(ours, ref, atol=1e-5)
+
+
+def test_per_sample_eps_batch_equals_separate_runs_without_random_start():
+    victim, x, y = _toy("classification")
+    attack = rbm.create_attack("pgd.linf", steps=5, random_start=False)
+    eps = torch.tensor([2 / 255] * 6 + [8 / 255] * 6)
+    batched = attack(victim, x, y, eps=eps)
+    lo = rbm.create_attack("pgd.linf", eps=2 / 255, steps=5, random_start=False)(victim, x[:6], y[:6])
+    hi = rbm.create_attack("pgd.linf", eps=8 / 255, steps=5, random_start=False)(victim, x[6:], y[6:])
+    assert torch.allclose(batched, torch.cat([lo, hi]), atol=1e-6)
+    assert check_budget(x, batched, "Linf", eps).valid
+
+
+def test_restarts_keep_the_worst_case_per_sample():
+    victim, x, y = _toy("classification")
+    one = rbm.create_attack("pgd.linf", eps=2 / 255, steps=3, seed=1)(victim, x, y)
+    many = rbm.create_attack("pgd.linf", eps=2 / 255, steps=3, seed=1, restarts=4)(victim, x, y)
+    assert victim.score(many, y).sum() <= victim.score(one, y).sum()
+
+
+def test_binary_single_logit_head_works_with_autoattack():
+    victim, x, y = _toy("binary")
+    attack = rbm.create_attack("autoattack.standard", eps=0.1)
+    x_adv = attack(victim, x, y)
+    assert attack.variant == "binary"
+    assert victim.score(x_adv, y).mean() < victim.score(x, y).mean()
+
+
+def test_dlr_on_binary_head_is_a_clear_error():
+    victim, x, y = _toy("binary")
+    with pytest.raises(TaskNotSupportedError, match="3 classes"):
+        rbm.create_attack("apgd.dlr")(victim, x, y)
+
+
+def test_torchattacks_adapters_reject_dense_tasks():
+    from robustbench_med.victim import ModelVictim, VictimCard
+
+    card = VictimCard(name="toy.seg", task="segmentation", modality="toy", input_size=(1, 16, 16), classes=("bg", "fg"))
+    seg = ModelVictim(torch.nn.Conv2d(1, 2, 3, padding=1), card).eval()
+    x, y = torch.rand(2, 1, 16, 16), torch.zeros(2, 16, 16, dtype=torch.long)
+    with pytest.raises(TaskNotSupportedError):
+        rbm.create_attack("fgsm.linf")(seg, x, y)
+    x_adv = rbm.create_attack("pgd.dice", steps=2)(seg, x, y)
+    assert check_budget(x, x_adv, "Linf", 8 / 255).valid
+
+
+def test_eps_batch_refused_by_single_eps_attacks():
+    victim, x, y = _toy("classification")
+    with pytest.raises(ConfigError, match="one eps"):
+        rbm.create_attack("fgsm.linf")(victim, x, y, eps=torch.linspace(0, 0.1, len(x)))

@@ -1,0 +1,138 @@
+"""Registries, threat models, the input contract, budget checks and safe weights I/O."""
+import json
+
+import pytest
+import torch
+
+import robustbench_med as rbm
+from robustbench_med.errors import ConfigError, InputContractError, ThreatModelError, UnknownNameError, WeightsError
+from robustbench_med.registry import Registry
+from robustbench_med.threat import ThreatModel, check_budget, eps_display, parse_eps
+from robustbench_med.weights import load_weights, save_weights
+
+from conftest import make_toy
+
+
+@pytest.mark.parametrize("create,name,close", [
+    (rbm.create_attack, "pgd.lnf", "pgd.linf"),
+    (rbm.create_victim, "cnn.phantm", "cnn.phantom"),
+    (rbm.create_defense, "jpeg", "jpeg.bpda"),
+])
+def test_unknown_names_suggest_close_ones(create, name, close):
+    with pytest.raises(UnknownNameError, match=close):
+        create(name)
+
+
+def test_registry_rejects_duplicates_and_bad_names():
+    reg = Registry("thing")
+    reg.add("a.b", lambda: 1)
+    with pytest.raises(ConfigError, match="already registered"):
+        reg.add("a.b", lambda: 2)
+    with pytest.raises(ConfigError, match="family.tag"):
+        reg.add("NoDot", lambda: 3)
+    assert reg.list("a.*") == ["a.b"]
+
+
+def test_list_filters_by_metadata():
+    assert "square.linf" in rbm.list_attacks(knowledge="black-box")
+    assert "pgd.linf" not in rbm.list_attacks(knowledge="black-box")
+    assert all(n.startswith("pgd.") for n in rbm.list_attacks("pgd.*"))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"eps": -0.1}, "eps"), ({"eps": "a/b"}, "eps"), ({"eps": float("nan")}, "eps"),
+    ({"norm": "L7"}, "unknown norm"), ({"steps": 0}, "steps"), ({"restarts": 0}, "restarts"),
+    ({"step_size": 0}, "step_size"), ({"knowledge": "grey"}, "knowledge"),
+])
+def test_invalid_threat_models_raise(kwargs, match):
+    with pytest.raises(ThreatModelError, match=match):
+        ThreatModel(**kwargs)
+
+
+@pytest.mark.parametrize("name", ["pgd.linf", "pgd.l2", "fgsm.linf", "apgd.ce", "square.linf", "cw.l2", "noise.uniform"])
+def test_attacks_validate_parameters_before_any_work(name):
+    with pytest.raises(ThreatModelError):
+        rbm.create_attack(name, eps=-1)
+
+
+def test_eps_parsing_and_display():
+    assert parse_eps("8/255") == pytest.approx(8 / 255)
+    assert parse_eps(0.5) == 0.5
+    assert eps_display(8 / 255) == "8/255"
+    assert eps_display(0.5) == "0.5"
+
+
+@pytest.mark.parametrize("bad,match", [
+    (torch.rand(1, 16, 16), "NCHW"),
+    (torch.rand(2, 3, 16, 16), r"\(C, H, W\)"),
+    (torch.rand(2, 1, 16, 16) * 2, r"\[0, 1\]"),
+    (torch.full((2, 1, 16, 16), float("nan")), "NaN"),
+    (torch.randint(0, 255, (2, 1, 16, 16)), "floating"),
+])
+def test_input_contract_errors(bad, match):
+    victim = make_toy()
+    with pytest.raises(InputContractError, match=match):
+        victim.predict(bad)
+
+
+def test_check_budget_reports_each_violation():
+    x = torch.rand(4, 1, 8, 8) * 0.5 + 0.25
+    ok = check_budget(x, x + 0.01, "Linf", 0.02)
+    assert ok.valid and ok.n_over_budget == 0
+    over = check_budget(x, x + 0.05, "Linf", 0.02)
+    assert not over.valid and over.n_over_budget == 4
+    out = x.clone()
+    out[0, 0, 0, 0] = 1.5
+    assert check_budget(x, out, "Linf", 2.0).n_out_of_range == 1
+    nan = x.clone()
+    nan[1, 0, 0, 0] = float("nan")
+    assert check_budget(x, nan, "Linf", 1.0).n_non_finite == 1
+    per_sample = check_budget(x, x + 0.03, "Linf", torch.tensor([0.01, 0.05, 0.05, 0.05]))
+    assert per_sample.n_over_budget == 1
+
+
+def test_weights_roundtrip_and_corruption(tmp_path):
+    victim = make_toy()
+    path = tmp_path / "toy.safetensors"
+    digest = save_weights(victim, path, {"note": "test"})
+    other = make_toy()
+    torch.nn.init.zeros_(other.net.w)
+    assert load_weights(other, path) == digest
+    assert torch.equal(other.net.w, victim.net.w)
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(WeightsError, match="corrupted"):
+        load_weights(other, path, hint="retrain it")
+
+
+def test_weights_refuse_pickles_and_mismatches(tmp_path):
+    victim = make_toy()
+    evil = tmp_path / "model.pkl"
+    evil.write_bytes(b"not a checkpoint")
+    with pytest.raises(WeightsError, match="only .safetensors"):
+        load_weights(victim, evil)
+    pickled = tmp_path / "model.pt"
+    torch.save({"w": torch.zeros(3), "obj": object}, pickled)
+    with pytest.raises(WeightsError, match="cannot read"):
+        load_weights(victim, pickled)
+    small = make_toy(classes=("a", "b"))
+    path = tmp_path / "small.safetensors"
+    save_weights(small, path)
+    with pytest.raises(WeightsError, match="does not match"):
+        load_weights(victim, path)
+
+
+def test_public_api_is_curated():
+    assert sorted(rbm.__all__) == sorted(set(rbm.__all__))
+    for name in rbm.__all__:
+        assert hasattr(rbm, name), name
+
+
+def test_every_victim_card_is_complete():
+    from robustbench_med.registry import VICTIMS
+
+    for name in rbm.list_victims():
+        card = VICTIMS.get(name).meta["card"]
+        assert card.name == name and card.task and card.modality and len(card.input_size) == 3
+        json.dumps(card.as_dict(), default=str)

@@ -1,0 +1,59 @@
+"""The YAML grid spec: expansion, and errors naming the file, field and valid choices."""
+import pytest
+
+from robustbench_med.errors import ConfigError, UnknownNameError
+from robustbench_med.grid import load_grid, parse_grid
+from robustbench_med.cli import default_grid_path
+
+BASE = {"victims": ["cnn.phantom"], "attacks": [{"name": "pgd.linf", "params": {"eps": ["2/255", "8/255"], "steps": [5, 10]}}]}
+
+
+def test_list_parameters_expand_to_cells():
+    grid = parse_grid(BASE)
+    assert len(grid.attacks) == 4
+    assert {a.params["steps"] for a in grid.attacks} == {5, 10}
+    assert grid.defenses[0].name == "identity.none"
+
+
+def test_attack_entries_can_be_restricted():
+    grid = parse_grid({**BASE, "attacks": [{"name": "square.linf", "victims": ["cnn.phantom"], "defenses": ["identity.none"]}]})
+    spec = grid.attacks[0]
+    assert spec.applies_to("cnn.phantom", "identity.none") and not spec.applies_to("cnn.phantom", "jpeg.bpda")
+    with pytest.raises(UnknownNameError, match="victims"):
+        parse_grid({**BASE, "attacks": [{"name": "square.linf", "victims": ["cnn.phantm"]}]})
+
+
+def test_config_hash_is_stable_and_sensitive():
+    assert parse_grid(BASE).config_hash() == parse_grid(BASE).config_hash()
+    other = {**BASE, "seed": 1}
+    assert parse_grid(other).config_hash() != parse_grid(BASE).config_hash()
+
+
+@pytest.mark.parametrize("raw,err,match", [
+    ({**BASE, "victim": ["x"]}, ConfigError, r"unknown key\(s\) \['victim'\].*valid keys"),
+    ({**BASE, "victims": ["cnn.phantm"]}, UnknownNameError, r"victims\[0\]\.name.*Did you mean 'cnn.phantom'"),
+    ({**BASE, "attacks": [{"name": "pgd.linf", "params": {"eps": -1}}]}, ConfigError, r"attacks \(pgd.linf\)\.params.*eps"),
+    ({**BASE, "attacks": [{"name": "pgd.linf", "params": {"epz": 1}}]}, ConfigError, "epz"),
+    ({**BASE, "attacks": [{"name": "pgd.linf", "extra": 1}]}, ConfigError, r"attacks\[0\].*unknown key"),
+    ({**BASE, "n_examples": 0}, ConfigError, "n_examples"),
+    ({**BASE, "defenses": [{"name": "jpeg.bpda", "attack_through": "sideways"}]}, ConfigError, "attack_through"),
+    ({"attacks": BASE["attacks"]}, ConfigError, "victims"),
+    ([1, 2], ConfigError, "mapping"),
+])
+def test_bad_grids_give_clear_errors(raw, err, match):
+    with pytest.raises(err, match=match):
+        parse_grid(raw, source="grid.yaml")
+
+
+def test_bad_yaml_file_names_the_file(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("victims: [cnn.phantom\nattacks: {")
+    with pytest.raises(ConfigError, match="broken.yaml.*not valid YAML"):
+        load_grid(path)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_grid(tmp_path / "missing.yaml")
+
+
+def test_packaged_default_grid_is_valid():
+    grid = load_grid(default_grid_path())
+    assert grid.name == "default" and len(grid.victims) >= 4

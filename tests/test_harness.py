@@ -1,0 +1,144 @@
+"""The harness end to end: validity checks, resume after a kill, determinism, leaderboard outputs."""
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import robustbench_med as rbm
+from robustbench_med.attacks.pgd import PGD
+from robustbench_med.grid import parse_grid
+from robustbench_med.leaderboard import summarize, write_leaderboard
+from robustbench_med.registry import ATTACKS
+from robustbench_med.runner import run_grid
+
+SMALL = {
+    "name": "small",
+    "n_examples": 24,
+    "batch_size": 8,
+    "victims": ["cnn.phantom"],
+    "attacks": [
+        {"name": "noise.uniform", "params": {"eps": "8/255"}},
+        {"name": "pgd.linf", "params": {"eps": ["2/255", "8/255"], "steps": 5}},
+    ],
+    "defenses": ["identity.none", {"name": "jpeg.bpda", "params": {"quality": 60}}],
+}
+
+
+@pytest.fixture(scope="session")
+def trained_cnn():
+    return rbm.create_victim("cnn.phantom", train_if_missing=True)
+
+
+def _rows(store_path):
+    con = sqlite3.connect(store_path)
+    rows = con.execute("SELECT c.victim, c.defense, c.attack, c.attack_params, s.sample_idx, s.clean_score, s.adv_score, s.linf, s.l2, s.adv_pred "
+                       "FROM samples s JOIN cells c USING (cell_id) ORDER BY 1,2,3,4,5").fetchall()
+    con.close()
+    return rows
+
+
+def test_small_grid_runs_and_reports(trained_cnn, tmp_path):
+    store = run_grid(parse_grid(SMALL), tmp_path, progress=False)
+    df = summarize(store)
+    done = df[(df.status == "done") & df.robust.notna()]
+    assert len(done) >= 6
+    assert (done.robust <= done.clean + 1e-9).all(), "robust metric must not exceed clean"
+    assert (done.n == 24).all()
+    pgd = done[(done.attack == "pgd.linf") & (done.defense == "identity.none")].sort_values("eps")
+    assert pgd.robust.is_monotonic_decreasing, "a larger eps cannot make PGD weaker here"
+    assert ((done.robust_ci95_low <= done.robust) & (done.robust <= done.robust_ci95_high)).all()
+    assert (done.mean_linf <= done.eps + 1e-6).all()
+    paths = write_leaderboard(store, tmp_path)
+    for key in ("markdown", "csv", "json", "plot"):
+        assert paths[key].exists() and paths[key].stat().st_size > 0
+    entry = json.loads(paths["json"].read_text())
+    assert entry["manifests"][0]["config_hash"] and entry["manifests"][0]["versions"]["torch"]
+    assert "worst-case" in paths["markdown"].read_text()
+
+
+def test_same_seed_same_results(trained_cnn, tmp_path):
+    a = run_grid(parse_grid(SMALL), tmp_path / "a", progress=False)
+    b = run_grid(parse_grid(SMALL), tmp_path / "b", progress=False)
+    assert _rows(a) == _rows(b)
+
+
+class OverBudget(PGD):
+    """A deliberately broken attack: doubles the perturbation after projecting."""
+
+    def perturb(self, victim, x, y, eps):
+        x_adv = super().perturb(victim, x, y, eps)
+        return (x + 2 * (x_adv - x)).clamp(0, 1)
+
+
+def test_budget_violations_mark_the_cell_invalid(trained_cnn, tmp_path):
+    ATTACKS.add("broken.overbudget", lambda **kw: OverBudget(norm="Linf", **kw), knowledge="white-box")
+    try:
+        grid = parse_grid({**SMALL, "defenses": ["identity.none"], "attacks": [
+            {"name": "broken.overbudget", "params": {"eps": "4/255", "steps": 3}},
+            {"name": "pgd.linf", "params": {"eps": "4/255", "steps": 3}}]})
+        store = run_grid(grid, tmp_path, progress=False)
+    finally:
+        ATTACKS.remove("broken.overbudget")
+    df = summarize(store)
+    broken = df[df.attack == "broken.overbudget"].iloc[0]
+    assert broken.status == "invalid" and "budget violated" in broken.reason
+    assert "robust" not in broken or broken.robust != broken.robust  # NaN: no robustness number
+    assert "invalid_budget" in broken["flags"]
+    good = df[df.attack == "pgd.linf"].iloc[0]
+    assert good.status == "done" and good.robust == good.robust
+    write_leaderboard(store, tmp_path)
+    assert "INVALID" in (tmp_path / "leaderboard.md").read_text()
+    worst = df[df.attack.str.startswith("worst-case")]
+    assert worst.empty, "an invalid cell must not enter the worst-case ensemble"
+
+
+def test_masked_gradients_are_flagged(trained_cnn, tmp_path):
+    grid = parse_grid({**SMALL, "attacks": [{"name": "pgd.linf", "params": {"eps": "8/255", "steps": 3}}],
+                       "defenses": [{"name": "jpeg.bpda", "attack_through": "detach"}, {"name": "jpeg.bpda"}]})
+    df = summarize(run_grid(grid, tmp_path, progress=False))
+    naive = df[df.attack_through == "detach"].iloc[0]
+    bpda = df[df.attack_through == "adaptive"].iloc[0]
+    assert "masked_gradients" in naive["flags"] and "masked_gradients" not in bpda["flags"]
+    assert bpda.robust <= naive.robust
+
+
+def test_interrupted_run_resumes_without_loss_or_duplicates(trained_cnn, tmp_path):
+    grid_path = tmp_path / "grid.yaml"
+    import yaml
+
+    grid_path.write_text(yaml.safe_dump({**SMALL, "n_examples": 48}))
+    reference = run_grid(parse_grid({**SMALL, "n_examples": 48}), tmp_path / "ref", progress=False)
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "robustbench_med", "run", str(grid_path), "--out", str(out), "--quiet"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
+    db = out / "results.sqlite"
+    deadline = time.time() + 120
+    killed_at = 0
+    while time.time() < deadline and proc.poll() is None:
+        if db.exists():
+            try:
+                con = sqlite3.connect(db, timeout=1)
+                killed_at = con.execute("SELECT COUNT(*) FROM samples").fetchone()[0]
+                con.close()
+            except sqlite3.Error:
+                killed_at = 0
+            if killed_at >= 40:
+                proc.send_signal(signal.SIGKILL)
+                break
+        time.sleep(0.05)
+    proc.wait(timeout=30)
+    assert killed_at >= 40, "the run finished before it could be killed; make the grid larger"
+    total = len(_rows(reference))
+    assert len(_rows(db)) < total, "the kill must interrupt the run"
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env=os.environ.copy())
+    assert _rows(db) == _rows(reference)
+    con = sqlite3.connect(db)
+    n, distinct = con.execute("SELECT COUNT(*), COUNT(DISTINCT cell_id || '-' || sample_idx) FROM samples").fetchone()
+    assert n == distinct == total
