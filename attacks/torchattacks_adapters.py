@@ -159,19 +159,23 @@ class AutoAttack(TorchattacksAttack):
         self.variant = version
         self.n_queries = int(n_queries)
 
+    def variant_for(self, victim: Victim) -> str:
+        """The ensemble this victim gets: the requested version, 'three-class' or 'binary'."""
+        k = n_classes(victim)
+        return self.version if k >= 4 else "three-class" if k == 3 else "binary"
+
     def build(self, model, victim, eps):
         ta = _torchattacks()
         k = n_classes(victim)
         seed = self.call_seed()
+        self.variant = self.variant_for(victim)
         if k >= 4:
-            self.variant = self.version
             return ta.AutoAttack(model, norm=self.threat.norm, eps=eps, version=self.version, n_classes=k, seed=seed)
         norm = self.threat.norm
         members = [ta.APGD(model, norm=norm, eps=eps, steps=100, n_restarts=1, seed=seed, loss="ce")]
         if k == 3:
             members.append(ta.APGD(model, norm=norm, eps=eps, steps=100, n_restarts=1, seed=seed, loss="dlr"))
         members.append(ta.Square(model, norm=norm, eps=eps, n_queries=self.n_queries, n_restarts=1, seed=seed))
-        self.variant = "three-class" if k == 3 else "binary"
         return ta.MultiAttack(members)
 
 

@@ -33,6 +33,7 @@ def create_victim(
     weights: str | os.PathLike[str] | None = "auto",
     train_if_missing: bool = False,
     device: str | torch.device | None = None,
+    progress: bool = True,
     **kwargs: Any,
 ):
     """Build victim ``name`` in eval mode.
@@ -42,6 +43,7 @@ def create_victim(
             ``train_if_missing``); a path loads that file (safetensors or weights-only torch); ``None`` keeps the
             random initialisation.
         device: where to put the victim (default CPU).
+        progress: show a progress bar while training missing weights.
         kwargs: passed to the victim's factory (e.g. a config variant).
     """
     from robustbench_med.training import weights_path
@@ -60,7 +62,7 @@ def create_victim(
                 raise WeightsError(f"no trained weights for {name!r} at {path}. Train them with `robustbench-med train {name}`.")
             from robustbench_med.training import train_victim
 
-            train_victim(name)
+            train_victim(name, progress=progress)
     elif weights is not None:
         path = weights
     if path is not None:

@@ -106,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     lb.add_argument("store", help="results.sqlite or a run directory")
     lb.add_argument("--out", help="output directory (default: the store's directory)")
     lb.set_defaults(func=cmd_leaderboard)
+    from robustbench_med.cli_publish import add_subcommands; add_subcommands(sub)
     return p
 
 

@@ -10,8 +10,11 @@ Columns (names say what they compute):
 - ``attack_success_rate``: among samples correct on clean input (score ≥ the task threshold), the fraction that
   are incorrect on the adversarial input.
 - ``mean_linf`` / ``mean_l2``: mean L∞ / L2 norm of the perturbation actually applied.
-- ``robust_gap_<attr>`` / ``worst_group_robust_<attr>``: max − min and min of the per-group robust metric
-  (fairness under attack; see :mod:`robustbench_med.fairness` for the full set).
+- ``robust_gap_<attr>`` / ``worst_group_robust_<attr>`` / ``gap_change_<attr>``: max − min and min of the per-group
+  robust metric, and robust gap − clean gap, for ``sex`` and ``age_group`` (fairness under attack; every column of
+  :func:`robustbench_med.fairness.fairness_columns`, with bootstrap CIs and the intersection, is included too).
+- ``detector_auroc`` / ``detector_tpr_at_90tnr``: for cells behind a detector defence (threshold from clean scores).
+- ``attack_seconds``: wall-clock time spent attacking the cell (batched cells share their batches' time).
 - ``flags``: reliability flags: masked gradients (zero input gradients), randomised outputs, black-box beats
   white-box at the same budget (gradient masking), invalid budget.
 """
@@ -61,25 +64,43 @@ def mean_ci(values: np.ndarray) -> tuple[float, float]:
 
 def _load(store: Store) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
     cells = pd.DataFrame(store.cells())
+    timings = store.timings()
+    if not cells.empty:
+        cells["seconds"] = [timings.get(c, (float("nan"), 0))[0] for c in cells.cell_id]
     samples = store.samples_frame()
     return cells, samples, store.flags()
 
 
-def _group_stats(sub: pd.DataFrame, attrs: pd.DataFrame) -> dict[str, Any]:
-    out: dict[str, Any] = {}
+def _group_stats(sub: pd.DataFrame, attrs: pd.DataFrame, task: str, metric: str, n_boot: int) -> dict[str, Any]:
+    """All fairness-under-attack columns of a cell (:func:`robustbench_med.fairness.fairness_columns`), plus short
+    aliases of the headline ones: ``robust_gap_<attr>``, ``worst_group_robust_<attr>``, ``gap_change_<attr>``."""
+    from robustbench_med.fairness import fairness_columns
+
+    out: dict[str, Any] = dict(fairness_columns(sub, attrs, task, metric, n_boot=n_boot, seed=0))
     for attr in GROUP_ATTRS:
-        if attr not in attrs:
-            continue
-        by = sub.groupby(attrs[attr].values)["adv_score"].mean()
-        if len(by) >= 2:
-            out[f"robust_gap_{attr}"] = float(by.max() - by.min())
-            out[f"worst_group_robust_{attr}"] = float(by.min())
-            out[f"worst_group_{attr}"] = str(by.idxmin())
+        for alias, key in (("robust_gap", f"robust_gap_{metric}[{attr}]"), ("worst_group_robust", f"robust_worst_group_{metric}[{attr}]"),
+                           ("worst_group", f"robust_worst_group[{attr}]"), ("clean_gap", f"clean_gap_{metric}[{attr}]"),
+                           ("gap_change", f"gap_change_{metric}[{attr}]")):
+            if key in out:
+                out[f"{alias}_{attr}"] = out[key]
     return out
 
 
-def summarize(store: Store | str | Path) -> pd.DataFrame:
-    """One row per attacked cell (valid, invalid or skipped) plus worst-case-over-attacks rows."""
+def _detection_stats(sub: pd.DataFrame) -> dict[str, Any]:
+    """Detector AUROC and TPR at 90% TNR when the cell ran behind a detector defence."""
+    first = sub["metrics"].iloc[0]
+    if not isinstance(first, str) or "clean_detector_score" not in first:
+        return {}
+    from robustbench_med.detection import detection_metrics_from_rows
+
+    return detection_metrics_from_rows(sub[["metrics", "clean_correct", "adv_correct"]].to_dict("records"))
+
+
+def summarize(store: Store | str | Path, fairness_boot: int = 200) -> pd.DataFrame:
+    """One row per attacked cell (valid, invalid or skipped) plus worst-case-over-attacks rows.
+
+    ``fairness_boot``: bootstrap resamples for the fairness confidence intervals (0 skips the fairness columns).
+    """
     own = not isinstance(store, Store)
     st = Store(store) if own else store
     try:
@@ -92,7 +113,7 @@ def summarize(store: Store | str | Path) -> pd.DataFrame:
     attrs = _parse_json_column(samples["attrs"])
     by_cell = dict(tuple(samples.groupby("cell_id", sort=False)))
     empty = samples.iloc[0:0]
-    rows = [_cell_row(c, by_cell.get(c["cell_id"], empty), attrs, flags) for _, c in cells.iterrows()]
+    rows = [_cell_row(c, by_cell.get(c["cell_id"], empty), attrs, flags, fairness_boot) for _, c in cells.iterrows()]
     df = pd.DataFrame(rows)
     df = pd.concat([df, _worst_case_rows(df, cells, samples)], ignore_index=True)
     _flag_black_box(df)
@@ -104,7 +125,7 @@ def _parse_json_column(column: pd.Series) -> pd.DataFrame:
     return pd.DataFrame([json.loads(v) if isinstance(v, str) else {} for v in column], index=column.index)
 
 
-def _cell_row(cell: pd.Series, sub: pd.DataFrame, all_attrs: pd.DataFrame, flags: dict[str, Any]) -> dict[str, Any]:
+def _cell_row(cell: pd.Series, sub: pd.DataFrame, all_attrs: pd.DataFrame, flags: dict[str, Any], n_boot: int) -> dict[str, Any]:
     threat = json.loads(cell["threat"]) if isinstance(cell["threat"], str) else {}
     extra = json.loads(cell["extra"]) if isinstance(cell["extra"], str) else {}
     row: dict[str, Any] = {
@@ -113,6 +134,7 @@ def _cell_row(cell: pd.Series, sub: pd.DataFrame, all_attrs: pd.DataFrame, flags
         "attack": cell["attack"], "attack_params": cell["attack_params"], "knowledge": extra.get("knowledge"),
         "norm": threat.get("norm"), "eps": threat.get("eps"), "eps_display": eps_display(threat["eps"]) if "eps" in threat else "",
         "status": cell["status"], "reason": cell["reason"] or "", "n": int(len(sub)), "weights_sha256": cell["weights_sha256"],
+        "attack_seconds": cell.get("seconds"),
         "flags": sorted(k for k, (v, _) in flags.get(extra.get("group_key", ""), {}).items() if v),
     }
     if sub.empty or cell["status"] == "skipped":
@@ -129,10 +151,18 @@ def _cell_row(cell: pd.Series, sub: pd.DataFrame, all_attrs: pd.DataFrame, flags
     correct = sub["clean_correct"].to_numpy(int)
     row.update({
         "robust": float(adv.mean()), "robust_ci95_low": lo, "robust_ci95_high": hi,
-        "attack_success_rate": float(((correct == 1) & (sub["adv_correct"].to_numpy(int) == 0)).sum() / max(1, correct.sum())),
+        "attack_success_rate": _asr(correct, sub["adv_correct"].to_numpy(int)),
     })
-    row.update(_group_stats(sub, all_attrs.loc[sub.index]))
+    if n_boot:
+        row.update(_group_stats(sub, all_attrs.loc[sub.index], cell["task"], cell["metric"], n_boot))
+    row.update(_detection_stats(sub))
     return row
+
+
+def _asr(clean_correct: np.ndarray, adv_correct: np.ndarray) -> float:
+    """Fraction of clean-correct samples made incorrect; NaN when no sample is correct on clean input."""
+    n = int(clean_correct.sum())
+    return float(((clean_correct == 1) & (adv_correct == 0)).sum() / n) if n else math.nan
 
 
 def _worst_case_rows(df: pd.DataFrame, cells: pd.DataFrame, samples: pd.DataFrame) -> pd.DataFrame:
@@ -157,7 +187,7 @@ def _worst_case_rows(df: pd.DataFrame, cells: pd.DataFrame, samples: pd.DataFram
             "eps_display": first.eps_display, "status": "done", "reason": "", "n": int(len(per_sample)),
             "weights_sha256": first.weights_sha256, "flags": [], "clean": float(per_sample["clean"].mean()),
             "robust": float(adv.mean()), "robust_ci95_low": lo, "robust_ci95_high": hi,
-            "attack_success_rate": float(((correct == 1) & (adv < thr)).sum() / max(1, correct.sum())),
+            "attack_success_rate": _asr(correct, (adv >= thr).astype(int)),
         })
     return pd.DataFrame(out)
 
@@ -178,7 +208,9 @@ def _flag_black_box(df: pd.DataFrame) -> None:
 
 DISPLAY = [("victim", "victim"), ("defense", "defense"), ("attack", "attack"), ("norm", "norm"), ("eps_display", "eps"),
            ("metric", "metric"), ("clean", "clean"), ("robust", "robust"), ("ci", "95% CI"),
-           ("attack_success_rate", "ASR"), ("n", "n"), ("mean_linf", "mean L∞"), ("mean_l2", "mean L2"), ("flags", "flags")]
+           ("attack_success_rate", "ASR"), ("robust_gap_sex", "gap(sex)"), ("worst_group_robust_sex", "worst(sex)"),
+           ("gap_change_sex", "Δgap(sex)"), ("robust_gap_age_group", "gap(age)"), ("n", "n"), ("mean_linf", "mean L∞"),
+           ("mean_l2", "mean L2"), ("flags", "flags")]
 
 
 def _fmt(v: Any) -> str:
@@ -231,9 +263,9 @@ def plot_robustness(df: pd.DataFrame, path: str | Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    data = df[(df.status == "done") & df.robust.notna() & df.attack.str.startswith("worst-case")] if "robust" in df else df.iloc[0:0]
-    if data.empty and "robust" in df:
-        data = df[(df.status == "done") & df.robust.notna() & ~df.attack.str.startswith("noise.")]
+    if "robust" not in df:
+        return None
+    data = df[(df.status == "done") & df.robust.notna() & (df.knowledge != "none")]
     if data.empty:
         return None
     norms = sorted(data.norm.dropna().unique())
@@ -277,4 +309,18 @@ def write_leaderboard(store: Store | str | Path, out_dir: str | Path) -> dict[st
     png = plot_robustness(df, out / "robustness_vs_eps.png")
     if png:
         paths["plot"] = png
+    gaps = plot_group_gap_sweep(store, out / "group_gaps_vs_eps.png")
+    if gaps:
+        paths["group_plot"] = gaps
     return paths
+
+
+def plot_group_gap_sweep(store: Store | str | Path, path: Path) -> Path | None:
+    """Per-group robust metric vs eps (by sex) for the attack swept over the most eps values."""
+    from robustbench_med.fairness import group_table_from_store, plot_group_gaps
+
+    table = group_table_from_store(store)
+    if table.empty:
+        return None
+    sweep = table.groupby("attack")["eps"].nunique().idxmax()
+    return plot_group_gaps(table[table.attack == sweep], path, attribute="sex")

@@ -144,7 +144,7 @@ class GridRunner:
         attr_rows = [{k: attrs[k][i] for k in attrs} for i in range(n)]
         for vspec in self.grid.victims:
             if self.ctx.is_main:  # rank 0 trains missing weights; the others wait for them
-                create_victim(vspec.name, weights=vspec.weights, train_if_missing=True, **vspec.params)
+                create_victim(vspec.name, weights=vspec.weights, train_if_missing=True, progress=self.progress, **vspec.params)
             self.ctx.barrier()
             victim = create_victim(vspec.name, weights=vspec.weights, device=self.device, **vspec.params)
             self.batch_size = adaptive_batch_size(victim, self.device, self.grid.batch_size)
@@ -231,7 +231,8 @@ class GridRunner:
                 "attack": spec.name, "attack_params": params, "threat": attack.threat.as_dict(), "dataset": self.grid.dataset,
                 "split": self.grid.split, "n_examples": self.grid.n_examples, "seed": self.grid.seed,
                 "weights_sha256": victim.card.weights_sha256, "status": "pending", "reason": "",
-                "extra": {"group_key": group_key, "knowledge": attack.knowledge, "eot": attack.eot},
+                "extra": {"group_key": group_key, "knowledge": attack.knowledge, "eot": attack.eot,
+                          **({"variant": attack.variant_for(victim)} if hasattr(attack, "variant_for") else {})},
             }
             try:
                 attack.check_task(victim)
@@ -267,7 +268,11 @@ class GridRunner:
 
         label = f"{group[0].spec.name} ×{k} on {defended.card.name}"
         for start in tqdm(starts, desc=label, disable=not self.progress, leave=False):
+            t0 = time.perf_counter()
             self._run_unit(group, view, defended, group_key, x_all, y_all, clean, attrs, start, min(n, start + chunk), done)
+            share = (time.perf_counter() - t0) / k  # cells batched together share the unit's time
+            for p in group:
+                self.store.add_timing(p.cell_id, share, min(n, start + chunk) - start)
         for p in group:
             status = self.store.cell_status(p.cell_id)
             if status and status[0] == "pending" and len(self.store.done_samples(p.cell_id)) == n:

@@ -26,6 +26,8 @@ CREATE TABLE IF NOT EXISTS samples (
     cell_id TEXT, sample_idx INTEGER, clean_score REAL, adv_score REAL, clean_correct INTEGER, adv_correct INTEGER,
     clean_pred TEXT, adv_pred TEXT, eps REAL, linf REAL, l2 REAL, valid INTEGER, metrics TEXT, attrs TEXT,
     PRIMARY KEY (cell_id, sample_idx));
+CREATE TABLE IF NOT EXISTS timings (
+    cell_id TEXT PRIMARY KEY, seconds REAL, samples INTEGER);
 CREATE TABLE IF NOT EXISTS flags (
     group_key TEXT, flag TEXT, value INTEGER, detail TEXT, PRIMARY KEY (group_key, flag));
 """
@@ -109,6 +111,16 @@ class Store:
             )
             for cell_id, reason in (invalid or {}).items():
                 self.conn.execute("UPDATE cells SET status='invalid', reason=? WHERE cell_id=?", (reason, cell_id))
+
+    def add_timing(self, cell_id: str, seconds: float, samples: int) -> None:
+        """Accumulate attack wall-clock time for a cell (across resumed runs)."""
+        with self.transaction():
+            self.conn.execute(
+                "INSERT INTO timings VALUES (?,?,?) ON CONFLICT(cell_id) DO UPDATE SET seconds=seconds+excluded.seconds, samples=samples+excluded.samples",
+                (cell_id, seconds, samples))
+
+    def timings(self) -> dict[str, tuple[float, int]]:
+        return {r[0]: (r[1], r[2]) for r in self.conn.execute("SELECT cell_id, seconds, samples FROM timings")}
 
     def samples(self, cell_ids: Iterable[str] | None = None) -> list[dict[str, Any]]:
         if cell_ids is None:

@@ -54,15 +54,29 @@ def _eval_metric(victim, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> f
 
 
 def train_victim(name: str, *, force: bool = False, device: str | torch.device | None = None, progress: bool = True) -> Path:
-    """Train victim ``name`` with its recipe and cache the weights; skip if cached and not ``force``."""
+    """Train victim ``name`` with its recipe and cache the weights; skip if cached and not ``force``.
+
+    A file lock makes concurrent callers (several processes of one run) train once and share the result.
+    """
+    from filelock import FileLock
+
+    path = weights_path(name)
+    with FileLock(str(path) + ".lock"):
+        if path.exists() and not force:
+            return path
+        return _train(name, path, device, progress)
+
+
+def _train(name: str, path: Path, device: str | torch.device | None, progress: bool) -> Path:
     from robustbench_med.api import create_dataset, create_victim
     from robustbench_med.weights import save_weights
 
-    path = weights_path(name)
-    if path.exists() and not force:
-        return path
     recipe = recipe_for(name)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    trainer = VICTIMS.get(name).meta.get("trainer")
+    if trainer is not None:  # victims with their own loop (e.g. LVLMs trained on VQA) save to `path` themselves
+        trainer(name, path, device, progress)
+        return path
     torch.manual_seed(recipe.seed)
     victim = create_victim(name, weights=None).to(device)
     train = create_dataset(recipe.dataset, split="train", n=recipe.n_train)
@@ -80,7 +94,7 @@ def train_victim(name: str, *, force: bool = False, device: str | torch.device |
         order = torch.randperm(len(x), generator=gen).to(device)
         for i in range(0, len(x), recipe.batch_size):
             idx = order[i : i + recipe.batch_size]
-            loss = victim.loss(victim(x[idx]), y[idx]).mean()
+            loss = _train_loss(victim, x[idx], y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -101,7 +115,18 @@ def train_victim(name: str, *, force: bool = False, device: str | torch.device |
     return path
 
 
+def _train_loss(victim, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The victim's loss; segmentors add soft Dice (Milletari et al., 3DV 2016) so small structures are learnt."""
+    out = victim(x)
+    loss = victim.loss(out, y).mean()
+    if victim.task == "segmentation":
+        from robustbench_med.tasks import soft_dice_loss
+
+        loss = loss + soft_dice_loss(out, y).mean()
+    return loss
+
+
 def _progress(total: int, desc: str, enabled: bool):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, disable=not enabled, leave=False)
+    return tqdm(total=total, desc=desc, disable=None if enabled else True, leave=False)

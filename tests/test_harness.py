@@ -49,7 +49,8 @@ def test_small_grid_runs_and_reports(trained_cnn, tmp_path):
     df = summarize(store)
     done = df[(df.status == "done") & df.robust.notna()]
     assert len(done) >= 6
-    assert (done.robust <= done.clean + 1e-9).all(), "robust metric must not exceed clean"
+    attacked = done[done.knowledge != "none"]  # random noise may, by chance, raise accuracy; attacks may not
+    assert len(attacked) >= 4 and (attacked.robust <= attacked.clean + 1e-9).all(), "robust metric must not exceed clean"
     assert (done.n == 24).all()
     pgd = done[(done.attack == "pgd.linf") & (done.defense == "identity.none")].sort_values("eps")
     assert pgd.robust.is_monotonic_decreasing, "a larger eps cannot make PGD weaker here"

@@ -89,7 +89,7 @@ LANDMARK_CARD = _card("unet.landmark", "landmark", ("spine", "liver", "left_kidn
 @register_victim(
     "cnn.phantom",
     card=CNN_CARD,
-    recipe=TrainRecipe(target_field="label", epochs=6, lr=3e-3),
+    recipe=TrainRecipe(target_field="label", epochs=5, lr=3e-3, n_train=1000),
 )
 def cnn_phantom() -> ModelVictim:
     """Lesion present/absent with a single-logit (BCE) head: the binary case AutoAttack's DLR cannot handle."""
@@ -99,7 +99,7 @@ def cnn_phantom() -> ModelVictim:
 @register_victim(
     "cnn.findings",
     card=FINDINGS_CARD,
-    recipe=TrainRecipe(target_field="findings", epochs=6, lr=3e-3),
+    recipe=TrainRecipe(target_field="findings", epochs=5, lr=3e-3, n_train=1000),
 )
 def cnn_findings() -> ModelVictim:
     """Multi-label findings (lesion, multiple lesions, enlarged liver) with per-label sigmoid outputs."""
@@ -109,7 +109,7 @@ def cnn_findings() -> ModelVictim:
 @register_victim(
     "resnet18.phantom",
     card=RESNET_CARD,
-    recipe=TrainRecipe(target_field="lesion_type", epochs=5, lr=2e-3, n_train=1200),
+    recipe=TrainRecipe(target_field="lesion_type", epochs=4, lr=2e-3, n_train=1000),
 )
 def resnet18_phantom() -> ModelVictim:
     """timm's ResNet-18 (random init, ``pretrained=False``) classifying the lesion type (none / cyst / tumour)."""
@@ -122,18 +122,18 @@ def resnet18_phantom() -> ModelVictim:
 @register_victim(
     "unet.phantom",
     card=UNET_CARD,
-    recipe=TrainRecipe(target_field="mask", epochs=6, lr=3e-3, n_train=800),
+    recipe=TrainRecipe(target_field="mask", epochs=6, lr=3e-3, n_train=600, batch_size=16),
 )
 def unet_phantom() -> ModelVictim:
     """A small U-Net segmenting body, liver, kidneys, spine and lesions."""
-    return ModelVictim(UNet(out_ch=len(SEG_CLASSES)), UNET_CARD, PHANTOM_MEAN, PHANTOM_STD, ("enc1", "enc2", "enc3", "bottleneck"))
+    return ModelVictim(UNet(out_ch=len(SEG_CLASSES), width=12), UNET_CARD, PHANTOM_MEAN, PHANTOM_STD, ("enc1", "enc2", "enc3", "bottleneck"))
 
 
 @register_victim(
     "unet.landmark",
     card=LANDMARK_CARD,
-    recipe=TrainRecipe(target_field="landmarks", epochs=8, lr=3e-3, n_train=800),
+    recipe=TrainRecipe(target_field="landmarks", epochs=7, lr=3e-3, n_train=500),
 )
 def unet_landmark() -> ModelVictim:
     """Landmark detection by Gaussian-heatmap regression with a small U-Net (4 landmarks)."""
-    return ModelVictim(UNet(out_ch=4), LANDMARK_CARD, PHANTOM_MEAN, PHANTOM_STD, ("enc1", "enc2", "enc3", "bottleneck"))
+    return ModelVictim(UNet(out_ch=4, width=12), LANDMARK_CARD, PHANTOM_MEAN, PHANTOM_STD, ("enc1", "enc2", "enc3", "bottleneck"))
