@@ -6,7 +6,7 @@ VENV ?= .venv
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: install demo test bench
+.PHONY: install browser demo test bench
 
 $(VENV)/.installed: requirements.txt requirements-nodeps.txt pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -17,11 +17,19 @@ $(VENV)/.installed: requirements.txt requirements-nodeps.txt pyproject.toml
 
 install: $(VENV)/.installed
 
+# Headless Chromium for the HTML leaderboard test (Debian packages; needs root). Without it that test is skipped.
+browser:
+	-@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  apt-get update -qq >/dev/null && apt-get install -y -qq chromium chromium-driver >/dev/null; } || \
+	  echo "note: chromium not installed; the HTML leaderboard browser test will be skipped"
+
 demo: install
 	$(VENV)/bin/robustbench-med run
 
-test: install
+test: install browser
 	$(VENV)/bin/python -m pytest -q
 
 bench: install
+	-$(VENV)/bin/pip install -q adversarial-robustness-toolbox
 	$(VENV)/bin/python benchmarks/bench_throughput.py
+	$(VENV)/bin/python benchmarks/bench_store.py

@@ -80,7 +80,8 @@ class MedicalDataset:
     def _target(self, field: str) -> torch.Tensor:
         if field not in self._target_cache:
             arr = np.asarray(self.hf.with_format("numpy", columns=[field])[field])
-            self._target_cache[field] = torch.as_tensor(arr, dtype=TARGET_DTYPES.get(field, torch.float32))
+            default = torch.long if np.issubdtype(arr.dtype, np.integer) else torch.float32
+            self._target_cache[field] = torch.as_tensor(arr, dtype=TARGET_DTYPES.get(field, default))
         return self._target_cache[field]
 
     def attributes(self, idx: Index = None) -> dict[str, list[str]]:
