@@ -1,0 +1,864 @@
+"""Leaderboard entries: one validated JSON file per victim × threat model, ``leaderboards/<dataset>/<threat>/<victim>.json``.
+
+RobustBench (Croce et al., "RobustBench: a standardized adversarial robustness benchmark", NeurIPS 2021 Datasets and
+Benchmarks) keeps one JSON per model with numbers stored as strings, ``eps`` as ``"8/255"`` and no validator
+(``shared/reference/anchors.md`` §1, §8.7). An entry here is checked on write *and* on load, and every error names
+the field (``results[3].robust: must be a fraction in [0, 1] (not a percentage), got 62.5``):
+
+- numbers are JSON numbers, scores are fractions in [0, 1]; ``eps`` is a number plus a display string that must
+  agree with it; the threat key (``Linf-8_255``) is derived from both;
+- every result row keeps its per-sample clean and adversarial scores, so the aggregates are *recomputed on load*:
+  ``clean``, ``robust`` and ``attack_success_rate`` must equal the means of the stored scores, the 95% interval must
+  contain ``robust``, and a worst-case row must be the per-sample minimum of the rows it names;
+- reliability flags (masked gradients, black-box beats white-box, randomised outputs, invalid budget; Croce & Hein,
+  ICML 2020) are raised at entry level whenever any row carries them, so they cannot be hidden;
+- the run manifest (package versions, device, seed, config and data hashes, the grid), the sha256 of the weights,
+  the sensitive attributes of each sample, and an ``external`` field for a stronger (adaptive) evaluation.
+
+Fairness columns of :func:`robustbench_med.leaderboard.summarize` (``robust_gap_*``, ``worst_group_*``,
+``es_dice_*`` and ``name[attr=group]`` / ``name[attr]`` style) are carried through generically in ``groups``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import pandas as pd
+
+from robustbench_med.errors import ConfigError, RobustBenchMedError
+from robustbench_med.grid import ATTACK_THROUGH
+from robustbench_med.registry import NAME_RE
+from robustbench_med.store import Store
+from robustbench_med.tasks import TASKS, task_spec
+from robustbench_med.threat import NORMS, eps_display, parse_eps
+
+KIND = "robustbench_med/leaderboard-entry"
+SCHEMA_VERSION = 1
+STATUSES = ("done", "invalid", "skipped")
+RELIABILITY_FLAGS = ("masked_gradients", "black_box_beats_white_box", "randomized", "invalid_budget")
+WORST_CASE = "worst-case"
+MEAN_TOL = 1e-9
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_NUMBER_STRING = re.compile(r"^\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*$")
+_BRACKET = re.compile(r"^[^\[\]]+\[[^\[\]]+\]$")
+GROUP_PREFIXES = ("robust_gap_", "worst_group_", "es_dice_", "clean_gap_", "gap_change_")
+_KNOWN_COLUMNS = {
+    "cell_id", "victim", "task", "metric", "defense", "defense_params", "attack_through", "attack", "attack_params",
+    "knowledge", "norm", "eps", "eps_display", "status", "reason", "n", "weights_sha256", "attack_seconds", "flags",
+    "clean", "mean_linf", "mean_l2", "robust", "robust_ci95_low", "robust_ci95_high", "attack_success_rate", "notes",
+}
+TOP_REQUIRED = ("schema", "schema_version", "dataset", "split", "grid", "victim", "task", "metric", "threat", "n",
+                "seeds", "success_threshold", "weights_sha256", "attributes", "results", "reliability", "external",
+                "manifest", "runs", "created", "generator")
+TOP_OPTIONAL = ("display_name", "link", "notes")
+ROW_REQUIRED = ("cell_id", "defense", "defense_params", "attack_through", "attack", "attack_params", "knowledge",
+                "status", "reason", "n", "clean", "robust", "robust_ci95", "attack_success_rate", "mean_linf",
+                "mean_l2", "attack_seconds", "groups", "flags", "per_sample")
+ROW_OPTIONAL = ("components", "flag_details", "metrics", "notes")
+EXTERNAL_KEYS = ("robust", "source", "method", "adaptive")
+MANIFEST_REQUIRED = ("versions", "seed", "config_hash", "data_hash", "grid", "device")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# names and paths
+
+
+def threat_key(norm: str, eps: float) -> str:
+    """Directory name of a threat model, e.g. ``Linf-8_255`` or ``L2-0.5`` (``/`` is not allowed in a path)."""
+    return f"{norm}-{eps_display(eps).replace('/', '_')}"
+
+
+def entry_path(root: str | Path, entry: dict[str, Any]) -> Path:
+    """Where ``entry`` lives under the leaderboard ``root``."""
+    return Path(root) / entry["dataset"] / entry["threat"]["key"] / f"{entry['victim']}.json"
+
+
+def is_group_column(name: str) -> bool:
+    """Whether a summary column is a per-group / fairness column carried into ``groups``."""
+    return name.startswith(GROUP_PREFIXES) or bool(_BRACKET.match(name))
+
+
+def _numeric_group_key(key: str) -> bool:
+    """Group keys whose values must be numbers (labels such as ``worst_group_sex`` may be strings)."""
+    base = key.split("[", 1)[0]
+    if key.startswith(("robust_gap_", "worst_group_robust_", "es_dice_")):
+        return True
+    if "[" in key and "=" in key:  # per-group values: n[sex=F], robust_accuracy[sex=F]
+        return True
+    return any(s in base for s in ("_gap_", "gap_change", "_ratio_", "ci95", "es_dice", "es_iou", "_ece", "_difference"))
+
+
+def _fraction_group_key(key: str) -> bool:
+    """Group keys holding a fraction in [0, 1] (group means, gaps, worst-group scores of a primary metric)."""
+    if "gap_change" in key or "ci95" in key or key.startswith("n["):
+        return False
+    return key.startswith(("robust_gap_", "worst_group_robust_", "clean_", "robust_"))
+
+
+def defense_label(row: dict[str, Any]) -> str:
+    """A readable defence name: ``jpeg.bpda(quality=75)``, with ``[transfer]`` / ``[detach]`` when not adaptive."""
+    params = row.get("defense_params") or {}
+    label = row["defense"] + (f"({', '.join(f'{k}={v}' for k, v in sorted(params.items()))})" if params else "")
+    return label if row.get("attack_through", "adaptive") == "adaptive" else f"{label} [{row['attack_through']}]"
+
+
+def defense_key(row: dict[str, Any]) -> str:
+    """Identity of a row's defence setting (name, parameters, how it is attacked)."""
+    return json.dumps([row["defense"], row.get("defense_params") or {}, row.get("attack_through")], sort_keys=True)
+
+
+def is_worst_case(row: dict[str, Any]) -> bool:
+    """Whether a row is the per-sample worst case over several attacks (not one attack)."""
+    return str(row.get("attack", "")).startswith(WORST_CASE)
+
+
+def headline_rows(entry: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per defence: the worst case over attacks when there is one, else the strongest valid attack.
+
+    Noise baselines count only when nothing else ran; an all-invalid defence shows its invalid row.
+    """
+    by_def: dict[str, list[dict[str, Any]]] = {}
+    for row in entry["results"]:
+        if row["status"] != "skipped":
+            by_def.setdefault(defense_key(row), []).append(row)
+    out = []
+    for rows in by_def.values():
+        done = [r for r in rows if r["status"] == "done"]
+        worst = [r for r in done if is_worst_case(r)]
+        real = [r for r in done if r.get("knowledge") != "none"] or done
+        pick = worst[0] if worst else (min(real, key=lambda r: r["robust"]) if real else rows[0])
+        out.append(pick)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# validation
+
+
+class _Check:
+    """Field-naming checks; every failure is a :class:`ConfigError` ``<source>: field '<path>': <problem>``."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def fail(self, field: str, msg: str) -> ConfigError:
+        return ConfigError(f"{self.source}: field '{field or '<top>'}': {msg}")
+
+    def mapping(self, value: Any, field: str) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise self.fail(field, f"must be an object, got {_kind(value)}")
+        return value
+
+    def keys(self, value: dict[str, Any], required: Iterable[str], optional: Iterable[str], field: str) -> None:
+        missing = [k for k in required if k not in value]
+        if missing:
+            raise self.fail(_join(field, missing[0]), "is required" + (f" (also missing: {missing[1:]})" if missing[1:] else ""))
+        unknown = sorted(set(value) - set(required) - set(optional))
+        if unknown:
+            raise self.fail(field, f"unknown key(s) {unknown}; valid keys: {sorted(set(required) | set(optional))}")
+
+    def string(self, value: Any, field: str, allow_empty: bool = True) -> str:
+        if not isinstance(value, str) or (not allow_empty and not value):
+            raise self.fail(field, f"must be a{'' if allow_empty else ' non-empty'} string, got {_kind(value)}")
+        return value
+
+    def number(self, value: Any, field: str, nullable: bool = False, lo: float | None = None, hi: float | None = None) -> float | None:
+        if value is None and nullable:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            hint = " (numbers must be JSON numbers, not strings)" if isinstance(value, str) else ""
+            raise self.fail(field, f"must be a number, got {_kind(value)}{hint}")
+        if not math.isfinite(value):
+            raise self.fail(field, f"must be finite, got {value!r}")
+        if lo is not None and value < lo - MEAN_TOL or hi is not None and value > hi + MEAN_TOL:
+            raise self.fail(field, f"must lie in [{lo}, {hi}], got {value!r}")
+        return float(value)
+
+    def fraction(self, value: Any, field: str, nullable: bool = False) -> float | None:
+        v = self.number(value, field, nullable)
+        if v is not None and not -MEAN_TOL <= v <= 1 + MEAN_TOL:
+            raise self.fail(field, f"must be a fraction in [0, 1] (not a percentage), got {value!r}")
+        return v
+
+    def integer(self, value: Any, field: str, lo: int | None = None) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.fail(field, f"must be an integer, got {_kind(value)}")
+        if lo is not None and value < lo:
+            raise self.fail(field, f"must be >= {lo}, got {value}")
+        return value
+
+    def boolean(self, value: Any, field: str) -> bool:
+        if not isinstance(value, bool):
+            raise self.fail(field, f"must be true or false, got {_kind(value)}")
+        return value
+
+    def listof(self, value: Any, field: str, length: int | None = None) -> list[Any]:
+        if not isinstance(value, list):
+            raise self.fail(field, f"must be a list, got {_kind(value)}")
+        if length is not None and len(value) != length:
+            raise self.fail(field, f"must have {length} items, got {len(value)}")
+        return value
+
+    def choice(self, value: Any, choices: Iterable[str], field: str) -> str:
+        choices = tuple(choices)
+        if value not in choices:
+            raise self.fail(field, f"must be one of {list(choices)}, got {value!r}")
+        return value
+
+
+def _kind(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}" if not isinstance(value, (dict, list)) else type(value).__name__
+
+
+def _join(field: str, key: Any) -> str:
+    return f"{field}[{key}]" if isinstance(key, int) else (f"{field}.{key}" if field else str(key))
+
+
+def validate_entry(entry: Any, source: str = "<entry>") -> dict[str, Any]:
+    """Check ``entry`` against the schema and recompute its aggregates; return it or raise :class:`ConfigError`."""
+    c = _Check(source)
+    c.mapping(entry, "")
+    c.keys(entry, TOP_REQUIRED, TOP_OPTIONAL, "")
+    c.choice(entry["schema"], (KIND,), "schema")
+    if c.integer(entry["schema_version"], "schema_version") != SCHEMA_VERSION:
+        raise c.fail("schema_version", f"this version of robustbench_med reads version {SCHEMA_VERSION}, got {entry['schema_version']}")
+    for key in ("dataset", "split", "grid", "metric", "created", "generator"):
+        c.string(entry[key], key, allow_empty=False)
+    _check_name(c, entry["victim"], "victim")
+    c.choice(entry["task"], TASKS, "task")
+    _check_threat(c, entry["threat"])
+    n = c.integer(entry["n"], "n", lo=1)
+    for i, s in enumerate(c.listof(entry["seeds"], "seeds")):
+        c.integer(s, f"seeds[{i}]")
+    if not entry["seeds"]:
+        raise c.fail("seeds", "must list at least one seed")
+    c.fraction(entry["success_threshold"], "success_threshold")
+    if entry["weights_sha256"] is not None and not (isinstance(entry["weights_sha256"], str) and _HEX64.match(entry["weights_sha256"])):
+        raise c.fail("weights_sha256", f"must be a 64-digit lower-case hex sha256 or null, got {_kind(entry['weights_sha256'])}")
+    _check_attributes(c, entry["attributes"], n)
+    _check_optional_text(c, entry)
+    rows = c.listof(entry["results"], "results")
+    if not rows:
+        raise c.fail("results", "must hold at least one result row")
+    for i, row in enumerate(rows):
+        _check_row(c, row, f"results[{i}]", n, entry["success_threshold"])
+    _check_components(c, rows)
+    _check_reliability(c, entry["reliability"], rows)
+    _check_external(c, entry["external"])
+    _check_manifest(c, entry["manifest"], entry["grid"])
+    _check_runs(c, entry["runs"])
+    return entry
+
+
+def _check_name(c: _Check, value: Any, field: str) -> None:
+    if not isinstance(value, str) or not NAME_RE.match(value):
+        raise c.fail(field, f"must be a registry name 'family.tag' (lower case, digits, _ -), got {_kind(value)}")
+
+
+def _check_threat(c: _Check, threat: Any) -> None:
+    """Norm, eps (a number), its display string and the derived threat key must agree."""
+    c.mapping(threat, "threat")
+    c.keys(threat, ("norm", "eps", "eps_display", "key"), (), "threat")
+    c.choice(threat["norm"], NORMS, "threat.norm")
+    eps = c.number(threat["eps"], "threat.eps", lo=0)
+    shown = c.string(threat["eps_display"], "threat.eps_display", allow_empty=False)
+    try:
+        parsed = parse_eps(shown)
+    except RobustBenchMedError:
+        raise c.fail("threat.eps_display", f"must be a number or 'a/b', got {shown!r}") from None
+    if not math.isclose(parsed, eps, rel_tol=1e-3, abs_tol=1e-9):
+        raise c.fail("threat.eps_display", f"{shown!r} does not match threat.eps = {eps!r}")
+    if threat["key"] != threat_key(threat["norm"], eps):
+        raise c.fail("threat.key", f"must be {threat_key(threat['norm'], eps)!r} for this norm and eps, got {threat['key']!r}")
+
+
+def _check_attributes(c: _Check, attrs: Any, n: int) -> None:
+    """Sensitive attributes: one string per example for each attribute."""
+    c.mapping(attrs, "attributes")
+    for name, values in attrs.items():
+        for i, v in enumerate(c.listof(values, f"attributes.{name}", length=n)):
+            c.string(v, f"attributes.{name}[{i}]")
+
+
+def _check_optional_text(c: _Check, entry: dict[str, Any]) -> None:
+    """Free text (display name, notes) and an http(s)-only link."""
+    for key in ("display_name", "notes"):
+        if key in entry:
+            c.string(entry[key], key)
+    if "link" in entry and not (isinstance(entry["link"], str) and re.match(r"^https?://[^\s\"'<>]+$", entry["link"])):
+        raise c.fail("link", f"must be an http(s) URL, got {_kind(entry['link'])}")
+
+
+def _check_row(c: _Check, row: Any, f: str, n: int, threshold: float) -> None:
+    """One result row: types, ranges, and the per-status rules below."""
+    c.mapping(row, f)
+    c.keys(row, ROW_REQUIRED, ROW_OPTIONAL, f)
+    if row["cell_id"] is not None:
+        c.string(row["cell_id"], f"{f}.cell_id", allow_empty=False)
+    _check_name(c, row["defense"], f"{f}.defense")
+    c.mapping(row["defense_params"], f"{f}.defense_params")
+    c.choice(row["attack_through"], ATTACK_THROUGH, f"{f}.attack_through")
+    c.string(row["attack"], f"{f}.attack", allow_empty=False)
+    c.mapping(row["attack_params"], f"{f}.attack_params")
+    if row["knowledge"] is not None:
+        c.string(row["knowledge"], f"{f}.knowledge")
+    status = c.choice(row["status"], STATUSES, f"{f}.status")
+    c.string(row["reason"], f"{f}.reason")
+    c.integer(row["n"], f"{f}.n", lo=0)
+    for key in ("clean", "robust", "attack_success_rate"):
+        c.fraction(row[key], f"{f}.{key}", nullable=True)
+    for key in ("mean_linf", "mean_l2", "attack_seconds"):
+        c.number(row[key], f"{f}.{key}", nullable=True, lo=0)
+    _check_groups(c, row["groups"], f"{f}.groups")
+    for i, flag in enumerate(c.listof(row["flags"], f"{f}.flags")):
+        c.string(flag, f"{f}.flags[{i}]", allow_empty=False)
+    for key in ("flag_details", "metrics"):
+        if key in row:
+            _check_scalars(c, row[key], f"{f}.{key}")
+    if "notes" in row:
+        c.string(row["notes"], f"{f}.notes")
+    {"done": _check_done, "invalid": _check_invalid, "skipped": _check_skipped}[status](c, row, f, n, threshold)
+
+
+def _check_groups(c: _Check, groups: Any, f: str) -> None:
+    """Per-group values: finite numbers (fractions where the key names a score) or group labels."""
+    c.mapping(groups, f)
+    for key, value in groups.items():
+        field = f"{f}.{key}"
+        if value is None:
+            continue
+        if isinstance(value, str):
+            if _numeric_group_key(key):
+                raise c.fail(field, f"must be a number, got {_kind(value)} (numbers must be JSON numbers, not strings)")
+            if _NUMBER_STRING.match(value) and key.startswith("robust_"):
+                raise c.fail(field, f"must be a number, got {_kind(value)}")
+            continue
+        if _fraction_group_key(key):
+            c.fraction(value, field)
+        else:
+            c.number(value, field)
+
+
+def _check_scalars(c: _Check, value: Any, f: str) -> None:
+    """A mapping of numbers or strings (extra metrics, flag details)."""
+    c.mapping(value, f)
+    for key, v in value.items():
+        if v is not None and not isinstance(v, str):
+            c.number(v, f"{f}.{key}")
+
+
+def _check_done(c: _Check, row: dict[str, Any], f: str, n: int, threshold: float) -> None:
+    """A finished row: aggregates recomputed from its per-sample scores, interval containing the mean."""
+    for key in ("clean", "robust", "robust_ci95", "per_sample"):
+        if row[key] is None:
+            raise c.fail(f"{f}.{key}", "is required for a finished ('done') row")
+    if row["n"] != n:
+        raise c.fail(f"{f}.n", f"must equal the entry's n = {n}, got {row['n']}")
+    clean, adv = _per_sample(c, row["per_sample"], f"{f}.per_sample", n)
+    _same(c, row["clean"], float(clean.mean()), f"{f}.clean", "the mean of per_sample.clean")
+    _same(c, row["robust"], float(adv.mean()), f"{f}.robust", "the mean of per_sample.adv")
+    ok = clean >= threshold
+    if not ok.any():
+        if row["attack_success_rate"] is not None:
+            raise c.fail(f"{f}.attack_success_rate", "must be null: no sample is correct on clean input")
+    elif row["attack_success_rate"] is None:
+        raise c.fail(f"{f}.attack_success_rate", "is required: some samples are correct on clean input")
+    else:
+        asr = float(((adv < threshold) & ok).sum() / ok.sum())
+        _same(c, row["attack_success_rate"], asr, f"{f}.attack_success_rate", "the stored per-sample outcomes")
+    lo, hi = (c.fraction(v, f"{f}.robust_ci95[{i}]") for i, v in enumerate(c.listof(row["robust_ci95"], f"{f}.robust_ci95", length=2)))
+    if not lo - MEAN_TOL <= row["robust"] <= hi + MEAN_TOL:
+        raise c.fail(f"{f}.robust_ci95", f"[{lo}, {hi}] does not contain robust = {row['robust']}")
+
+
+def _check_invalid(c: _Check, row: dict[str, Any], f: str, n: int, threshold: float) -> None:
+    """A row whose attack broke its budget publishes no robust number and carries the flag."""
+    for key in ("robust", "robust_ci95", "attack_success_rate", "per_sample"):
+        if row[key] is not None:
+            raise c.fail(f"{f}.{key}", "must be null: the attack broke its budget, so the row has no robust result")
+    if "invalid_budget" not in row["flags"]:
+        raise c.fail(f"{f}.flags", "an invalid row must carry the 'invalid_budget' flag")
+
+
+def _check_skipped(c: _Check, row: dict[str, Any], f: str, n: int, threshold: float) -> None:
+    """A skipped row has no numbers and says why."""
+    for key in ("clean", "robust", "robust_ci95", "attack_success_rate", "per_sample"):
+        if row[key] is not None:
+            raise c.fail(f"{f}.{key}", "must be null for a skipped row")
+    if not row["reason"]:
+        raise c.fail(f"{f}.reason", "a skipped row must say why it was skipped")
+
+
+def _per_sample(c: _Check, value: Any, f: str, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-sample clean and adversarial scores (n finite numbers each) as arrays."""
+    c.mapping(value, f)
+    c.keys(value, ("clean", "adv"), (), f)
+    arrays = []
+    for key in ("clean", "adv"):
+        items = c.listof(value[key], f"{f}.{key}", length=n)
+        for i, v in enumerate(items):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise c.fail(f"{f}.{key}[{i}]", f"must be a finite number, got {_kind(v)}")
+        arrays.append(np.asarray(items, dtype=float))
+    return arrays[0], arrays[1]
+
+
+def _same(c: _Check, stored: float, recomputed: float, field: str, what: str) -> None:
+    if abs(stored - recomputed) > 1e-7:
+        raise c.fail(field, f"{stored!r} does not match {what} ({recomputed!r})")
+
+
+def _check_components(c: _Check, rows: list[dict[str, Any]]) -> None:
+    """Unique cell ids; a worst-case row is the per-sample minimum of the finished rows it names."""
+    ids = [r["cell_id"] for r in rows if r["cell_id"] is not None]
+    dup = sorted({i for i in ids if ids.count(i) > 1})
+    if dup:
+        raise c.fail("results", f"duplicate cell_id(s) {dup}")
+    by_id = {r["cell_id"]: r for r in rows if r["cell_id"] is not None}
+    for i, row in enumerate(rows):
+        f = f"results[{i}]"
+        if not is_worst_case(row):
+            if "components" in row:
+                raise c.fail(f"{f}.components", "only worst-case rows name components")
+            continue
+        comps = c.listof(row.get("components"), f"{f}.components")
+        if len(comps) < 2 or row["status"] != "done":
+            raise c.fail(f"{f}.components", "a worst-case row is a finished row over at least two attacks")
+        for j, cid in enumerate(comps):
+            other = by_id.get(cid)
+            if other is None or other["status"] != "done" or defense_key(other) != defense_key(row):
+                raise c.fail(f"{f}.components[{j}]", f"{cid!r} is not a finished row of the same defence in this entry")
+        adv = np.min([other["per_sample"]["adv"] for other in (by_id[cid] for cid in comps)], axis=0)
+        if not np.allclose(adv, row["per_sample"]["adv"], atol=1e-12, rtol=0):
+            raise c.fail(f"{f}.per_sample.adv", "is not the per-sample minimum over the component rows")
+
+
+def _check_reliability(c: _Check, rel: Any, rows: list[dict[str, Any]]) -> None:
+    """Entry-level flags: booleans, true whenever any row carries the flag."""
+    c.mapping(rel, "reliability")
+    c.keys(rel, RELIABILITY_FLAGS, tuple(k for k in rel if k not in RELIABILITY_FLAGS), "reliability")
+    for key, value in rel.items():
+        c.boolean(value, f"reliability.{key}")
+    for i, row in enumerate(rows):
+        for flag in row["flags"]:
+            if not rel.get(flag, False):
+                raise c.fail(f"reliability.{flag}", f"must be true: results[{i}] carries the flag {flag!r}")
+
+
+def _check_external(c: _Check, ext: Any) -> None:
+    """An external (e.g. adaptive) evaluation: a fraction, its source and method, adaptive or not."""
+    if ext is None:
+        return
+    c.mapping(ext, "external")
+    c.keys(ext, EXTERNAL_KEYS, ("notes", "date", "link"), "external")
+    c.fraction(ext["robust"], "external.robust")
+    c.string(ext["source"], "external.source", allow_empty=False)
+    c.string(ext["method"], "external.method", allow_empty=False)
+    c.boolean(ext["adaptive"], "external.adaptive")
+    if "link" in ext and not (isinstance(ext["link"], str) and re.match(r"^https?://[^\s\"'<>]+$", ext["link"])):
+        raise c.fail("external.link", f"must be an http(s) URL, got {_kind(ext['link'])}")
+
+
+def _check_manifest(c: _Check, man: Any, grid_name: str) -> None:
+    """The run manifest must name the versions, seed, hashes, device and the grid that produced the entry."""
+    c.mapping(man, "manifest")
+    missing = [k for k in MANIFEST_REQUIRED if k not in man]
+    if missing:
+        raise c.fail(f"manifest.{missing[0]}", "is required")
+    c.mapping(man["versions"], "manifest.versions")
+    c.integer(man["seed"], "manifest.seed")
+    for key in ("config_hash", "data_hash", "device"):
+        c.string(man[key], f"manifest.{key}", allow_empty=False)
+    grid = c.mapping(man["grid"], "manifest.grid")
+    for key in ("name", "dataset", "split", "n_examples", "batch_size", "seed", "victims", "attacks", "defenses"):
+        if key not in grid:
+            raise c.fail(f"manifest.grid.{key}", "is required")
+    if grid["name"] != grid_name:
+        raise c.fail("manifest.grid.name", f"must be the entry's grid {grid_name!r}, got {grid['name']!r}")
+
+
+def _check_runs(c: _Check, runs: Any) -> None:
+    """The runs (resumptions included) that wrote the results."""
+    for i, run in enumerate(c.listof(runs, "runs")):
+        c.mapping(run, f"runs[{i}]")
+        c.keys(run, ("run_id", "started", "finished", "config_hash"), (), f"runs[{i}]")
+        c.string(run["run_id"], f"runs[{i}].run_id", allow_empty=False)
+        c.number(run["started"], f"runs[{i}].started")
+        c.number(run["finished"], f"runs[{i}].finished", nullable=True)
+        c.string(run["config_hash"], f"runs[{i}].config_hash", allow_empty=False)
+    if not runs:
+        raise c.fail("runs", "must list the run(s) that produced the entry")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# reading and writing
+
+
+def dumps_entry(entry: dict[str, Any]) -> str:
+    """Stable, diff-friendly JSON: objects one key per line, lists of scalars on one line; no NaN."""
+    return _pretty(entry, 0) + "\n"
+
+
+def _pretty(value: Any, depth: int) -> str:
+    """JSON text of ``value`` at indentation ``depth`` (see :func:`dumps_entry`)."""
+    pad, inner = " " * depth, " " * (depth + 1)
+    if isinstance(value, dict):
+        if not value:
+            return "{}"
+        items = [f"{inner}{json.dumps(str(k))}: {_pretty(v, depth + 1)}" for k, v in value.items()]
+        return "{\n" + ",\n".join(items) + "\n" + pad + "}"
+    if isinstance(value, list) and any(isinstance(v, (dict, list)) for v in value):
+        return "[\n" + ",\n".join(inner + _pretty(v, depth + 1) for v in value) + "\n" + pad + "]"
+    return json.dumps(value, allow_nan=False, separators=(", ", ": "))
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file and a rename (readers never see half a file); mode 0644."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_entry(entry: dict[str, Any], root: str | Path) -> Path:
+    """Validate ``entry`` and write it atomically to ``<root>/<dataset>/<threat>/<victim>.json``."""
+    threat = entry.get("threat") if isinstance(entry, dict) and isinstance(entry.get("threat"), dict) else {}
+    validate_entry(entry, source=f"entry {entry.get('victim', '?') if isinstance(entry, dict) else '?'} @ {threat.get('key', '?')}")
+    return atomic_write_text(entry_path(root, entry), dumps_entry(entry))
+
+
+def load_entry(path: str | Path) -> dict[str, Any]:
+    """Read and validate one entry file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"entry file {path} does not exist")
+    try:
+        raw = json.loads(path.read_text(), parse_constant=_reject_constant)
+    except (json.JSONDecodeError, ValueError) as e:
+        raise ConfigError(f"{path}: not valid JSON: {e}") from None
+    return validate_entry(raw, source=str(path))
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not allowed (use null for a missing number)")
+
+
+def entry_files(root: str | Path) -> list[Path]:
+    """Entry files under a leaderboard directory (``<root>/<dataset>/<threat>/*.json``), sorted."""
+    return sorted(p for p in Path(root).glob("*/*/*.json") if p.is_file())
+
+
+def load_entries(path: str | Path) -> list[dict[str, Any]]:
+    """All entries of a leaderboard directory (each checked to sit where its content says), or one entry file."""
+    path = Path(path)
+    if path.is_file():
+        return [load_entry(path)]
+    if not path.is_dir():
+        raise ConfigError(f"{path} is neither an entry file nor a leaderboard directory")
+    files = entry_files(path)
+    if not files:
+        raise ConfigError(f"no entries under {path} (expected <dataset>/<threat>/<victim>.json files)")
+    entries = []
+    for f in files:
+        entry = load_entry(f)
+        expected = entry_path(path, entry)
+        if expected.resolve() != f.resolve():
+            raise ConfigError(f"{f}: field 'dataset/threat.key/victim': the entry belongs at {expected}")
+        entries.append(entry)
+    return entries
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# building entries from a result store
+
+
+def build_entries(store: Store | str | Path, *, display_names: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """Entries (validated) for every victim × threat model of a finished result store.
+
+    Raises :class:`ConfigError` when a cell is unfinished, when one victim × threat appears in two grids, or when a
+    store holds runs of one grid with different configurations.
+    """
+    from robustbench_med.leaderboard import summarize
+
+    own = not isinstance(store, Store)
+    st = Store(store) if own else store
+    try:
+        df = summarize(st)
+        cells = {c["cell_id"]: c for c in st.cells()}
+        manifests, flags, samples = st.manifests(), st.flags(), st.samples_frame()
+    finally:
+        if own:
+            st.close()
+    if df.empty:
+        raise ConfigError(f"result store {getattr(st, 'path', store)} holds no results")
+    pending = df[df.status == "pending"]
+    if len(pending):
+        r = pending.iloc[0]
+        raise ConfigError(f"cell {r['cell_id']} ({r['victim']} × {r['defense']} × {r['attack']}) is unfinished: "
+                          "re-run the grid to complete it")
+    per_sample, attrs = _sample_arrays(samples)
+    groups = _group_rows(df, cells)
+    entries = [_entry(key, rows, cells, manifests, flags, per_sample, attrs, display_names or {}) for key, rows in groups.items()]
+    return [validate_entry(e, source=f"entry {e['victim']} @ {e['threat']['key']}") for e in entries if e is not None]
+
+
+def _sample_arrays(samples: pd.DataFrame) -> tuple[dict[str, pd.DataFrame], dict[int, dict[str, Any]]]:
+    """Per-cell sample frames sorted by index, and each example's attributes."""
+    by_cell = {cid: g.sort_values("sample_idx") for cid, g in samples.groupby("cell_id", sort=False)}
+    attrs: dict[int, dict[str, Any]] = {}
+    for idx, raw in zip(samples["sample_idx"], samples["attrs"]):
+        if idx not in attrs:
+            attrs[int(idx)] = json.loads(raw) if isinstance(raw, str) else {}
+    return by_cell, attrs
+
+
+def _group_rows(df: pd.DataFrame, cells: dict[str, dict[str, Any]]) -> dict[tuple, list[pd.Series]]:
+    """Summary rows per (dataset, victim, threat); worst-case rows follow their first component's cell."""
+    groups: dict[tuple, list[pd.Series]] = {}
+    grid_of: dict[tuple, str] = {}
+    for _, row in df.iterrows():
+        if is_worst_case(row):
+            continue
+        cell = cells[row["cell_id"]]
+        key = (cell["dataset"], row["victim"], threat_key(row["norm"], float(row["eps"])))
+        if grid_of.setdefault(key, cell["grid"]) != cell["grid"]:
+            raise ConfigError(f"victim {row['victim']} × threat {key[2]} on {key[0]} appears in grids {grid_of[key]!r} and "
+                              f"{cell['grid']!r}; publish them into separate leaderboards or drop one")
+        groups.setdefault(key, []).append(row)
+    for _, row in df.iterrows():
+        if is_worst_case(row):
+            comps = _components(df, row)
+            if len(comps) >= 2:
+                key = (cells[comps[0]]["dataset"], row["victim"], threat_key(row["norm"], float(row["eps"])))
+                groups.setdefault(key, []).append(row)
+    return groups
+
+
+def _components(df: pd.DataFrame, wc: pd.Series) -> list[str]:
+    """Cell ids a worst-case row takes the minimum over (the finished, non-noise cells at its budget)."""
+    same = (df.victim == wc["victim"]) & (df.defense == wc["defense"]) & (df.defense_params == wc["defense_params"]) & \
+           (df.attack_through == wc["attack_through"]) & (df.norm == wc["norm"]) & np.isclose(df.eps.astype(float), float(wc["eps"]))
+    sel = df[same & (df.status == "done") & df.robust.notna() & ~df.attack.str.startswith(WORST_CASE) & ~df.attack.str.startswith("noise.")]
+    return sorted(sel.cell_id)
+
+
+def _entry(key, rows, cells, manifests, flags, per_sample, attrs, names) -> dict[str, Any] | None:
+    """One entry (not yet validated) from the summary rows of one dataset × victim × threat."""
+    dataset, victim, tkey = key
+    real = [r for r in rows if not is_worst_case(r)]
+    cell0 = cells[real[0]["cell_id"]]
+    grid = cell0["grid"]
+    measured = [r for r in real if r["status"] != "skipped"]
+    if not measured:
+        return None
+    n = int(measured[0]["n"])
+    result_rows = [_result_row(r, cells, flags, per_sample, n) for r in real]
+    by_id = {r["cell_id"]: r for r in result_rows}
+    threshold = task_spec(real[0]["task"]).success_threshold
+    for wc in (r for r in rows if is_worst_case(r)):
+        result_rows.append(_worst_case_row(wc, by_id, attrs, n, threshold))
+    shas = sorted({str(r["weights_sha256"]) for r in real if isinstance(r["weights_sha256"], str)})
+    if len(shas) > 1:
+        raise ConfigError(f"victim {victim} has results for several weights ({', '.join(s[:12] for s in shas)}) in one store; "
+                          "run each set of weights into its own directory")
+    manifest, runs = _manifest(manifests, grid)
+    entry = {
+        "schema": KIND, "schema_version": SCHEMA_VERSION, "dataset": dataset, "split": cell0["split"], "grid": grid,
+        "victim": victim, "task": real[0]["task"], "metric": real[0]["metric"],
+        "threat": {"norm": real[0]["norm"], "eps": float(real[0]["eps"]), "eps_display": eps_display(float(real[0]["eps"])), "key": tkey},
+        "n": n, "seeds": sorted({int(cells[r["cell_id"]]["seed"]) for r in real}), "success_threshold": threshold,
+        "weights_sha256": shas[0] if shas else None,
+        "attributes": _attribute_lists(attrs, n),
+        "results": result_rows,
+        "reliability": _reliability(result_rows),
+        "external": None, "manifest": manifest, "runs": runs,
+        "created": datetime.fromtimestamp(max(r["finished"] or r["started"] for r in runs), timezone.utc).isoformat(timespec="seconds"),
+        "generator": f"robustbench_med {_version()}",
+    }
+    if victim in names:
+        entry["display_name"] = names[victim]
+    return entry
+
+
+def _result_row(r: pd.Series, cells, flags, per_sample, n: int) -> dict[str, Any]:
+    """One stored cell as an entry row (per-sample scores for finished cells; no robust number when invalid)."""
+    cell = cells[r["cell_id"]]
+    extra = json.loads(cell["extra"]) if isinstance(cell.get("extra"), str) else {}
+    row = {
+        "cell_id": r["cell_id"], "defense": r["defense"], "defense_params": _json_obj(r["defense_params"]),
+        "attack_through": r["attack_through"], "attack": r["attack"], "attack_params": _json_obj(r["attack_params"]),
+        "knowledge": _opt_str(r.get("knowledge")), "status": r["status"], "reason": str(r["reason"] or ""), "n": int(r["n"]),
+        "clean": _num(r.get("clean")), "robust": _num(r.get("robust")), "robust_ci95": None,
+        "attack_success_rate": _num(r.get("attack_success_rate")), "mean_linf": _num(r.get("mean_linf")),
+        "mean_l2": _num(r.get("mean_l2")), "attack_seconds": _num(r.get("attack_seconds")),
+        "groups": _groups(r), "flags": sorted(r["flags"]), "per_sample": None,
+    }
+    details = {k: d for k, (v, d) in flags.get(extra.get("group_key", ""), {}).items() if v}
+    if details:
+        row["flag_details"] = details
+    metrics = _extra_metrics(r)
+    if metrics:
+        row["metrics"] = metrics
+    if isinstance(r.get("notes"), str) and r.get("notes"):
+        row["notes"] = r["notes"]
+    if r["status"] == "skipped":
+        row.update({"n": 0, "clean": None, "robust": None, "attack_success_rate": None})
+    elif r["status"] == "done":
+        sub = per_sample[r["cell_id"]]
+        if list(sub.sample_idx) != list(range(n)):
+            raise ConfigError(f"cell {r['cell_id']}: stored samples are not 0..{n - 1}; re-run the grid to complete it")
+        row["robust_ci95"] = [_num(r["robust_ci95_low"]), _num(r["robust_ci95_high"])]
+        row["per_sample"] = {"clean": [float(v) for v in sub.clean_score], "adv": [float(v) for v in sub.adv_score]}
+    else:  # invalid: no robust number is published
+        row.update({"robust": None, "attack_success_rate": None})
+    return row
+
+
+def _worst_case_row(wc: pd.Series, by_id: dict[str, dict[str, Any]], attrs, n: int, threshold: float) -> dict[str, Any]:
+    """The per-sample minimum over the finished non-noise attacks of one defence (as in ``summarize``)."""
+    comp_rows = [r for r in by_id.values() if r["status"] == "done" and not r["attack"].startswith("noise.")
+                 and r["defense"] == wc["defense"] and r["defense_params"] == _json_obj(wc["defense_params"])
+                 and r["attack_through"] == wc["attack_through"]]
+    comps = sorted(r["cell_id"] for r in comp_rows)
+    first = by_id[comps[0]]
+    adv = np.min([by_id[c]["per_sample"]["adv"] for c in comps], axis=0)
+    clean = np.asarray(first["per_sample"]["clean"], dtype=float)
+    from robustbench_med.leaderboard import mean_ci
+
+    lo, hi = mean_ci(adv)
+    ok = clean >= threshold
+    flags = sorted({f for c in comps for f in by_id[c]["flags"]})
+    groups = _groups(wc) or worst_case_group_stats(adv, attrs, n)
+    return {
+        "cell_id": None, "defense": wc["defense"], "defense_params": _json_obj(wc["defense_params"]), "attack_through": wc["attack_through"],
+        "attack": f"{WORST_CASE}({len(comps)} attacks)", "attack_params": {}, "knowledge": "ensemble", "components": comps,
+        "status": "done", "reason": "", "n": n, "clean": float(clean.mean()), "robust": float(adv.mean()), "robust_ci95": [lo, hi],
+        "attack_success_rate": float(((adv < threshold) & ok).sum() / ok.sum()) if ok.any() else None, "mean_linf": None, "mean_l2": None,
+        "attack_seconds": _sum_or_none(by_id[c]["attack_seconds"] for c in comps), "groups": groups, "flags": flags,
+        "per_sample": {"clean": [float(v) for v in clean], "adv": [float(v) for v in adv]},
+    }
+
+
+def worst_case_group_stats(adv: np.ndarray, attrs: dict[int, dict[str, Any]], n: int) -> dict[str, Any]:
+    """``robust_gap_<a>``, ``worst_group_robust_<a>`` and ``worst_group_<a>`` of per-sample scores, with the
+    definitions of :mod:`robustbench_med.leaderboard` (max − min and min of the group means; the argmin group)."""
+    out: dict[str, Any] = {}
+    names = sorted({k for i in range(n) for k in attrs.get(i, {})})
+    for attr in names:
+        labels = pd.Series([str(attrs.get(i, {}).get(attr)) for i in range(n)])
+        by = pd.Series(adv).groupby(labels.values).mean()
+        if len(by) >= 2:
+            out[f"robust_gap_{attr}"] = float(by.max() - by.min())
+            out[f"worst_group_robust_{attr}"] = float(by.min())
+            out[f"worst_group_{attr}"] = str(by.idxmin())
+    return out
+
+
+def _attribute_lists(attrs: dict[int, dict[str, Any]], n: int) -> dict[str, list[str]]:
+    """Attribute values per example, as lists of strings of length n."""
+    names = sorted({k for i in range(n) for k in attrs.get(i, {})})
+    return {a: [str(attrs.get(i, {}).get(a, "")) for i in range(n)] for a in names}
+
+
+def _reliability(rows: list[dict[str, Any]]) -> dict[str, bool]:
+    """Entry-level reliability flags: the four named ones, plus any other flag a row carries."""
+    present = {f for r in rows for f in r["flags"]}
+    return {**{f: f in present for f in RELIABILITY_FLAGS}, **{f: True for f in sorted(present - set(RELIABILITY_FLAGS))}}
+
+
+def _manifest(manifests: list[dict[str, Any]], grid: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The latest manifest of ``grid`` in the store and the list of its runs (one configuration only)."""
+    mine = [m for m in manifests if isinstance(m.get("grid"), dict) and m["grid"].get("name") == grid]
+    if not mine:
+        raise ConfigError(f"the store has no run manifest for grid {grid!r}")
+    hashes = sorted({m["config_hash"] for m in mine})
+    if len(hashes) > 1:
+        raise ConfigError(f"the store holds runs of grid {grid!r} with different configurations ({', '.join(hashes)}); "
+                          "run a changed grid into a fresh directory")
+    runs = [{"run_id": m["run_id"], "started": float(m["started"]), "finished": _num(m.get("finished")),
+             "config_hash": m["config_hash"]} for m in mine]
+    latest = {k: v for k, v in mine[-1].items() if k not in ("run_id", "started", "finished")}
+    return json.loads(json.dumps(latest, default=str)), runs
+
+
+def _groups(r: pd.Series) -> dict[str, Any]:
+    """The summary row's fairness / per-group columns (missing values dropped)."""
+    out = {}
+    for key, value in r.items():
+        if isinstance(key, str) and is_group_column(key):
+            v = _scalar(value)
+            if v is not None:
+                out[key] = v
+    return out
+
+
+def _extra_metrics(r: pd.Series) -> dict[str, Any]:
+    """Numeric or text summary columns the schema does not name (carried so nothing is lost)."""
+    out = {}
+    for key, value in r.items():
+        if isinstance(key, str) and key not in _KNOWN_COLUMNS and not is_group_column(key) and not key.startswith("_"):
+            v = _scalar(value)
+            if v is not None:
+                out[key] = v
+    return out
+
+
+def _scalar(value: Any) -> float | str | None:
+    if isinstance(value, (bool, np.bool_)) or value is None:
+        return None
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        return float(value) if math.isfinite(float(value)) else None
+    return value if isinstance(value, str) else None
+
+
+def _num(value: Any) -> float | None:
+    if value is None or isinstance(value, (bool, np.bool_)):
+        return None
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def _sum_or_none(values: Iterable[float | None]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return float(sum(vals)) if vals else None
+
+
+def _opt_str(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _json_obj(value: Any) -> dict[str, Any]:
+    if isinstance(value, dict):
+        return value
+    if isinstance(value, str) and value:
+        parsed = json.loads(value)
+        return parsed if isinstance(parsed, dict) else {}
+    return {}
+
+
+def _version() -> str:
+    """The installed robustbench_med version."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("robustbench_med")
+    except metadata.PackageNotFoundError:
+        return "unknown"

@@ -1,0 +1,553 @@
+"""Fairness under attack: group metrics of every grid cell, computed from its stored per-sample rows.
+
+No existing benchmark combines adversarial robustness with group fairness (``shared/reference/anchors.md`` §8.1):
+robustness suites have no sensitive attributes and fairness suites (MEDFAIR, FairMedFM, Harvard-FairSeg, Fairlearn)
+have no attacks. Here every cell (victim × defence × attack × eps) is broken down by sensitive attribute: ``sex``,
+``age_group`` and their intersection ``sex*age_group`` (group labels such as ``F*old``). Group arithmetic goes through
+Fairlearn's :class:`~fairlearn.metrics.MetricFrame` (Weerts et al., "Fairlearn: Assessing and Improving Fairness of
+AI Systems", JMLR 2023).
+
+Column names (``<m>`` is the task's primary metric, e.g. ``dice_fg`` or ``accuracy``; ``A`` an attribute, ``g`` one
+of its groups; "clean" = the defended model on clean inputs, "robust" = on the cell's adversarial inputs):
+
+====================================================  ================================================================
+``n[A=g]``                                            samples in group g
+``clean_<m>[A=g]`` / ``robust_<m>[A=g]``              mean score of group g
+``clean_gap_<m>[A]`` / ``robust_gap_<m>[A]``          max_g mean − min_g mean (Fairlearn ``difference()``)
+``gap_change_<m>[A]``                                 robust_gap − clean_gap (> 0: the attack widens the gap)
+``*_ci95_low[A]`` / ``*_ci95_high[A]``                stratified percentile-bootstrap 95% interval (see
+                                                      :func:`bootstrap_group_stats`), for the clean and robust gaps,
+                                                      the gap change and the worst-group robust metric
+``clean_worst_group[A]`` / ``robust_worst_group[A]``  the group with the lowest mean (a label)
+``clean_worst_group_<m>[A]`` / ``robust_…``           its mean (Fairlearn ``group_min()``)
+``clean_ratio_<m>[A]`` / ``robust_ratio_<m>[A]``      min_g mean / max_g mean (Fairlearn ``ratio()``)
+``{clean,robust}_es_dice_fairseg[A]``                 segmentation: Harvard-FairSeg ES-Dice (:func:`es_fairseg`)
+``{clean,robust}_es_dice_fairmedfm[A]``               segmentation: FairMedFM ES-Dice (:func:`es_fairmedfm`)
+``robust_es_iou_{fairseg,fairmedfm}[A]``              only when the stored metrics hold ``iou_fg``
+``{clean,robust}_dp_difference[A]``                   binary classifiers: demographic-parity difference
+``{clean,robust}_eo_difference[A]``                   binary classifiers: equalised-odds difference (worst case)
+``eo_degenerate_groups[A]``                           groups with no positives or no negatives (their TPR or FPR is
+                                                      0 by Fairlearn's convention); empty when none
+``{clean,robust}_ece[A=g]``, ``…_ece_gap[A]``         binary classifiers, when probabilities are stored
+``notes``                                             what could not be computed and why
+====================================================  ================================================================
+
+Thresholds are never tuned on the scored data: binary predictions are the victim's fixed rule (logit > 0), and a
+sample counts as correct at the task's fixed ``success_threshold``. (MEDFAIR and FairMedFM pick an F1-optimal threshold
+on the evaluated predictions; we do not.)
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import pandas as pd
+
+from robustbench_med.errors import ConfigError
+
+ATTRIBUTES = ("sex", "age_group")
+INTERSECTION = "sex*age_group"
+ECE_BINS = 15
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# attributes and group statistics
+
+
+def group_columns(attrs: pd.DataFrame, attributes: Iterable[str] = ATTRIBUTES) -> dict[str, np.ndarray]:
+    """The sensitive features to break down by: each attribute, and their intersection ``sex*age_group``.
+
+    The intersection label of a sample is its values joined by ``*`` (e.g. ``F*old``). Missing attributes are left
+    out; a missing value in a present attribute raises :class:`ConfigError`.
+    """
+    present = [a for a in attributes if a in attrs.columns]
+    out: dict[str, np.ndarray] = {}
+    for a in present:
+        col = attrs[a]
+        if col.isna().any():
+            raise ConfigError(f"attribute {a!r} is missing for {int(col.isna().sum())} samples")
+        out[a] = col.astype(str).to_numpy()
+    if len(present) >= 2:
+        out["*".join(present)] = np.array(["*".join(v) for v in zip(*(out[a] for a in present))], dtype=object)
+    return out
+
+
+def group_frame(values: dict[str, np.ndarray], groups: np.ndarray) -> Any:
+    """A Fairlearn ``MetricFrame`` of the group means of named per-sample scores.
+
+    Each metric reads its own score column through ``sample_params`` (MetricFrame splits them by group):
+    ``by_group[k][g] = mean_{i in g} values[k][i]``; ``overall[k]`` = mean over all samples; ``difference()`` =
+    max_g − min_g; ``ratio()`` = min_g / max_g; ``group_min()`` = min_g.
+    """
+    from fairlearn.metrics import MetricFrame
+
+    def column_mean(_y_true: Any, _y_pred: Any, *, v: Any) -> float:
+        return float(np.mean(np.asarray(v, dtype=float)))
+
+    n = len(groups)
+    return MetricFrame(
+        metrics={k: column_mean for k in values},
+        y_true=np.zeros(n),
+        y_pred=np.zeros(n),
+        sensitive_features=pd.Series(groups, name="group"),
+        sample_params={k: {"v": np.asarray(v, dtype=float)} for k, v in values.items()},
+    )
+
+
+def es_fairseg(overall: float, group_means: Iterable[float]) -> float:
+    """Equity-scaled performance as in Harvard-FairSeg (Tian et al., ICLR 2024; ``equity_scaled_perf``, α = 1):
+
+    ``ES = overall / (1 + Σ_g |mean_g − overall|)``, with ``overall`` the mean over all samples (not the mean of the
+    group means). Equals ``overall`` when every group equals it.
+    """
+    dev = sum(abs(float(m) - overall) for m in group_means)
+    return float(overall / (1.0 + dev))
+
+
+def es_fairmedfm(overall: float, group_means: Iterable[float]) -> float:
+    """Equity-scaled performance as in FairMedFM (Jin et al., NeurIPS 2024 D&B; ``evaluate_seg``'s ``es_dice``):
+
+    ``ES = overall / (1 + σ)``, σ = *population* standard deviation (``numpy.std``, ddof = 0) of the group means.
+    FairMedFM defines it for two groups; the same formula is applied here to any number of groups.
+    """
+    return float(overall / (1.0 + float(np.std(np.asarray(list(group_means), dtype=float)))))
+
+
+def bootstrap_group_stats(
+    clean: np.ndarray, robust: np.ndarray, codes: np.ndarray, n_groups: int, n_boot: int, seed: int
+) -> dict[str, tuple[float, float]]:
+    """Stratified percentile-bootstrap 95% intervals (Efron & Tibshirani 1993) of the group statistics.
+
+    Each replicate resamples, with replacement, ``n_g`` samples inside every group g (group sizes stay fixed, so no
+    group vanishes) and keeps the clean and robust score of a sample together (paired). Per replicate b:
+    ``clean_gap_b = max_g c̄_gb − min_g c̄_gb``, ``robust_gap_b`` likewise, ``gap_change_b = robust_gap_b − clean_gap_b``
+    and ``robust_worst_b = min_g r̄_gb``. Interval = the 2.5% and 97.5% quantiles over b.
+    """
+    rng = np.random.default_rng(seed)
+    means = np.empty((n_boot, n_groups, 2))
+    pair = np.stack([clean, robust], 1)
+    for g in range(n_groups):
+        idx = np.flatnonzero(codes == g)
+        draw = idx[rng.integers(0, len(idx), size=(n_boot, len(idx)))]
+        means[:, g, :] = pair[draw].mean(1)
+    gaps = means.max(1) - means.min(1)
+    stats = {"clean_gap": gaps[:, 0], "robust_gap": gaps[:, 1], "gap_change": gaps[:, 1] - gaps[:, 0],
+             "robust_worst": means[:, :, 1].min(1)}
+    return {k: (float(np.quantile(v, 0.025)), float(np.quantile(v, 0.975))) for k, v in stats.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# per-sample columns of a cell
+
+
+def _json(v: Any) -> Any:
+    if isinstance(v, (bytes, str)):
+        return json.loads(v)
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return None
+    return v
+
+
+def metrics_frame(samples: pd.DataFrame) -> pd.DataFrame:
+    """The ``metrics`` JSON column decoded into a frame on ``samples``' index."""
+    if "metrics" not in samples:
+        return pd.DataFrame(index=samples.index)
+    return pd.DataFrame([_json(v) or {} for v in samples["metrics"]], index=samples.index)
+
+
+def binary_labels(pred: Iterable[Any], correct: Iterable[Any]) -> np.ndarray:
+    """Ground truth of a binary task recovered from a stored prediction and its correctness: ``y = ŷ if correct
+    else 1 − ŷ`` (binary accuracy is 1 exactly when ŷ = y)."""
+    p = np.asarray([int(_json(v)) for v in pred])
+    c = np.asarray(correct, dtype=int)
+    return np.where(c == 1, p, 1 - p)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the entry point
+
+
+def fairness_columns(samples: pd.DataFrame, attrs: pd.DataFrame, task: str, metric: str, *, n_boot: int = 1000, seed: int = 0) -> dict[str, float | str]:
+    """Fairness-under-attack columns of one cell (see the module docstring for every name and formula).
+
+    Args:
+        samples: the cell's per-sample rows (``clean_score``, ``adv_score``, ``clean_correct``, ``adv_correct``,
+            ``clean_pred``, ``adv_pred``, ``metrics`` …), one per sample.
+        attrs: per-sample attributes on the same index (``sex``, ``age_group``).
+        task: the victim's task (``segmentation`` adds ES-Dice, ``binary`` adds DP / EO / calibration).
+        metric: the name of the primary score (used in column names).
+        n_boot, seed: bootstrap resamples and seed of the confidence intervals.
+    """
+    if len(samples) != len(attrs):
+        raise ConfigError(f"{len(samples)} sample rows but {len(attrs)} attribute rows")
+    for col in ("clean_score", "adv_score"):
+        if col not in samples:
+            raise ConfigError(f"samples lack column {col!r}")
+    if n_boot < 1:
+        raise ConfigError(f"n_boot must be >= 1, got {n_boot}")
+    out: dict[str, float | str] = {}
+    notes: list[str] = []
+    if samples.empty:
+        return {"notes": "no samples"}
+    clean = samples["clean_score"].to_numpy(float)
+    robust = samples["adv_score"].to_numpy(float)
+    finite = np.isfinite(clean) & np.isfinite(robust)
+    if not finite.all():
+        notes.append(f"{int((~finite).sum())} samples with a non-finite score left out")
+    groups = group_columns(attrs)
+    if not groups:
+        return {"notes": "no sensitive attributes in attrs"}
+    extra = metrics_frame(samples)
+    for attr, g in groups.items():
+        out.update(_attribute_columns(attr, g[finite], clean[finite], robust[finite], metric, n_boot, seed))
+        if task == "segmentation":
+            out.update(_es_columns(attr, g[finite], clean[finite], robust[finite], extra[finite], metric, notes))
+        if task == "binary":
+            out.update(_binary_columns(attr, g[finite], samples[finite], extra[finite], notes))
+    if task == "segmentation" and "iou_fg" not in extra:
+        notes.append("ES-IoU not computed: the stored metrics hold no IoU (Dice only)")
+    if task in ("classification", "multilabel"):
+        notes.append(f"DP/EO differences not computed: defined for binary tasks only (task {task!r})")
+    out["notes"] = "; ".join(dict.fromkeys(notes))
+    return out
+
+
+def _attribute_columns(attr: str, g: np.ndarray, clean: np.ndarray, robust: np.ndarray, metric: str, n_boot: int, seed: int) -> dict[str, float | str]:
+    """Per-group means, gaps (max − min), worst group, ratio (min / max) and bootstrap CIs for one attribute."""
+    out: dict[str, float | str] = {}
+    mf = group_frame({"clean": clean, "robust": robust}, g)
+    by = mf.by_group
+    for level, row in by.iterrows():
+        out[f"n[{attr}={level}]"] = float((g == level).sum())
+        out[f"clean_{metric}[{attr}={level}]"] = float(row["clean"])
+        out[f"robust_{metric}[{attr}={level}]"] = float(row["robust"])
+    if len(by) < 2:
+        return out
+    diff, ratio, worst = mf.difference(), mf.ratio(), mf.group_min()
+    for k in ("clean", "robust"):
+        out[f"{k}_gap_{metric}[{attr}]"] = float(diff[k])
+        out[f"{k}_ratio_{metric}[{attr}]"] = float(ratio[k])
+        out[f"{k}_worst_group[{attr}]"] = str(by[k].idxmin())
+        out[f"{k}_worst_group_{metric}[{attr}]"] = float(worst[k])
+    out[f"gap_change_{metric}[{attr}]"] = float(diff["robust"] - diff["clean"])
+    levels = list(by.index)
+    codes = np.array([levels.index(v) for v in g])
+    ci = bootstrap_group_stats(clean, robust, codes, len(levels), n_boot, seed)
+    for stat, name in (("clean_gap", f"clean_gap_{metric}"), ("robust_gap", f"robust_gap_{metric}"),
+                       ("gap_change", f"gap_change_{metric}"), ("robust_worst", f"robust_worst_group_{metric}")):
+        out[f"{name}_ci95_low[{attr}]"], out[f"{name}_ci95_high[{attr}]"] = ci[stat]
+    return out
+
+
+def _es_columns(attr: str, g: np.ndarray, clean: np.ndarray, robust: np.ndarray, extra: pd.DataFrame, metric: str, notes: list[str]) -> dict[str, float | str]:
+    """ES-Dice in both published forms (and ES-IoU from a stored ``iou_fg``) for one attribute."""
+    base = "dice" if metric.startswith("dice") else metric
+    series = {f"clean_es_{base}": clean, f"robust_es_{base}": robust}
+    if "iou_fg" in extra:
+        iou = extra["iou_fg"].to_numpy(float)
+        if np.isfinite(iou).all():
+            series["robust_es_iou"] = iou
+        else:
+            notes.append("ES-IoU not computed: non-finite stored IoU")
+    out: dict[str, float | str] = {}
+    mf = group_frame(series, g)
+    if len(mf.by_group) < 2:
+        return out
+    for name in series:
+        overall, means = float(mf.overall[name]), mf.by_group[name].to_numpy(float)
+        out[f"{name}_fairseg[{attr}]"] = es_fairseg(overall, means)
+        out[f"{name}_fairmedfm[{attr}]"] = es_fairmedfm(overall, means)
+    return out
+
+
+def _binary_columns(attr: str, g: np.ndarray, samples: pd.DataFrame, extra: pd.DataFrame, notes: list[str]) -> dict[str, float | str]:
+    """Demographic-parity / equalised-odds differences and per-group calibration error of a binary classifier."""
+    if samples["clean_pred"].isna().any() or samples["adv_pred"].isna().any():
+        notes.append("DP/EO not computed: predictions were not stored")
+        return {}
+    y = binary_labels(samples["clean_pred"], samples["clean_correct"])
+    if not np.array_equal(y, binary_labels(samples["adv_pred"], samples["adv_correct"])):
+        raise ConfigError("inconsistent rows: clean and adversarial rows imply different ground truths")
+    preds = {k: np.asarray([int(_json(v)) for v in samples[col]]) for k, col in (("clean", "clean_pred"), ("robust", "adv_pred"))}
+    rates = group_rates(y, preds, g)
+    out: dict[str, float | str] = {}
+    for k in preds:
+        out[f"{k}_dp_difference[{attr}]"] = demographic_parity_difference_from(rates, k)
+        out[f"{k}_eo_difference[{attr}]"] = equalized_odds_difference_from(rates, k)
+    degenerate = sorted({str(v) for v in np.unique(g) if len(np.unique(y[g == v])) < 2})
+    out[f"eo_degenerate_groups[{attr}]"] = ",".join(degenerate)
+    out.update(_calibration_columns(attr, g, y, extra, notes))
+    return out
+
+
+def _selection_rate(_y: Any, _p: Any, *, pred: Any) -> float:
+    return float(np.mean(pred))
+
+
+def _tpr(y: Any, _p: Any, *, pred: Any) -> float:
+    pos = np.asarray(y) == 1
+    return float(np.mean(np.asarray(pred)[pos])) if pos.any() else 0.0
+
+
+def _fpr(y: Any, _p: Any, *, pred: Any) -> float:
+    neg = np.asarray(y) == 0
+    return float(np.mean(np.asarray(pred)[neg])) if neg.any() else 0.0
+
+
+def group_rates(y: np.ndarray, preds: dict[str, np.ndarray], g: np.ndarray) -> pd.DataFrame:
+    """Per group (a Fairlearn ``MetricFrame``), for each named prediction vector k: ``sr_k`` = P(ŷ=1 | g),
+    ``tpr_k`` = P(ŷ=1 | y=1, g), ``fpr_k`` = P(ŷ=1 | y=0, g). As in Fairlearn, a group with no positives has TPR 0
+    and one with no negatives FPR 0."""
+    from fairlearn.metrics import MetricFrame
+
+    metrics, params = {}, {}
+    for k, p in preds.items():
+        for name, fn in (("sr", _selection_rate), ("tpr", _tpr), ("fpr", _fpr)):
+            metrics[f"{name}_{k}"], params[f"{name}_{k}"] = fn, {"pred": np.asarray(p)}
+    mf = MetricFrame(metrics=metrics, y_true=np.asarray(y), y_pred=np.zeros(len(y)),
+                     sensitive_features=pd.Series(g, name="group"), sample_params=params)
+    return mf.by_group
+
+
+def demographic_parity_difference_from(rates: pd.DataFrame, k: str) -> float:
+    """``DPD = max_g P(ŷ=1 | g) − min_g P(ŷ=1 | g)`` (Fairlearn ``demographic_parity_difference``,
+    ``method='between_groups'``; lower is fairer, 0 = parity)."""
+    sr = rates[f"sr_{k}"]
+    return float(sr.max() - sr.min())
+
+
+def equalized_odds_difference_from(rates: pd.DataFrame, k: str) -> float:
+    """``EOD = max(max_g TPR_g − min_g TPR_g, max_g FPR_g − min_g FPR_g)`` (Fairlearn ``equalized_odds_difference``,
+    ``agg='worst_case'``; lower is fairer). Not MEDFAIR's ``EqOdd = 1 − ½(|ΔTPR| + |ΔFPR|)`` (higher is fairer)."""
+    tpr, fpr = rates[f"tpr_{k}"], rates[f"fpr_{k}"]
+    return float(max(tpr.max() - tpr.min(), fpr.max() - fpr.min()))
+
+
+def demographic_parity_difference(y: np.ndarray, pred: np.ndarray, g: np.ndarray) -> float:
+    """Demographic-parity difference of one prediction vector (see :func:`demographic_parity_difference_from`)."""
+    return demographic_parity_difference_from(group_rates(y, {"p": pred}, g), "p")
+
+
+def equalized_odds_difference(y: np.ndarray, pred: np.ndarray, g: np.ndarray) -> float:
+    """Equalised-odds difference of one prediction vector (see :func:`equalized_odds_difference_from`)."""
+    return equalized_odds_difference_from(group_rates(y, {"p": pred}, g), "p")
+
+
+def expected_calibration_error(prob_pos: np.ndarray, y: np.ndarray, n_bins: int = ECE_BINS) -> float:
+    """Binary ECE with ``n_bins`` equal-width confidence bins (Guo et al., ICML 2017):
+
+    confidence ``c_i = max(p_i, 1 − p_i)``, prediction ``ŷ_i = [p_i > 0.5]``,
+    ``ECE = Σ_b (|B_b| / n) · |mean_{i∈B_b} 1[ŷ_i = y_i] − mean_{i∈B_b} c_i|``; bins are (k/B, (k+1)/B], first closed.
+    """
+    p = np.asarray(prob_pos, dtype=float)
+    y = np.asarray(y, dtype=int)
+    if len(p) == 0:
+        return math.nan
+    conf = np.maximum(p, 1 - p)
+    correct = ((p > 0.5).astype(int) == y).astype(float)
+    bins = np.clip(np.ceil(conf * n_bins).astype(int) - 1, 0, n_bins - 1)
+    total = 0.0
+    for b in np.unique(bins):
+        m = bins == b
+        total += m.sum() / len(p) * abs(correct[m].mean() - conf[m].mean())
+    return float(total)
+
+
+def _calibration_columns(attr: str, g: np.ndarray, y: np.ndarray, extra: pd.DataFrame, notes: list[str]) -> dict[str, float | str]:
+    """Per-group ECE of the stored positive-class probabilities: ``clean_prob_pos`` (clean input) and ``prob_pos``
+    (adversarial input) in the ``metrics`` JSON. Absent probabilities are reported in ``notes``."""
+    out: dict[str, float | str] = {}
+    found = False
+    for k, key in (("clean", "clean_prob_pos"), ("robust", "prob_pos")):
+        if key not in extra:
+            continue
+        found = True
+        p = extra[key].to_numpy(float)
+        eces = {str(level): expected_calibration_error(p[g == level], y[g == level]) for level in np.unique(g)}
+        for level, e in eces.items():
+            out[f"{k}_ece[{attr}={level}]"] = e
+        out[f"{k}_ece_gap[{attr}]"] = float(max(eces.values()) - min(eces.values()))
+    if not found:
+        notes.append("calibration error not computed: the stored metrics hold no probabilities ('prob_pos', 'clean_prob_pos')")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# comparisons, whole stores, plots
+
+
+def compare_groups(
+    base: pd.DataFrame, other: pd.DataFrame, attrs: pd.DataFrame, attr: str, *, score: str = "adv_score",
+    n_boot: int = 1000, seed: int = 0,
+) -> dict[str, float]:
+    """Paired comparison of two cells on the same samples (e.g. undefended vs APPLE at one attack and eps).
+
+    Rows are matched on ``sample_idx``; ``attrs`` is indexed by ``sample_idx``. Returns the overall means and gaps
+    (max_g − min_g of the group means of ``score``) of both, ``gap_diff = gap_other − gap_base``,
+    ``overall_diff = mean_other − mean_base`` and their paired stratified-bootstrap 95% intervals (one resample of the
+    sample indices, within groups, serves both cells).
+    """
+    a = base.set_index("sample_idx")[score]
+    b = other.set_index("sample_idx")[score]
+    common = a.index.intersection(b.index)
+    if len(common) == 0:
+        raise ConfigError("the two cells share no samples")
+    columns = group_columns(attrs.loc[common])
+    if attr not in columns:
+        raise ConfigError(f"unknown attribute {attr!r}; have {sorted(columns)}")
+    labels = columns[attr]
+    va, vb = a.loc[common].to_numpy(float), b.loc[common].to_numpy(float)
+    levels = sorted(set(labels))
+    codes = np.array([levels.index(v) for v in labels])
+
+    def gap(v: np.ndarray) -> float:
+        m = [v[codes == c].mean() for c in range(len(levels))]
+        return float(max(m) - min(m))
+
+    rng = np.random.default_rng(seed)
+    reps = np.empty((n_boot, 2))
+    draws = [np.flatnonzero(codes == c) for c in range(len(levels))]
+    draws = [idx[rng.integers(0, len(idx), size=(n_boot, len(idx)))] for idx in draws]
+    for r in range(n_boot):
+        ix = np.concatenate([d[r] for d in draws])
+        ca = codes[ix]
+        ga = [va[ix][ca == c].mean() for c in range(len(levels))]
+        gb = [vb[ix][ca == c].mean() for c in range(len(levels))]
+        reps[r] = (max(gb) - min(gb)) - (max(ga) - min(ga)), vb[ix].mean() - va[ix].mean()
+    q = np.quantile(reps, [0.025, 0.975], axis=0)
+    return {"n": float(len(common)), "overall_base": float(va.mean()), "overall_other": float(vb.mean()),
+            "gap_base": gap(va), "gap_other": gap(vb), "gap_diff": gap(vb) - gap(va), "gap_diff_ci95_low": float(q[0, 0]),
+            "gap_diff_ci95_high": float(q[1, 0]), "overall_diff": float(vb.mean() - va.mean()),
+            "overall_diff_ci95_low": float(q[0, 1]), "overall_diff_ci95_high": float(q[1, 1])}
+
+
+def _store_frames(store: Any) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Cells, samples and decoded attributes of a store (a :class:`Store` or a path)."""
+    from robustbench_med.store import Store
+
+    own = not isinstance(store, Store)
+    st = Store(store) if own else store
+    try:
+        cells, samples = pd.DataFrame(st.cells()), st.samples_frame()
+    finally:
+        if own:
+            st.close()
+    attrs = pd.DataFrame([_json(v) or {} for v in samples["attrs"]], index=samples.index) if len(samples) else pd.DataFrame()
+    return cells, samples, attrs
+
+
+def fairness_table(store: Any, *, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """One row per finished cell of a store: the cell's description plus :func:`fairness_columns`."""
+    cells, samples, attrs = _store_frames(store)
+    rows = []
+    for _, c in cells[cells.status == "done"].iterrows() if len(cells) else []:
+        sub = samples[samples.cell_id == c.cell_id]
+        if sub.empty:
+            continue
+        eps = json.loads(c.threat).get("eps") if isinstance(c.threat, str) else None
+        head = {"cell_id": c.cell_id, "victim": c.victim, "defense": c.defense, "attack": c.attack, "eps": eps,
+                "n": len(sub), "clean": float(sub.clean_score.mean()), "robust": float(sub.adv_score.mean())}
+        rows.append({**head, **fairness_columns(sub, attrs.loc[sub.index], c.task, c.metric, n_boot=n_boot, seed=seed)})
+    return pd.DataFrame(rows)
+
+
+def compare_defenses(store: Any, base: str = "identity.none", other: str = "apple.latent",
+                     attributes: Iterable[str] = ATTRIBUTES, *, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """:func:`compare_groups` of defence ``other`` against ``base`` for every victim of a store: one ``clean`` row per
+    victim and attribute (the defended models on clean inputs), and one row per attack setting (same attack and
+    parameters under both defences) and attribute, on the adversarial scores."""
+    cells, samples, attrs = _store_frames(store)
+    if cells.empty:
+        return pd.DataFrame()
+    done = cells[cells.status == "done"]
+    rows = []
+    for victim, vc in done.groupby("victim"):
+        b_cells, o_cells = vc[vc.defense == base], vc[vc.defense == other]
+        pairs = [(b, o) for _, b in b_cells.iterrows() for _, o in o_cells.iterrows()
+                 if b.attack == o.attack and b.attack_params == o.attack_params]
+        if not pairs:
+            continue
+        first = samples[samples.cell_id == pairs[0][0].cell_id]
+        by_idx = attrs.loc[first.index].set_index(first.sample_idx.to_numpy())
+        settings = [("clean", "", None, pairs[0][0].cell_id, pairs[0][1].cell_id, "clean_score")]
+        settings += [(b.attack, b.attack_params, json.loads(b.threat).get("eps"), b.cell_id, o.cell_id, "adv_score") for b, o in pairs]
+        for attack, params, eps, b_id, o_id, score in settings:
+            for attr in list(attributes) + [INTERSECTION]:
+                res = compare_groups(samples[samples.cell_id == b_id], samples[samples.cell_id == o_id], by_idx, attr,
+                                     score=score, n_boot=n_boot, seed=seed)
+                rows.append({"victim": victim, "attack": attack, "attack_params": params, "eps": eps, "attribute": attr, **res})
+    return pd.DataFrame(rows)
+
+
+def group_table(samples: pd.DataFrame, attrs: pd.DataFrame, cells: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Long-format per-group table for plots: one row per (cell, attribute, group) with ``n``, ``clean`` and
+    ``robust`` group means, joined with the cell's ``victim``, ``defense``, ``attack``, ``eps`` when ``cells`` (the
+    store's cell table) is given."""
+    rows = []
+    for cell_id, sub in samples.groupby("cell_id", sort=False):
+        for attr, g in group_columns(attrs.loc[sub.index]).items():
+            frame = pd.DataFrame({"g": g, "clean": sub.clean_score.to_numpy(float), "robust": sub.adv_score.to_numpy(float)})
+            for level, s in frame.groupby("g"):
+                rows.append({"cell_id": cell_id, "attribute": attr, "group": level, "n": len(s),
+                             "clean": float(s.clean.mean()), "robust": float(s.robust.mean())})
+    df = pd.DataFrame(rows)
+    if cells is not None and len(df):
+        meta = cells[["cell_id", "victim", "defense", "attack", "metric", "threat"]].copy()
+        meta["eps"] = [json.loads(t).get("eps") if isinstance(t, str) else None for t in meta.threat]
+        df = df.merge(meta.drop(columns="threat"), on="cell_id", how="left")
+    return df
+
+
+def group_table_from_store(store: Any) -> pd.DataFrame:
+    """:func:`group_table` of every finished cell of a store."""
+    cells, samples, attrs = _store_frames(store)
+    done = set(cells[cells.status == "done"].cell_id) if len(cells) else set()
+    sub = samples[samples.cell_id.isin(done)]
+    return group_table(sub, attrs.loc[sub.index], cells)
+
+
+def plot_group_gaps(df: pd.DataFrame, path: str | Path, attribute: str = "sex") -> Path | None:
+    """Robust metric per group vs eps (eps 0 = clean), one panel per victim × defence × attack (PNG).
+
+    ``df`` is a :func:`group_table` with cell metadata. Returns ``None`` when there is nothing to plot.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = df[df.attribute == attribute] if len(df) else df
+    if data.empty or "eps" not in data:
+        return None
+    panels = list(data.groupby(["victim", "defense", "attack"], sort=True))
+    cols = min(4, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
+    for ax, ((victim, defense, attack), p) in zip(axes.flat, panels):
+        for level, s in p.groupby("group"):
+            s = s.sort_values("eps")
+            clean = float(np.average(s.clean, weights=s.n))
+            ax.plot([0.0] + list(s.eps), [clean] + list(s.robust), marker="o", label=f"{attribute}={level}")
+        ax.set_title(f"{victim} / {defense}\n{attack}", fontsize=8)
+        ax.set_xlabel("eps")
+        ax.set_ylabel(str(p.metric.iloc[0]) if "metric" in p else "metric")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+__all__: list[str] = [
+    "fairness_columns", "fairness_table", "group_table", "group_table_from_store", "plot_group_gaps", "compare_groups",
+    "compare_defenses",
+    "es_fairseg", "es_fairmedfm", "demographic_parity_difference", "equalized_odds_difference",
+    "expected_calibration_error", "bootstrap_group_stats", "group_columns",
+]
