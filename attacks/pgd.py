@@ -30,6 +30,14 @@ def l2_normalize(g: torch.Tensor) -> torch.Tensor:
     return g / _view(n, g)
 
 
+def _input_grad(loss: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """d loss / d x; zero where no gradient reaches the input (e.g. a purifier that detaches it: masked gradients)."""
+    if not loss.requires_grad:
+        return torch.zeros_like(x)
+    grad = torch.autograd.grad(loss, x, allow_unused=True)[0]
+    return torch.zeros_like(x) if grad is None else grad
+
+
 def project(x: torch.Tensor, x_adv: torch.Tensor, eps: torch.Tensor, norm: str) -> torch.Tensor:
     """Project ``x_adv`` onto the ``norm`` ball of per-sample radius ``eps`` around ``x``, then onto [0, 1]."""
     delta = x_adv - x
@@ -97,7 +105,7 @@ class PGD(Attack):
         for _ in range(self.threat.steps):
             x_adv.requires_grad_(True)
             loss = self.objective(victim, x_adv, y).sum() * sign
-            grad, = torch.autograd.grad(loss, x_adv)
+            grad = _input_grad(loss, x_adv)
             step = grad.sign() if norm == "Linf" else l2_normalize(grad)
             x_adv = project(x, x_adv.detach() + alpha * step, eps, norm)
         return x_adv.detach()

@@ -39,7 +39,8 @@ def test_two_processes_with_accelerate(tmp_path):
     grid_path = tmp_path / "grid.yaml"
     grid_path.write_text(yaml.safe_dump(GRID))
     launcher = os.path.join(os.path.dirname(sys.executable), "accelerate")
-    cmd = [launcher, "launch", "--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+    # accelerate starts several processes through its `--multi_gpu` path; without GPUs they run on the CPU (gloo)
+    cmd = [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
            "--dynamo_backend", "no", "-m", "robustbench_med", "run", str(grid_path), "--out", str(tmp_path / "multi"), "--quiet"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)

@@ -26,6 +26,7 @@ SMALL = {
     "attacks": [
         {"name": "noise.uniform", "params": {"eps": "8/255"}},
         {"name": "pgd.linf", "params": {"eps": ["2/255", "8/255"], "steps": 5}},
+        {"name": "fgsm.linf", "params": {"eps": "8/255"}, "defenses": ["identity.none"]},
     ],
     "defenses": ["identity.none", {"name": "jpeg.bpda", "params": {"quality": 60}}],
 }
