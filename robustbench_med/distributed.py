@@ -34,10 +34,21 @@ def _no_barrier() -> None:
 
 
 def process_context() -> ProcessContext:
-    """Rank, world size, barrier and device from ``accelerate`` when launched with several processes."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    """Rank, world size, barrier and device from ``accelerate`` when launched with several processes.
+
+    On a machine without GPUs ``accelerate``'s ``PartialState`` reports a single process even under its multi-process
+    launcher; the launcher's ``RANK`` / ``WORLD_SIZE`` and a gloo process group (``env://``) are used instead.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
         return ProcessContext(0, 1, _no_barrier, None)
     from accelerate import PartialState
 
     state = PartialState()
-    return ProcessContext(state.process_index, state.num_processes, state.wait_for_everyone, state.device)
+    if state.num_processes == world:
+        return ProcessContext(state.process_index, state.num_processes, state.wait_for_everyone, state.device)
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    return ProcessContext(int(os.environ["RANK"]), world, dist.barrier, torch.device("cpu"))
