@@ -2,8 +2,9 @@
 
 Images are stored as uint8 ``Array3D((H, W, C))`` and returned by :meth:`MedicalDataset.images` as float NCHW in
 [0, 1] (the victim input contract). Targets and patient attributes are columns. The phantom (``phantom.ct``) is
-generated once per (config, split, n) and cached with ``save_to_disk`` under ``<home>/datasets`` (written to a
-temporary directory and renamed, so a crash never leaves a half cache; an unreadable cache is regenerated).
+generated once per (config, split, n) and cached with ``save_to_disk`` under
+``<home>/datasets/phantom-<config hash>/<split>-<n>``: written to a temporary directory and renamed, so a crash never
+leaves a half cache, and a cache that fails to load or to validate is regenerated.
 """
 from __future__ import annotations
 
@@ -11,9 +12,8 @@ import hashlib
 import os
 import shutil
 import tempfile
-from functools import cached_property
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -23,20 +23,31 @@ from robustbench_med.data import phantom as P
 from robustbench_med.errors import ConfigError
 from robustbench_med.registry import register_dataset
 
-Index = Sequence[int] | slice | torch.Tensor | np.ndarray | None
-TARGET_DTYPES = {"label": torch.long, "lesion_type": torch.long, "findings": torch.float32, "mask": torch.long,
-                 "landmarks": torch.float32, "vqa": torch.long}
+Index = Sequence[int] | slice | torch.Tensor | np.ndarray | int | None
+TARGET_DTYPES = {"label": torch.long, "lesion_type": torch.long, "n_lesions": torch.long, "findings": torch.float32,
+                 "mask": torch.long, "landmarks": torch.float32, "vqa": torch.long}
+DEFAULT_SIZES = {"train": 2000, "val": 400, "test": 500}
 
 
 class MedicalDataset:
-    """A dataset split with images, targets and patient attributes."""
+    """A dataset split with uint8 images, targets and patient attributes, backed by a ``datasets.Dataset``.
 
-    def __init__(self, hf, name: str, split: str, target_fields: Sequence[str], attribute_names: Sequence[str]):
+    The image tensor, each target tensor and each attribute list are read once and cached; the fingerprint is a
+    sha256 over image bytes, targets and attributes (it identifies the exact data a result was computed on).
+    """
+
+    def __init__(self, hf: Any, name: str, split: str, target_fields: Sequence[str], attribute_names: Sequence[str]):
+        if "image" not in hf.column_names:
+            raise ConfigError(f"dataset {name!r} has no 'image' column; columns are {hf.column_names}")
         self.hf = hf
         self.name = name
         self.split = split
         self.target_fields = tuple(f for f in target_fields if f in hf.column_names)
         self.attribute_names = tuple(a for a in attribute_names if a in hf.column_names)
+        self._image_cache: torch.Tensor | None = None
+        self._target_cache: dict[str, torch.Tensor] = {}
+        self._attr_cache: dict[str, list[str]] = {}
+        self._fp: str | None = None
 
     def __len__(self) -> int:
         return len(self.hf)
@@ -46,130 +57,172 @@ class MedicalDataset:
 
     @property
     def input_size(self) -> tuple[int, int, int]:
-        h, w, c = np.asarray(self.hf[0]["image"]).shape
-        return (c, h, w)
+        """(C, H, W) of every image."""
+        h, w, c = self.hf.features["image"].shape
+        return (int(c), int(h), int(w))
 
-    @cached_property
-    def _images(self) -> torch.Tensor:
-        arr = np.asarray(self.hf.with_format("numpy", columns=["image"])["image"], dtype=np.uint8)
-        return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
-
-    def _rows(self, idx: Index) -> Any:
+    def _rows(self, idx: Index) -> slice | list[int]:
+        """Normalise ``idx`` (None, slice, int, list, bool mask, tensor, array) to a slice or a list of row ids."""
         if idx is None:
             return slice(None)
-        if isinstance(idx, torch.Tensor):
-            idx = idx.tolist()
-        if isinstance(idx, np.ndarray):
-            idx = idx.tolist()
-        return idx
+        if isinstance(idx, slice):
+            return idx
+        arr = np.asarray(idx.detach().cpu() if isinstance(idx, torch.Tensor) else idx)
+        if arr.dtype == bool:
+            if arr.shape != (len(self),):
+                raise ConfigError(f"boolean index of shape {arr.shape} for a dataset of {len(self)} samples")
+            arr = np.flatnonzero(arr)
+        if arr.size and not np.issubdtype(arr.dtype, np.integer):
+            raise ConfigError(f"indices must be integers, got dtype {arr.dtype}")
+        rows = arr.reshape(-1).astype(np.int64)
+        if rows.size and (rows.max() >= len(self) or rows.min() < -len(self)):
+            raise ConfigError(f"index out of range for a dataset of {len(self)} samples")
+        return (rows % max(len(self), 1)).tolist()
+
+    @property
+    def _images(self) -> torch.Tensor:
+        if self._image_cache is None:  # datasets returns uint8 Array3D as int64 (stack.md §8): ask for uint8
+            arr = self.hf.with_format("torch", columns=["image"], dtype=torch.uint8)[:]["image"]
+            self._image_cache = torch.as_tensor(arr, dtype=torch.uint8).permute(0, 3, 1, 2).contiguous()
+        return self._image_cache
 
     def images(self, idx: Index = None) -> torch.Tensor:
         """Float images [n, C, H, W] in [0, 1]."""
-        return self._images[self._rows(idx)].float() / 255.0
+        return self._images[self._rows(idx)].float().div_(255.0)
 
     def targets(self, field: str, idx: Index = None) -> torch.Tensor:
-        """Target tensor of ``field`` (see ``target_fields``)."""
+        """Target tensor of ``field`` (one of :attr:`target_fields`)."""
         if field not in self.target_fields:
-            raise ConfigError(f"dataset {self.name!r} has no target field {field!r}; available: {list(self.target_fields)}")
-        return self._target(field)[self._rows(idx)]
-
-    @cached_property
-    def _target_cache(self) -> dict[str, torch.Tensor]:
-        return {}
-
-    def _target(self, field: str) -> torch.Tensor:
+            raise ConfigError(f"dataset {self.name!r} has no target field {field!r}; "
+                              f"valid fields: {list(self.target_fields)}")
         if field not in self._target_cache:
-            arr = np.asarray(self.hf.with_format("numpy", columns=[field])[field])
+            arr = np.asarray(self.hf.with_format("numpy", columns=[field])[:][field])
             default = torch.long if np.issubdtype(arr.dtype, np.integer) else torch.float32
             self._target_cache[field] = torch.as_tensor(arr, dtype=TARGET_DTYPES.get(field, default))
-        return self._target_cache[field]
+        return self._target_cache[field][self._rows(idx)]
 
     def attributes(self, idx: Index = None) -> dict[str, list[str]]:
         """Patient attributes (e.g. ``sex``, ``age_group``) as lists of strings."""
         rows = self._rows(idx)
         out = {}
         for a in self.attribute_names:
-            col = self.hf[a]
-            out[a] = [str(v) for v in (col[rows] if isinstance(rows, slice) else [col[i] for i in rows])]
+            if a not in self._attr_cache:
+                self._attr_cache[a] = [str(v) for v in self.hf.select_columns([a])[:][a]]
+            col = self._attr_cache[a]
+            out[a] = col[rows] if isinstance(rows, slice) else [col[i] for i in rows]
         return out
 
     def fingerprint(self) -> str:
-        """sha256 over image bytes and targets (identifies the exact data a result was computed on)."""
-        if not hasattr(self, "_fp"):
-            h = hashlib.sha256(self._images.numpy().tobytes())
+        """sha256 over the image bytes, the targets and the attributes (computed once)."""
+        if self._fp is None:
+            h = hashlib.sha256(self.name.encode())
+            h.update(str(self.input_size).encode())
+            h.update(self._images.numpy().tobytes())
             for f in self.target_fields:
                 h.update(f.encode())
-                h.update(self._target(f).numpy().tobytes())
+                h.update(self.targets(f).numpy().tobytes())
+            for a, values in self.attributes().items():
+                h.update(a.encode())
+                h.update("\x00".join(values).encode())
             self._fp = h.hexdigest()
         return self._fp
 
-    def subset(self, indices: Sequence[int]) -> "MedicalDataset":
-        return MedicalDataset(self.hf.select(list(indices)), self.name, self.split, self.target_fields, self.attribute_names)
+    def subset(self, indices: Index) -> "MedicalDataset":
+        """A new dataset holding rows ``indices`` (in that order)."""
+        rows = self._rows(indices)
+        rows = list(range(len(self)))[rows] if isinstance(rows, slice) else rows
+        return MedicalDataset(self.hf.select(rows), self.name, self.split, self.target_fields, self.attribute_names)
 
 
-def phantom_features(size: int):
-    from datasets import Array2D, Array3D, Features, Sequence as HFSequence, Value
+def phantom_features(size: int) -> Any:
+    """The Hugging Face feature layout of the phantom (shared by the real-data loaders for image / mask)."""
+    from datasets import Array2D, Array3D, Features, Value
+    from datasets import Sequence as HFSequence
 
     return Features({
         "image": Array3D((size, size, 1), "uint8"), "mask": Array2D((size, size), "uint8"),
-        "landmarks": Array2D((len(P.LANDMARKS), 2), "float32"), "label": Value("int64"), "lesion_type": Value("int64"),
-        "findings": HFSequence(Value("float32"), length=len(P.FINDINGS)), "sex": Value("string"), "age_group": Value("string"),
-        "n_lesions": Value("int64"), "vqa": HFSequence(Value("int64"), length=len(P.QUESTIONS)), "index": Value("int64"),
+        "landmarks": Array2D((len(P.LANDMARKS), 2), "float32"), "label": Value("int64"),
+        "lesion_type": Value("int64"), "n_lesions": Value("int64"),
+        "findings": HFSequence(Value("float32"), length=len(P.FINDINGS)), "sex": Value("string"),
+        "age_group": Value("string"), "vqa": HFSequence(Value("int64"), length=len(P.QUESTIONS)),
+        "index": Value("int64"),
     })
 
 
-DEFAULT_SIZES = {"train": 2000, "val": 400, "test": 500}
+def _quiet_save(ds: Any, path: Path) -> None:
+    from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
-
-def _build_cached(cache: Path, build):
-    """Load ``cache`` with ``load_from_disk``, or build the dataset and save it atomically (temp dir + rename)."""
-    from datasets import load_from_disk
-
-    if cache.exists():
-        try:
-            return load_from_disk(str(cache))
-        except Exception:  # a damaged cache is regenerated, never trusted
-            shutil.rmtree(cache, ignore_errors=True)
-    from datasets.utils import disable_progress_bars, enable_progress_bars, are_progress_bars_disabled
-
-    ds = build()
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=cache.parent, prefix=f".{cache.name}."))
     was_disabled = are_progress_bars_disabled()
     disable_progress_bars()
     try:
-        ds.save_to_disk(str(tmp))
+        ds.save_to_disk(str(path))
     finally:
         if not was_disabled:
             enable_progress_bars()
+
+
+def _load_valid(cache: Path, n: int) -> Any | None:
+    """The cached dataset if it loads and has ``n`` readable rows, else None (the damaged cache is removed)."""
+    from datasets import load_from_disk
+
     try:
+        ds = load_from_disk(str(cache))
+        if len(ds) == n and ds.with_format("numpy", columns=["image"])[n - 1]["image"].shape:
+            return ds
+    except Exception:  # noqa: BLE001 - any damage (truncated arrow, bad JSON) means: rebuild, never trust
+        pass
+    shutil.rmtree(cache, ignore_errors=True)
+    return None
+
+
+def cached_build(cache: Path, n: int, build: Callable[[], Any]) -> Any:
+    """Load ``cache`` with ``load_from_disk``, or build the dataset and save it atomically (temp dir + rename)."""
+    from datasets import load_from_disk
+
+    if cache.exists() and (ds := _load_valid(cache, n)) is not None:
+        return ds
+    ds = build()
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=cache.parent, prefix=f".{cache.name}.tmp"))
+    try:
+        _quiet_save(ds, tmp)
         os.replace(tmp, cache)
-    except OSError:  # another process finished first: use its copy
+    except OSError:  # another process renamed its copy first: use that one
         shutil.rmtree(tmp, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
     return load_from_disk(str(cache))
 
 
-@register_dataset("phantom.ct", task="all", paper="robustbench_med procedural CT phantom")
-def phantom_ct(split: str = "test", n: int | None = None, seed: int = 0, size: int = 64, cache_dir: str | os.PathLike[str] | None = None, **overrides: Any) -> MedicalDataset:
-    """The procedural CT phantom (see :mod:`robustbench_med.data.phantom`); ``n=None`` → the split's default size."""
-    if split not in P.SPLIT_CODES:
-        raise ConfigError(f"unknown split {split!r}; choose one of {tuple(P.SPLIT_CODES)}")
-    n = DEFAULT_SIZES[split] if n is None else n
-    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
-        raise ConfigError(f"n must be a positive integer, got {n!r}")
-    if isinstance(overrides.get("disparity"), dict):
-        overrides["disparity"] = P.Disparity(**overrides["disparity"])
+def phantom_config(seed: int = 0, size: int = 64, **overrides: Any) -> P.PhantomConfig:
+    """A :class:`~robustbench_med.data.phantom.PhantomConfig`; bad settings raise :class:`ConfigError`."""
     try:
-        config = P.PhantomConfig(size=size, seed=seed, **overrides)
-    except TypeError as e:
-        raise ConfigError(f"phantom.ct: {e}") from None
+        return P.PhantomConfig(size=size, seed=seed, **overrides)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"phantom.ct: bad setting: {e}") from None
+
+
+@register_dataset("phantom.ct", task="all", paper="robustbench_med procedural CT phantom (this suite)")
+def phantom_ct(split: str = "test", n: int | None = None, seed: int = 0, size: int = 64,
+               cache_dir: str | os.PathLike[str] | None = None, **config_overrides: Any) -> MedicalDataset:
+    """The procedural CT phantom (see :mod:`robustbench_med.data.phantom`); ``n=None`` → the split's default size
+    (train 2000, val 400, test 500); ``config_overrides`` are :class:`PhantomConfig` fields (``disparity`` may be
+    a dict of :class:`Disparity` fields)."""
+    if split not in P.SPLIT_CODES:
+        raise ConfigError(f"phantom.ct: unknown split {split!r}; choose one of {tuple(P.SPLIT_CODES)}")
+    n = DEFAULT_SIZES[split] if n is None else n
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n <= 0:
+        raise ConfigError(f"phantom.ct: n must be a positive integer, got {n!r}")
+    n = int(n)
+    config = phantom_config(seed, size, **config_overrides)
     root = Path(cache_dir) if cache_dir else paths.datasets_dir()
     cache = root / f"phantom-{config.config_hash()}" / f"{split}-{n}"
 
-    def build():
+    def build() -> Any:
         from datasets import Dataset
 
         return Dataset.from_dict(P.generate(split, n, config), features=phantom_features(size))
 
-    hf = _build_cached(cache, build)
+    hf = cached_build(cache, n, build)
     return MedicalDataset(hf, "phantom.ct", split, tuple(TARGET_DTYPES), ("sex", "age_group"))

@@ -1,40 +1,67 @@
 """The embedded default world: a procedural CT-like phantom with masks, landmarks, VQA and patient attributes.
 
-Each sample is an axial 2D slice (default 64×64, 1 channel, uint8) drawn from a per-sample random generator
+Each sample is an axial 2D slice (default 64×64, 1 channel, uint8) drawn from its own random generator
 ``numpy.random.default_rng([seed, split_code, index])``: the same seed and index always give the same bytes, whatever
-``n`` is requested, and the train/val/test splits are disjoint streams.
+``n`` is requested, and the train / val / test splits (codes 0 / 1 / 2) are disjoint streams. Rendering is
+vectorised per image with numpy (about 1–2 ms an image on one core).
 
-Anatomy (coordinates in [−1, 1], x to the image right, y down): an elliptical body (soft tissue 0.40), a liver on the
-image-left (0.55; enlarged ×1.3 with probability 0.15), two kidneys low on each side (0.62), a vertebra (bone 0.95),
-and 0–2 lesions: a *cyst* (round, hypodense: organ − 0.30·contrast) or a *tumour* (irregular, hyperdense: organ +
-0.30·contrast), in the liver (85%) or a kidney (15%). CT-like noise: Gaussian (σ by age group) after a slight blur.
+**Anatomy** (coordinates in [−1, 1], x to the image right, y down; ``s`` = body scale, jitter ±0.03 on positions):
 
-Patient attributes and the built-in disparity (:class:`Disparity`, all configurable):
+| structure | shape | intensity (uint8 = 255 × value) |
+|---|---|---|
+| body | ellipse (0.86 s, 0.70 s) at (0, U[0, 0.08]), 0.06 s subcutaneous fat rim | soft tissue 0.40, fat 0.30 |
+| liver | ellipse (0.30, 0.26)·s·U[0.93, 1.07] at (−0.36 s, −0.08 s), ×1.3 if enlarged (p = 0.15) | 0.55 ± 0.03 |
+| kidneys | ellipses (0.11 s, 0.15 s) at (±0.38 s, 0.34 s) | 0.62 ± 0.03 |
+| aorta | circle 0.06 s at (0, 0.30 s) | 0.70 (mask class: body) |
+| vertebra | ellipse (0.10 s, 0.09 s) at (0, 0.50 s) | bone 0.95 |
+| lesions | 1 or 2 (p = 0.25) non-overlapping, 85 % in the liver, 15 % in a kidney, clipped to their organ | organ ± Δ |
 
-| attribute | effect (default) |
+A *cyst* is round and hypodense (organ − Δ); a *tumour* is lobulated, r(θ) = r·(1 + 0.3 sin(kθ + φ)), k ∈ {3, 4, 5},
+and hyperdense (organ + Δ). Liver lesions are "large" (r ∈ [0.11, 0.15]) or "small" (r ∈ [0.065, 0.09]) with
+p = 0.5; kidney lesions are small (r ∈ [0.05, 0.07]); all radii are multiplied by s. Lesions stay ≥ 3 px apart, so
+``n_lesions`` is the number of connected lesion regions. The image is blurred (Gaussian, σ = ``blur_sigma`` px),
+Gaussian noise of σ_noise is added, and the result is clipped to [0, 1] and quantised.
+
+**Patient attributes and the built-in disparity** (:class:`Disparity`, every number configurable). Sex is F / M and
+the age group young / middle / old, each uniform. Then
+
+- lesion contrast Δ = ``lesion_delta`` · ``lesion_contrast[sex]`` · U[0.85, 1.15], with ``lesion_delta`` = 0.30;
+- P(lesion present) = ``prevalence[age_group]``;
+- σ_noise = ``noise_sigma[age_group]``;
+- body scale s = ``body_scale[sex]`` · U[0.95, 1.05].
+
+| attribute | default effect |
 |---|---|
-| sex F / M | lesion contrast ×0.55 / ×1.0; body size ×0.92 / ×1.0 |
+| sex F / M | lesion contrast ×0.45 / ×1.0; body scale ×0.92 / ×1.0 (organs and lesions scale with it) |
 | age young / middle / old | lesion prevalence 0.30 / 0.50 / 0.70; noise σ 0.030 / 0.045 / 0.070 |
 
-So a model trained on the phantom detects and segments lesions worse for "F" and for "old" patients: a real,
-measurable gap for the fairness metrics.
+So a model trained on the phantom detects and segments lesions worse for "F" (fainter lesions) and for "old"
+patients (noisier images): a real, measurable gap for the fairness metrics. ``Disparity.none()`` removes it.
+Measured with the defaults on one CPU thread: ``cnn.phantom`` trained by its recipe (48 s) has test accuracy (1,500
+images) F 0.885 / M 0.936 and young 0.938 / middle 0.923 / old 0.870; ``unet.phantom``'s U-Net trained 10 epochs on
+1,000 images (4 min) has lesion Dice (485 test images with a lesion) F 0.746 / M 0.824 and young 0.800 /
+middle 0.801 / old 0.762.
 
-Targets per image: ``label`` (lesion present), ``lesion_type`` (0 none, 1 cyst, 2 tumour; the largest lesion),
-``findings`` (lesion, more than one lesion, enlarged liver), ``mask`` (0 background, 1 body, 2 liver, 3 kidneys,
-4 spine, 5 lesion), ``landmarks`` ((x, y) px of spine centre, liver centroid, image-left kidney, image-right kidney),
-``vqa`` (the answer id of every question in :data:`QUESTIONS`; answers index :data:`ANSWERS`).
+**Targets per image:** ``label`` (lesion present), ``lesion_type`` (0 none, 1 cyst, 2 tumour; the largest lesion),
+``n_lesions``, ``findings`` (lesion present, more than one lesion, enlarged liver), ``mask`` (0 background, 1 body,
+2 liver, 3 kidneys, 4 spine, 5 lesion), ``landmarks`` ((x, y) px of the vertebra centre, the liver centroid, the
+image-left and the image-right kidney centroids), ``vqa`` (the answer id of every question in :data:`QUESTIONS`;
+answers index :data:`ANSWERS`). VQA location is "upper" / "lower" after the largest lesion's centre (image half).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import re
+import string
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
+GENERATOR_VERSION = 2  # part of the cache key: bump when the rendered bytes change
 SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
 SEXES = ("F", "M")
 AGE_GROUPS = ("young", "middle", "old")
@@ -42,16 +69,32 @@ MASK_CLASSES = ("background", "body", "liver", "kidneys", "spine", "lesion")
 LANDMARKS = ("spine", "liver", "left_kidney", "right_kidney")
 LESION_TYPES = ("none", "cyst", "tumour")
 FINDINGS = ("lesion", "multiple_lesions", "enlarged_liver")
+QTYPES = ("presence", "count", "location", "organ", "size", "type")
 
 
 @dataclass(frozen=True)
 class Disparity:
-    """How patient attributes shift appearance and prevalence (see the module docstring)."""
+    """How patient attributes shift appearance and prevalence (formulae in the module docstring)."""
 
-    lesion_contrast: dict[str, float] = field(default_factory=lambda: {"F": 0.55, "M": 1.0})
+    lesion_contrast: dict[str, float] = field(default_factory=lambda: {"F": 0.45, "M": 1.0})
     body_scale: dict[str, float] = field(default_factory=lambda: {"F": 0.92, "M": 1.0})
     prevalence: dict[str, float] = field(default_factory=lambda: {"young": 0.30, "middle": 0.50, "old": 0.70})
     noise_sigma: dict[str, float] = field(default_factory=lambda: {"young": 0.030, "middle": 0.045, "old": 0.070})
+
+    @classmethod
+    def none(cls) -> "Disparity":
+        """No group effect: every group gets the mean of the default settings."""
+        return cls({"F": 0.725, "M": 0.725}, {"F": 0.96, "M": 0.96}, dict.fromkeys(AGE_GROUPS, 0.5),
+                   dict.fromkeys(AGE_GROUPS, 0.048))
+
+    def __post_init__(self) -> None:
+        for name, keys in (("lesion_contrast", SEXES), ("body_scale", SEXES), ("prevalence", AGE_GROUPS),
+                           ("noise_sigma", AGE_GROUPS)):
+            table = getattr(self, name)
+            if set(table) != set(keys):
+                raise ValueError(f"Disparity.{name} needs exactly the keys {keys}, got {tuple(table)}")
+        if not all(0.0 <= p <= 1.0 for p in self.prevalence.values()):
+            raise ValueError(f"Disparity.prevalence values must lie in [0, 1], got {self.prevalence}")
 
 
 @dataclass(frozen=True)
@@ -61,17 +104,28 @@ class PhantomConfig:
     size: int = 64
     seed: int = 0
     disparity: Disparity = field(default_factory=Disparity)
+    lesion_delta: float = 0.30
     enlarged_liver_prob: float = 0.15
     second_lesion_prob: float = 0.25
+    kidney_lesion_prob: float = 0.15
     blur_sigma: float = 0.6
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.size, int) or self.size < 16:
+            raise ValueError(f"size must be an integer ≥ 16, got {self.size!r}")
+        if isinstance(self.disparity, dict):
+            object.__setattr__(self, "disparity", Disparity(**self.disparity))
+
     def config_hash(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+        """12 hex digits of sha256 over the settings and :data:`GENERATOR_VERSION` (stable across runs)."""
+        blob = json.dumps({"v": GENERATOR_VERSION, **asdict(self)}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
+# ----------------------------------------------------------------------------------------------------- VQA bank
 @dataclass(frozen=True)
 class Question:
-    """A VQA template: ``pool`` 'seen' or 'unseen' (disjoint phrasings of each ``qtype``)."""
+    """A VQA question; ``pool`` 'seen' (training phrasings) or 'unseen' (held-out phrasings of the same ``qtype``)."""
 
     id: int
     text: str
@@ -83,11 +137,14 @@ _PHRASINGS = {
     "presence": (("Is there a lesion?", "Is a lesion visible?", "Does the scan show a lesion?"),
                  ("Can you see any lesion in this image?", "Is any lesion present?", "Are there signs of a lesion?")),
     "count": (("How many lesions are there?", "How many lesions are visible?", "What is the number of lesions?"),
-              ("Count the lesions in the image.", "How many lesions can be seen?", "What number of lesions does the scan show?")),
+              ("Count the lesions in the image.", "How many lesions can be seen?",
+               "What number of lesions does the scan show?")),
     "location": (("Where is the lesion located?", "In which half of the image is the lesion?", "Where is the lesion?"),
-                 ("Which part of the image contains the lesion?", "Is the lesion in the upper or lower part?", "Where can the lesion be found?")),
+                 ("Which part of the image contains the lesion?", "Is the lesion in the upper or lower part?",
+                  "Where can the lesion be found?")),
     "organ": (("Which organ contains the lesion?", "In which organ is the lesion?", "What organ has the lesion?"),
-              ("The lesion is located in which organ?", "Which organ is affected by the lesion?", "Where, by organ, is the lesion?")),
+              ("The lesion is located in which organ?", "Which organ is affected by the lesion?",
+               "Where, by organ, is the lesion?")),
     "size": (("How large is the lesion?", "What is the size of the lesion?", "Is the lesion small or large?"),
              ("How big is the lesion?", "Describe the lesion size.", "What size is the lesion?")),
     "type": (("What kind of lesion is it?", "What type of lesion is present?", "Is the lesion a cyst or a tumour?"),
@@ -102,20 +159,29 @@ QUESTIONS: tuple[Question, ...] = tuple(
         for text in texts
     )
 )
-ANSWERS: tuple[str, ...] = ("no", "yes", "0", "1", "2", "upper", "lower", "none", "liver", "kidney", "small", "large", "cyst", "tumour")
+ANSWERS: tuple[str, ...] = ("no", "yes", "0", "1", "2", "upper", "lower", "none", "liver", "kidney", "small", "large",
+                            "cyst", "tumour")
 _ANSWER_ID = {a: i for i, a in enumerate(ANSWERS)}
-_NUMBER_WORDS = {"zero": "0", "one": "1", "two": "2", "three": "3", "none": "none"}
+_NUMBER_WORDS = {"zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5"}
+_ARTICLES = {"a", "an", "the"}
+_PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
 
 
 def answer_text(answer_id: int) -> str:
+    """The answer string of ``answer_id`` (an index into :data:`ANSWERS`)."""
     return ANSWERS[int(answer_id)]
 
 
+def answer_id(text: str) -> int:
+    """The id of a (free-text) answer after :func:`normalize_answer`; −1 if it is not in :data:`ANSWERS`."""
+    return _ANSWER_ID.get(normalize_answer(text), -1)
+
+
 def normalize_answer(text: str) -> str:
-    """VQA answer normalisation: lower case, strip punctuation and articles, number words → digits."""
-    words = re.sub(r"[^\w\s]", " ", str(text).lower()).split()
-    words = [_NUMBER_WORDS.get(w, w) for w in words if w not in ("a", "an", "the")]
-    return " ".join(words)
+    """VQA answer normalisation (Antol et al., ICCV 2015): lower case, strip punctuation and articles, number
+    words → digits, collapse white space."""
+    words = _PUNCT.sub(" ", str(text).lower()).split()
+    return " ".join(_NUMBER_WORDS.get(w, w) for w in words if w not in _ARTICLES)
 
 
 def question_ids(pool: str | None = None, qtype: str | None = None) -> list[int]:
@@ -123,94 +189,9 @@ def question_ids(pool: str | None = None, qtype: str | None = None) -> list[int]
     return [q.id for q in QUESTIONS if (pool is None or q.pool == pool) and (qtype is None or q.qtype == qtype)]
 
 
-def _ellipse(xx: np.ndarray, yy: np.ndarray, cx: float, cy: float, rx: float, ry: float) -> np.ndarray:
-    return ((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2 <= 1.0
-
-
-def _lesion_shape(xx, yy, cx, cy, r, irregular: bool, rng: np.random.Generator) -> np.ndarray:
-    """A round (cyst) or lobulated (tumour: r(θ) = r·(1 + 0.3 sin(kθ + φ))) lesion."""
-    dist = np.hypot(xx - cx, yy - cy)
-    if not irregular:
-        return dist <= r
-    theta = np.arctan2(yy - cy, xx - cx)
-    k, phase = int(rng.integers(3, 6)), rng.uniform(0, 2 * np.pi)
-    return dist <= r * (1 + 0.3 * np.sin(k * theta + phase))
-
-
-def _to_px(v: float, size: int) -> float:
-    return (v + 1) / 2 * (size - 1)
-
-
-def generate_sample(index: int, split: str, config: PhantomConfig) -> dict[str, Any]:
-    """One phantom sample (image uint8 [H, W, 1] and all targets), deterministic in (seed, split, index)."""
-    rng = np.random.default_rng([config.seed, SPLIT_CODES[split], index])
-    size, dis = config.size, config.disparity
-    lin = np.linspace(-1, 1, size)
-    xx, yy = np.meshgrid(lin, lin)
-    sex, age = SEXES[int(rng.integers(2))], AGE_GROUPS[int(rng.integers(3))]
-    scale = dis.body_scale[sex] * rng.uniform(0.95, 1.05)
-    img = np.zeros((size, size))
-    mask = np.zeros((size, size), dtype=np.uint8)
-    body = _ellipse(xx, yy, rng.uniform(-0.03, 0.03), rng.uniform(0.0, 0.08), 0.86 * scale, 0.70 * scale)
-    img[body], mask[body] = 0.40, 1
-    enlarged = bool(rng.random() < config.enlarged_liver_prob)
-    liver_c = (-0.36 * scale + rng.uniform(-0.03, 0.03), -0.08 * scale + rng.uniform(-0.03, 0.03))
-    liver_r = np.array([0.30, 0.26]) * scale * (1.3 if enlarged else 1.0) * rng.uniform(0.93, 1.07)
-    liver = _ellipse(xx, yy, *liver_c, *liver_r) & body
-    img[liver], mask[liver] = 0.55 + rng.uniform(-0.03, 0.03), 2
-    kid_int = 0.62 + rng.uniform(-0.03, 0.03)
-    kidneys = []
-    for side in (-1, 1):
-        c = (side * 0.38 * scale + rng.uniform(-0.03, 0.03), 0.34 * scale + rng.uniform(-0.03, 0.03))
-        region = _ellipse(xx, yy, *c, 0.11 * scale, 0.15 * scale) & body & ~liver
-        img[region], mask[region] = kid_int, 3
-        kidneys.append((c, region))
-    spine_c = (rng.uniform(-0.03, 0.03), 0.50 * scale)
-    spine = _ellipse(xx, yy, *spine_c, 0.10 * scale, 0.09 * scale)
-    img[spine], mask[spine] = 0.95, 4
-    lesions = _draw_lesions(rng, config, xx, yy, img, mask, sex, age, liver_c, liver_r, kidneys)
-    img = gaussian_filter(img, config.blur_sigma) + rng.normal(0, dis.noise_sigma[age], img.shape)
-    image = (np.clip(img, 0, 1) * 255).round().astype(np.uint8)[..., None]
-    landmarks = np.array([spine_c, liver_c, kidneys[0][0], kidneys[1][0]], dtype=np.float32)
-    landmarks = np.stack([_to_px(landmarks[:, 0], size), _to_px(landmarks[:, 1], size)], 1).astype(np.float32)
+def vqa_answers(lesions: list[dict[str, Any]]) -> list[int]:
+    """Answer id of every question in :data:`QUESTIONS` for an image with ``lesions`` (the largest one speaks)."""
     main = max(lesions, key=lambda les: les["area"]) if lesions else None
-    return {
-        "image": image, "mask": mask, "landmarks": landmarks,
-        "label": int(bool(lesions)), "lesion_type": LESION_TYPES.index(main["type"]) if main else 0,
-        "findings": [float(bool(lesions)), float(len(lesions) > 1), float(enlarged)],
-        "sex": sex, "age_group": age, "n_lesions": len(lesions),
-        "vqa": _answers(lesions, main),
-    }
-
-
-def _draw_lesions(rng, config, xx, yy, img, mask, sex, age, liver_c, liver_r, kidneys) -> list[dict[str, Any]]:
-    dis = config.disparity
-    lesions: list[dict[str, Any]] = []
-    if rng.random() >= dis.prevalence[age]:
-        return lesions
-    count = 2 if rng.random() < config.second_lesion_prob else 1
-    for _ in range(count):
-        in_liver = rng.random() < 0.85
-        if in_liver:
-            organ, organ_int = "liver", 0.55
-            ang, rad = rng.uniform(0, 2 * np.pi), np.sqrt(rng.uniform(0, 1)) * 0.5
-            cx, cy = liver_c[0] + np.cos(ang) * rad * liver_r[0], liver_c[1] + np.sin(ang) * rad * liver_r[1]
-            large = rng.random() < 0.5
-            r = rng.uniform(0.11, 0.15) if large else rng.uniform(0.065, 0.09)
-        else:
-            organ, organ_int = "kidney", 0.62
-            (cx, cy), _ = kidneys[int(rng.integers(2))]
-            large = False
-            r = rng.uniform(0.05, 0.07)
-        kind = "cyst" if rng.random() < 0.5 else "tumour"
-        region = _lesion_shape(xx, yy, cx, cy, r, kind == "tumour", rng) & (mask > 0)
-        delta = 0.30 * dis.lesion_contrast[sex] * (-1 if kind == "cyst" else 1)
-        img[region], mask[region] = organ_int + delta, 5
-        lesions.append({"type": kind, "organ": organ, "large": large, "cy": cy, "area": int(region.sum())})
-    return lesions
-
-
-def _answers(lesions: list[dict[str, Any]], main: dict[str, Any] | None) -> list[int]:
     truth = {
         "presence": "yes" if lesions else "no",
         "count": str(len(lesions)),
@@ -222,11 +203,154 @@ def _answers(lesions: list[dict[str, Any]], main: dict[str, Any] | None) -> list
     return [_ANSWER_ID[truth[q.qtype]] for q in QUESTIONS]
 
 
+# ------------------------------------------------------------------------------------------------------ drawing
+@lru_cache(maxsize=8)
+def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
+    lin = np.linspace(-1.0, 1.0, size, dtype=np.float32)
+    xx, yy = np.meshgrid(lin, lin)
+    xx.flags.writeable = yy.flags.writeable = False
+    return xx, yy
+
+
+def _ellipse(cx: float, cy: float, rx: float, ry: float, size: int) -> np.ndarray:
+    xx, yy = _grid(size)
+    return ((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2 <= 1.0
+
+
+def _to_px(v: np.ndarray, size: int) -> np.ndarray:
+    return (np.asarray(v) + 1.0) / 2.0 * (size - 1)
+
+
+def _centroid(region: np.ndarray) -> tuple[float, float]:
+    ys, xs = np.nonzero(region)
+    return float(xs.mean()), float(ys.mean())
+
+
+def _jitter(rng: np.random.Generator, amount: float = 0.03) -> float:
+    return float(rng.uniform(-amount, amount))
+
+
+def _anatomy(rng: np.random.Generator, config: PhantomConfig, sex: str) -> dict[str, Any]:
+    """Draw body, liver, kidneys, aorta and vertebra into a float image and a label mask."""
+    size = config.size
+    s = config.disparity.body_scale[sex] * rng.uniform(0.95, 1.05)
+    img = np.zeros((size, size), dtype=np.float32)
+    mask = np.zeros((size, size), dtype=np.uint8)
+    bc, br = (_jitter(rng), rng.uniform(0.0, 0.08)), (0.86 * s, 0.70 * s)
+    body = _ellipse(*bc, *br, size)
+    img[body], mask[body] = 0.30, 1
+    img[_ellipse(*bc, br[0] - 0.06 * s, br[1] - 0.06 * s, size)] = 0.40
+    enlarged = bool(rng.random() < config.enlarged_liver_prob)
+    liver_c = (-0.36 * s + _jitter(rng), -0.08 * s + _jitter(rng))
+    liver_r = (np.array([0.30, 0.26]) * s * (1.3 if enlarged else 1.0) * rng.uniform(0.93, 1.07)).tolist()
+    liver = _ellipse(*liver_c, *liver_r, size) & body
+    liver_int = 0.55 + _jitter(rng)
+    img[liver], mask[liver] = liver_int, 2
+    kid_int = 0.62 + _jitter(rng)
+    kidneys = []
+    for side in (-1, 1):
+        c = (side * 0.38 * s + _jitter(rng), 0.34 * s + _jitter(rng))
+        region = _ellipse(*c, 0.11 * s, 0.15 * s, size) & body & ~liver
+        img[region], mask[region] = kid_int, 3
+        kidneys.append(region)
+    img[_ellipse(_jitter(rng, 0.02), 0.30 * s, 0.06 * s, 0.06 * s, size) & (mask == 1)] = 0.70
+    spine_c = (_jitter(rng), 0.50 * s)
+    spine = _ellipse(*spine_c, 0.10 * s, 0.09 * s, size) & body
+    img[spine], mask[spine] = 0.95, 4
+    landmarks = [tuple(_to_px(np.array(spine_c), size)), _centroid(liver), _centroid(kidneys[0]), _centroid(kidneys[1])]
+    return {"s": s, "img": img, "mask": mask, "enlarged": enlarged, "liver": liver, "liver_c": liver_c,
+            "liver_r": liver_r, "liver_int": liver_int, "kidneys": kidneys, "kid_int": kid_int, "landmarks": landmarks}
+
+
+def _lesion_region(rng: np.random.Generator, cx: float, cy: float, r: float, tumour: bool, size: int) -> np.ndarray:
+    """A round (cyst) or lobulated (tumour: r(θ) = r·(1 + 0.3 sin(kθ + φ))) lesion region."""
+    xx, yy = _grid(size)
+    dist = np.hypot(xx - cx, yy - cy)
+    if not tumour:
+        return dist <= r
+    k, phase = int(rng.integers(3, 6)), rng.uniform(0, 2 * np.pi)
+    return dist <= r * (1 + 0.3 * np.sin(k * np.arctan2(yy - cy, xx - cx) + phase))
+
+
+def _place_lesion(rng: np.random.Generator, config: PhantomConfig, a: dict[str, Any]) -> dict[str, Any]:
+    """Organ, centre, radius, type and intensity of one lesion (not yet drawn)."""
+    if rng.random() >= config.kidney_lesion_prob:
+        ang, rad = rng.uniform(0, 2 * np.pi), np.sqrt(rng.uniform(0, 1)) * 0.5
+        cx = a["liver_c"][0] + np.cos(ang) * rad * a["liver_r"][0]
+        cy = a["liver_c"][1] + np.sin(ang) * rad * a["liver_r"][1]
+        large = bool(rng.random() < 0.5)
+        r = a["s"] * (rng.uniform(0.11, 0.15) if large else rng.uniform(0.065, 0.09))
+        organ, region, base = "liver", a["liver"], a["liver_int"]
+    else:
+        side = int(rng.integers(2))
+        region = a["kidneys"][side]
+        cx, cy = (v / (config.size - 1) * 2 - 1 for v in a["landmarks"][2 + side])
+        large, r = False, a["s"] * rng.uniform(0.05, 0.07)
+        organ, base = "kidney", a["kid_int"]
+    kind = "cyst" if rng.random() < 0.5 else "tumour"
+    return {"organ": organ, "organ_region": region, "cx": float(cx), "cy": float(cy), "r": float(r), "large": large,
+            "type": kind, "base": base}
+
+
+_PLACEMENT_TRIES = 6
+
+
+def _draw_lesions(rng: np.random.Generator, config: PhantomConfig, a: dict[str, Any], sex: str,
+                  age: str) -> list[dict[str, Any]]:
+    """0–2 separate lesions (up to 6 placement tries each) drawn into ``a['img']`` / ``a['mask']``; returns their
+    descriptions (organ, centre, radius, size class, type, area in px, contrast)."""
+    dis, size = config.disparity, config.size
+    if rng.random() >= dis.prevalence[age]:
+        return []
+    count = 2 if rng.random() < config.second_lesion_prob else 1
+    lesions: list[dict[str, Any]] = []
+    taken = np.zeros((size, size), dtype=bool)
+    gap = 3 * 2.0 / (size - 1)  # lesions stay ≥ 3 px apart, so the count is the number of connected regions
+    for _ in range(count * _PLACEMENT_TRIES):
+        if len(lesions) == count:
+            break
+        les = _place_lesion(rng, config, a)
+        shape = _lesion_region(rng, les["cx"], les["cy"], les["r"], les["type"] == "tumour", size)
+        region = shape & les.pop("organ_region")
+        grown = _ellipse(les["cx"], les["cy"], 1.3 * les["r"] + gap, 1.3 * les["r"] + gap, size)
+        if region.sum() < 3 or (grown & taken).any():  # too small once clipped, or too close to the first lesion
+            continue
+        delta = config.lesion_delta * dis.lesion_contrast[sex] * rng.uniform(0.85, 1.15)
+        a["img"][region] = les.pop("base") + (-delta if les["type"] == "cyst" else delta)
+        a["mask"][region] = 5
+        taken |= region
+        lesions.append({**les, "area": int(region.sum()), "contrast": float(delta)})
+    return lesions
+
+
+def generate_sample(index: int, split: str, config: PhantomConfig) -> dict[str, Any]:
+    """One phantom sample (image uint8 [H, W, 1] and all targets), deterministic in (seed, split, index)."""
+    rng = np.random.default_rng([config.seed, SPLIT_CODES[split], index])
+    sex, age = SEXES[int(rng.integers(2))], AGE_GROUPS[int(rng.integers(3))]
+    a = _anatomy(rng, config, sex)
+    lesions = _draw_lesions(rng, config, a, sex, age)
+    noise = rng.normal(0.0, config.disparity.noise_sigma[age], a["img"].shape)
+    img = gaussian_filter(a["img"], config.blur_sigma) + noise
+    main = max(lesions, key=lambda les: les["area"]) if lesions else None
+    return {
+        "image": (np.clip(img, 0.0, 1.0) * 255.0).round().astype(np.uint8)[..., None],
+        "mask": a["mask"],
+        "landmarks": np.asarray(a["landmarks"], dtype=np.float32),
+        "label": int(bool(lesions)),
+        "lesion_type": LESION_TYPES.index(main["type"]) if main else 0,
+        "n_lesions": len(lesions),
+        "findings": [float(bool(lesions)), float(len(lesions) > 1), float(a["enlarged"])],
+        "sex": sex,
+        "age_group": age,
+        "vqa": vqa_answers(lesions),
+    }
+
+
 def generate(split: str, n: int, config: PhantomConfig, start: int = 0) -> dict[str, Any]:
     """Samples ``start … start+n−1`` of ``split`` as column lists (the layout of the HF dataset)."""
     if split not in SPLIT_CODES:
         raise ValueError(f"unknown split {split!r}; choose one of {tuple(SPLIT_CODES)}")
     samples = [generate_sample(i, split, config) for i in range(start, start + n)]
-    columns = {k: [s[k] for s in samples] for k in samples[0]} if samples else {}
+    columns: dict[str, Any] = {k: [s[k] for s in samples] for k in samples[0]} if samples else {}
     columns["index"] = list(range(start, start + n))
     return columns
