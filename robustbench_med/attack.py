@@ -44,7 +44,7 @@ class Attack(abc.ABC):
 
     Class attributes:
         tasks: the victim tasks the attack supports.
-        knowledge: ``'white-box'``, ``'black-box'`` or ``'none'``.
+        knowledge: ``'white-box'``, ``'black-box'``, ``'transfer'`` or ``'none'``.
         supports_eps_batch: whether :meth:`perturb` accepts a different eps per sample (eps sweeps in one batch).
     """
 

@@ -35,7 +35,7 @@ from robustbench_med.errors import ConfigError, RobustBenchMedError, UnknownName
 from robustbench_med.registry import ATTACKS, DATASETS, DEFENSES, VICTIMS
 
 TOP_KEYS = {"name", "dataset", "n_examples", "batch_size", "seed", "device", "victims", "attacks", "defenses", "save_adversarial", "description"}
-VICTIM_KEYS = {"name", "weights", "target_field", "params"}
+VICTIM_KEYS = {"name", "weights", "target_field", "params", "defenses"}
 ATTACK_KEYS = {"name", "params", "victims", "defenses"}
 DEFENSE_KEYS = {"name", "params", "attack_through", "eot"}
 DATASET_KEYS = {"name", "split", "params"}
@@ -44,10 +44,16 @@ ATTACK_THROUGH = ("adaptive", "transfer", "detach")
 
 @dataclass(frozen=True)
 class VictimSpec:
+    """One victim; ``defenses`` optionally restricts the defences it is paired with (default: all of the grid's)."""
+
     name: str
     weights: str | None = "auto"
     target_field: str | None = None
     params: dict[str, Any] = field(default_factory=dict)
+    defenses: tuple[str, ...] = ()
+
+    def pairs_with(self, defense: str) -> bool:
+        return not self.defenses or defense in self.defenses
 
 
 @dataclass(frozen=True)
@@ -208,7 +214,8 @@ def _dataset(value: Any, where: _Where) -> tuple[str, str, dict[str, Any]]:
 def _victim(value: Any, i: int, where: _Where) -> VictimSpec:
     entry = where.entry(value, VICTIM_KEYS, f"victims[{i}]")
     name = where.name(VICTIMS, entry.get("name"), f"victims[{i}].name")
-    return VictimSpec(name, entry.get("weights", "auto"), entry.get("target_field"), entry["params"])
+    only_d = tuple(where.name(DEFENSES, d, f"victims[{i}].defenses") for d in where.list_(entry.get("defenses", []), f"victims[{i}].defenses"))
+    return VictimSpec(name, entry.get("weights", "auto"), entry.get("target_field"), entry["params"], only_d)
 
 
 def _attacks(value: Any, i: int, where: _Where) -> list[AttackSpec]:

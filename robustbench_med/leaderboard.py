@@ -195,11 +195,11 @@ def _worst_case_rows(df: pd.DataFrame, cells: pd.DataFrame, samples: pd.DataFram
 
 
 def _flag_black_box(df: pd.DataFrame) -> None:
-    """Flag white-box cells beaten by a black-box or noise attack at the same budget (a gradient-masking sign)."""
+    """Flag white-box cells beaten by a black-box, transfer or noise attack at the same budget (gradient masking)."""
     if "robust" not in df:
         return
     for _, g in df[df.status == "done"].groupby(["victim", "defense", "defense_params", "attack_through", "norm", "eps"], dropna=False):
-        weak = g[g.knowledge.isin(["black-box", "none"])]
+        weak = g[g.knowledge.isin(["black-box", "transfer", "none"])]
         if weak.empty:
             continue
         best_weak = weak.robust.min()

@@ -149,7 +149,7 @@ class GridRunner:
             victim = create_victim(vspec.name, weights=vspec.weights, device=self.device, **vspec.params)
             self.batch_size = adaptive_batch_size(victim, self.device, self.grid.batch_size)
             y_all = ds.targets(target_field_for(vspec, victim), idx)
-            for dspec in self.grid.defenses:
+            for dspec in (d for d in self.grid.defenses if vspec.pairs_with(d.name)):
                 self._victim_defense(vspec, victim, dspec, x_all, y_all, attr_rows, data_hash)
         self.store.finish_run(run_id)
         self.ctx.barrier()

@@ -16,7 +16,7 @@ import torch
 from robustbench_med.errors import ThreatModelError
 
 NORMS = ("Linf", "L2", "L1")
-KNOWLEDGE = ("white-box", "black-box", "none")
+KNOWLEDGE = ("white-box", "black-box", "transfer", "none")
 BUDGET_TOL = 1e-6
 _FRACTION = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*/\s*([0-9]*\.?[0-9]+)\s*$")
 
@@ -68,7 +68,8 @@ class ThreatModel:
         steps: optimiser iterations (≥ 1).
         restarts: random restarts (≥ 1).
         targeted: whether the attack aims at a target label.
-        knowledge: ``'white-box'`` (gradients), ``'black-box'`` (queries only) or ``'none'`` (random noise).
+        knowledge: ``'white-box'`` (gradients), ``'black-box'`` (queries only), ``'transfer'`` (gradients of a
+            surrogate model, none of the victim) or ``'none'`` (random noise).
     """
 
     norm: str = "Linf"

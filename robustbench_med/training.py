@@ -6,6 +6,7 @@ fingerprint, validation metric, library versions).
 """
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -56,15 +57,33 @@ def _eval_metric(victim, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> f
 def train_victim(name: str, *, force: bool = False, device: str | torch.device | None = None, progress: bool = True) -> Path:
     """Train victim ``name`` with its recipe and cache the weights; skip if cached and not ``force``.
 
-    A file lock makes concurrent callers (several processes of one run) train once and share the result.
+    A file lock makes concurrent callers (several processes of one run) train once and share the result. Cached
+    weights trained with another recipe or on other data (e.g. after the phantom generator changed) are stale and
+    are retrained.
     """
     from filelock import FileLock
 
     path = weights_path(name)
     with FileLock(str(path) + ".lock"):
-        if path.exists() and not force:
+        if path.exists() and not force and is_current(name, path):
             return path
         return _train(name, path, device, progress)
+
+
+def is_current(name: str, path: Path) -> bool:
+    """Whether cached weights at ``path`` were trained with ``name``'s current recipe on the current data.
+
+    Compares, when the sidecar records them, the recipe and the training split's fingerprint (sha256 of its bytes).
+    """
+    from robustbench_med.api import create_dataset
+    from robustbench_med.weights import read_sidecar
+
+    meta, recipe = read_sidecar(path), recipe_for(name)
+    if "recipe" in meta and meta["recipe"] != json.loads(json.dumps(asdict(recipe))):
+        return False
+    if "train_fingerprint" not in meta:
+        return True
+    return meta["train_fingerprint"] == create_dataset(recipe.dataset, split="train", n=recipe.n_train).fingerprint()
 
 
 def _train(name: str, path: Path, device: str | torch.device | None, progress: bool) -> Path:

@@ -29,12 +29,27 @@ class ToyVictimNet(torch.nn.Module):
         return z.flatten(1) @ self.w.t()
 
 
-def make_toy(task: str = "classification", classes=("a", "b", "c")):
+def make_toy(task: str = "classification", classes=("a", "b", "c"), seed: int = 0):
     from robustbench_med.victim import ModelVictim, VictimCard
 
     out = {"classification": len(classes), "binary": 1, "multilabel": 3}[task]
     card = VictimCard(name=f"toy.{task}", task=task, modality="toy", input_size=(1, 16, 16), classes=tuple(classes))
-    return ModelVictim(ToyVictimNet(out), card).eval()
+    return ModelVictim(ToyVictimNet(out, seed=seed), card).eval()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def toy_surrogates():
+    """``toysurrogate.<task>``: registered toy victims (seed 1) that transfer attacks can craft on."""
+    from robustbench_med.registry import VICTIMS
+
+    names = []
+    for task in ("classification", "binary", "multilabel"):
+        name = f"toysurrogate.{task}"
+        VICTIMS.add(name, lambda _t=task, **kw: make_toy(_t, seed=1), task=task)
+        names.append(name)
+    yield names
+    for name in names:
+        VICTIMS.remove(name)
 
 
 @pytest.fixture

@@ -9,9 +9,15 @@ from robustbench_med.threat import check_budget
 
 from conftest import make_toy
 
-FAST = {"square.linf": {"n_queries": 40}, "square.l2": {"n_queries": 40}, "cw.l2": {"steps": 10},
+FAST = {"square.linf": {"n_queries": 40}, "square.l2": {"n_queries": 40}, "square.objective": {"n_queries": 40},
+        "transfer.pgd": {"steps": 5, "surrogate_weights": None}, "cw.l2": {"steps": 10},
         "apgd.ce": {"steps": 5}, "apgd.dlr": {"steps": 5}, "pgd.linf": {"steps": 5}, "pgd.l2": {"steps": 5}}
-IMAGE_ATTACKS = [n for n in rbm.list_attacks() if ATTACKS.get(n).factory().tasks & {"classification", "binary", "multilabel"}]
+def _tasks(name):
+    """The tasks an attack supports (a transfer attack is built with any registered surrogate to read them)."""
+    return ATTACKS.get(name).factory(**({"surrogate": "cnn.phantom"} if name == "transfer.pgd" else {})).tasks
+
+
+IMAGE_ATTACKS = [n for n in rbm.list_attacks() if _tasks(n) & {"classification", "binary", "multilabel"}]
 
 
 def _toy(task):
@@ -23,7 +29,16 @@ def _toy(task):
 
 
 def _supported(name, task):
-    return task in ATTACKS.get(name).factory().tasks and not (name == "apgd.dlr" and task == "binary")
+    return task in _tasks(name) and not (name == "apgd.dlr" and task == "binary")
+
+
+def _required(name, task):
+    """Parameters an attack cannot run without (a transfer attack's surrogate: the seed-1 toy of the same task)."""
+    return {"surrogate": f"toysurrogate.{task}"} if name == "transfer.pgd" else {}
+
+
+def _params(name, task):
+    return {**FAST.get(name, {}), **_required(name, task)}
 
 
 CASES = [(n, t) for n in IMAGE_ATTACKS for t in ("classification", "binary", "multilabel") if _supported(n, t)]
@@ -32,7 +47,7 @@ CASES = [(n, t) for n in IMAGE_ATTACKS for t in ("classification", "binary", "mu
 @pytest.mark.parametrize("name,task", CASES)
 def test_attack_respects_budget_and_range(name, task):
     victim, x, y = _toy(task)
-    attack = rbm.create_attack(name, **FAST.get(name, {}))
+    attack = rbm.create_attack(name, **_params(name, task))
     x_adv = attack(victim, x, y)
     report = check_budget(x, x_adv, attack.threat.norm, attack.threat.eps)
     assert report.valid, report.reason()
@@ -42,7 +57,7 @@ def test_attack_respects_budget_and_range(name, task):
 @pytest.mark.parametrize("name,task", CASES)
 def test_robust_not_above_clean_and_deterministic(name, task):
     victim, x, y = _toy(task)
-    attack = rbm.create_attack(name, seed=7, **FAST.get(name, {}))
+    attack = rbm.create_attack(name, seed=7, **_params(name, task))
     a, b = attack(victim, x, y), attack(victim, x, y)
     assert torch.equal(a, b), "same seed must give identical adversarial examples"
     clean = victim.score(x, y).mean()
@@ -126,3 +141,70 @@ def test_eps_batch_refused_by_single_eps_attacks():
     victim, x, y = _toy("classification")
     with pytest.raises(ConfigError, match="one eps"):
         rbm.create_attack("fgsm.linf")(victim, x, y, eps=torch.linspace(0, 0.1, len(x)))
+
+
+def _toy_segmentor():
+    from robustbench_med.victim import ModelVictim, VictimCard
+
+    torch.manual_seed(0)
+    card = VictimCard(name="toy.seg", task="segmentation", modality="toy", input_size=(1, 16, 16), classes=("bg", "fg"))
+    seg = ModelVictim(torch.nn.Conv2d(1, 2, 3, padding=1), card).eval()
+    x = torch.rand(6, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    return seg, x, seg.predict(x)
+
+
+def test_square_objective_raises_a_dense_objective_within_budget():
+    seg, x, y = _toy_segmentor()
+    attack = rbm.create_attack("square.objective", eps=4 / 255, n_queries=60, seed=3)
+    x_adv = attack(seg, x, y)
+    assert check_budget(x, x_adv, "Linf", 4 / 255).valid
+    assert (seg.objective(x_adv, y) > seg.objective(x, y)).all()
+    assert torch.equal(x_adv, attack(seg, x, y))
+
+
+def test_square_fraction_schedule_halves_at_the_rescaled_breakpoints():
+    from robustbench_med.attacks.square import square_fraction
+
+    assert square_fraction(0.4, 0, 1000) == 0.4
+    assert square_fraction(0.4, 2, 1000) == 0.2  # 20 of 10,000 scaled: past the breakpoint 10
+    assert square_fraction(0.4, 999, 1000) == 0.4 / 2 ** 9  # 9,990: past all nine breakpoints
+
+
+def test_transfer_from_an_identical_surrogate_equals_white_box_pgd():
+    from robustbench_med.registry import VICTIMS
+
+    victim, x, y = _toy("classification")
+    VICTIMS.add("toysame.classification", lambda **kw: make_toy("classification"), task="classification")
+    try:
+        kw = dict(eps=4 / 255, steps=5, seed=2)
+        transferred = rbm.create_attack("transfer.pgd", surrogate="toysame.classification", surrogate_weights=None, **kw)
+        assert transferred.knowledge == "transfer"
+        assert torch.equal(transferred(victim, x, y), rbm.create_attack("pgd.linf", **kw)(victim, x, y))
+    finally:
+        VICTIMS.remove("toysame.classification")
+
+
+def test_transfer_rejects_a_surrogate_of_another_task_and_unknown_names():
+    victim, x, y = _toy("classification")
+    attack = rbm.create_attack("transfer.pgd", surrogate="toysurrogate.binary", surrogate_weights=None, steps=2)
+    with pytest.raises(TaskNotSupportedError, match="surrogate"):
+        attack(victim, x, y)
+    with pytest.raises(rbm.UnknownNameError, match="Did you mean"):
+        rbm.create_attack("transfer.pgd", surrogate="cnn.phantm")
+
+
+def test_black_box_or_transfer_beating_white_box_is_flagged():
+    import pandas as pd
+
+    from robustbench_med.leaderboard import _flag_black_box
+
+    base = dict(victim="v", defense="identity.none", defense_params="{}", attack_through="adaptive", norm="Linf",
+                eps=8 / 255, status="done", flags=[])
+    df = pd.DataFrame([{**base, "attack": "pgd.linf", "knowledge": "white-box", "robust": 0.60},
+                       {**base, "attack": "transfer.pgd", "knowledge": "transfer", "robust": 0.40},
+                       {**base, "attack": "pgd.linf", "knowledge": "white-box", "robust": 0.30, "victim": "w"},
+                       {**base, "attack": "square.objective", "knowledge": "black-box", "robust": 0.31, "victim": "w"}])
+    df["flags"] = [[] for _ in range(len(df))]
+    _flag_black_box(df)
+    assert df.loc[0, "flags"] == ["black_box_beats_white_box"]
+    assert df.loc[2, "flags"] == []  # within the margin: not flagged

@@ -136,3 +136,19 @@ def test_every_victim_card_is_complete():
         card = VICTIMS.get(name).meta["card"]
         assert card.name == name and card.task and card.modality and len(card.input_size) == 3
         json.dumps(card.as_dict(), default=str)
+
+
+def test_cached_weights_from_another_recipe_or_data_are_stale(tmp_path):
+    from dataclasses import asdict, replace
+
+    from robustbench_med.training import is_current, recipe_for
+    from robustbench_med.weights import save_weights
+
+    recipe, path = recipe_for("cnn.phantom"), tmp_path / "w.safetensors"
+    module = torch.nn.Linear(2, 2)
+    save_weights(module, path, {"recipe": asdict(recipe)})
+    assert is_current("cnn.phantom", path)
+    save_weights(module, path, {"recipe": asdict(replace(recipe, epochs=recipe.epochs + 1))})
+    assert not is_current("cnn.phantom", path)
+    save_weights(module, path, {"recipe": asdict(recipe), "train_fingerprint": "0" * 64})
+    assert not is_current("cnn.phantom", path)

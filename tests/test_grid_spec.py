@@ -23,6 +23,22 @@ def test_attack_entries_can_be_restricted():
         parse_grid({**BASE, "attacks": [{"name": "square.linf", "victims": ["cnn.phantm"]}]})
 
 
+def test_victims_can_be_restricted_to_some_defences():
+    grid = parse_grid({**BASE, "victims": [{"name": "cnn.phantom", "defenses": ["identity.none"]}, "unet.phantom"]})
+    assert grid.victims[0].pairs_with("identity.none") and not grid.victims[0].pairs_with("jpeg.bpda")
+    assert grid.victims[1].pairs_with("jpeg.bpda")
+    with pytest.raises(UnknownNameError, match=r"victims\[0\].defenses"):
+        parse_grid({**BASE, "victims": [{"name": "cnn.phantom", "defenses": ["jpeg.bdpa"]}]})
+
+
+@pytest.mark.parametrize("name", ["default", "zoo", "fairness"])
+def test_packaged_grids_are_valid(name):
+    from robustbench_med.grid import load_grid
+
+    grid = load_grid(default_grid_path(name))
+    assert grid.name == name and grid.victims and grid.attacks
+
+
 def test_config_hash_is_stable_and_sensitive():
     assert parse_grid(BASE).config_hash() == parse_grid(BASE).config_hash()
     other = {**BASE, "seed": 1}
