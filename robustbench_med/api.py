@@ -40,7 +40,8 @@ def create_victim(
 
     Args:
         weights: ``'auto'`` loads the project-trained weights from the cache (training them first when
-            ``train_if_missing``); a path loads that file (safetensors or weights-only torch); ``None`` keeps the
+            ``train_if_missing``, also when the cached ones are stale: trained with another recipe, data or training
+            loop); a path loads that file (safetensors or weights-only torch); ``None`` keeps the
             random initialisation.
         device: where to put the victim (default CPU).
         progress: show a progress bar while training missing weights.
@@ -55,14 +56,14 @@ def create_victim(
     path = None
     if weights == "auto":
         path = weights_path(name)
-        if not path.exists():
-            if entry.meta.get("recipe") is None:
-                raise WeightsError(f"victim {name!r} needs a weights file: pass weights=PATH")
-            if not train_if_missing:
-                raise WeightsError(f"no trained weights for {name!r} at {path}. Train them with `robustbench-med train {name}`.")
+        if entry.meta.get("recipe") is None and not path.exists():
+            raise WeightsError(f"victim {name!r} needs a weights file: pass weights=PATH")
+        if train_if_missing and entry.meta.get("recipe") is not None:
             from robustbench_med.training import train_victim
 
-            train_victim(name, progress=progress)
+            train_victim(name, progress=progress)  # trains when missing or stale (other recipe, data or loop)
+        elif not path.exists():
+            raise WeightsError(f"no trained weights for {name!r} at {path}. Train them with `robustbench-med train {name}`.")
     elif weights is not None:
         path = weights
     if path is not None:

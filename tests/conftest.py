@@ -40,12 +40,15 @@ def make_toy(task: str = "classification", classes=("a", "b", "c"), seed: int = 
 @pytest.fixture(scope="session", autouse=True)
 def toy_surrogates():
     """``toysurrogate.<task>``: registered toy victims (seed 1) that transfer attacks can craft on."""
+    from dataclasses import replace
+
     from robustbench_med.registry import VICTIMS
 
     names = []
     for task in ("classification", "binary", "multilabel"):
         name = f"toysurrogate.{task}"
-        VICTIMS.add(name, lambda _t=task, **kw: make_toy(_t, seed=1), task=task)
+        card = replace(make_toy(task).card, name=name)
+        VICTIMS.add(name, lambda _t=task, **kw: make_toy(_t, seed=1), task=task, card=card)
         names.append(name)
     yield names
     for name in names:

@@ -141,14 +141,28 @@ def test_every_victim_card_is_complete():
 def test_cached_weights_from_another_recipe_or_data_are_stale(tmp_path):
     from dataclasses import asdict, replace
 
-    from robustbench_med.training import is_current, recipe_for
+    from robustbench_med.training import TRAINING_VERSION, is_current, recipe_for
     from robustbench_med.weights import save_weights
 
     recipe, path = recipe_for("cnn.phantom"), tmp_path / "w.safetensors"
-    module = torch.nn.Linear(2, 2)
-    save_weights(module, path, {"recipe": asdict(recipe)})
+    module, current = torch.nn.Linear(2, 2), {"training_version": TRAINING_VERSION}
+    save_weights(module, path, {"recipe": asdict(recipe), **current})
     assert is_current("cnn.phantom", path)
-    save_weights(module, path, {"recipe": asdict(replace(recipe, epochs=recipe.epochs + 1))})
+    save_weights(module, path, {"recipe": asdict(recipe)})  # trained by an older training loop
     assert not is_current("cnn.phantom", path)
-    save_weights(module, path, {"recipe": asdict(recipe), "train_fingerprint": "0" * 64})
+    save_weights(module, path, {"recipe": asdict(replace(recipe, epochs=recipe.epochs + 1)), **current})
     assert not is_current("cnn.phantom", path)
+    save_weights(module, path, {"recipe": asdict(recipe), "train_fingerprint": "0" * 64, **current})
+    assert not is_current("cnn.phantom", path)
+
+
+def test_segmentation_training_weights_rare_classes_and_uses_batch_dice():
+    from robustbench_med.training import batch_soft_dice_loss, segmentation_class_weights
+
+    masks = torch.zeros(2, 10, 10, dtype=torch.long)
+    masks[:, :5] = 1
+    masks[0, 0, 0] = 2  # 1 pixel of 200
+    w = segmentation_class_weights(masks, 3)
+    assert w[0] == 1.0 and w[2] > w[1] >= w[0] and w[2] <= 20.0
+    perfect = torch.nn.functional.one_hot(masks, 3).permute(0, 3, 1, 2).float() * 50
+    assert batch_soft_dice_loss(perfect, masks) < 0.01 < batch_soft_dice_loss(-perfect, masks)

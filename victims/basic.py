@@ -132,7 +132,7 @@ def unet_phantom() -> ModelVictim:
 @register_victim(
     "unet.landmark",
     card=LANDMARK_CARD,
-    recipe=TrainRecipe(target_field="landmarks", epochs=7, lr=3e-3, n_train=500),
+    recipe=TrainRecipe(target_field="landmarks", epochs=15, lr=3e-3, n_train=500),
 )
 def unet_landmark() -> ModelVictim:
     """Landmark detection by Gaussian-heatmap regression with a small U-Net (4 landmarks)."""
