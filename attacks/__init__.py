@@ -1,2 +1,3 @@
 """Built-in attacks; importing this package registers them (``robustbench_med.attacks``)."""
 from robustbench_med.attacks import pgd, noise, torchattacks_adapters  # noqa: E402,F401
+from robustbench_med.attacks import square, transfer  # noqa: F401

@@ -1,2 +1,3 @@
 """Built-in victims; importing this package registers them (``robustbench_med.victims``)."""
 from robustbench_med.victims import basic as _basic  # noqa: F401
+from robustbench_med.victims import zoo as _zoo  # noqa: F401
