@@ -31,7 +31,7 @@ def test_victims_can_be_restricted_to_some_defences():
         parse_grid({**BASE, "victims": [{"name": "cnn.phantom", "defenses": ["jpeg.bdpa"]}]})
 
 
-@pytest.mark.parametrize("name", ["default", "zoo", "fairness"])
+@pytest.mark.parametrize("name", sorted(p.stem for p in default_grid_path().parent.glob("*.yaml")))
 def test_packaged_grids_are_valid(name):
     from robustbench_med.grid import load_grid
 
