@@ -17,8 +17,8 @@ def _grid_arg(value: str | None) -> Path:
     if value is None:
         return default_grid_path()
     path = Path(value)
-    if not path.exists() and (default_grid_path(value)).exists():
-        return default_grid_path(value)  # a packaged grid by name, e.g. `run zoo`
+    if not path.is_file() and (default_grid_path(value)).exists():
+        return default_grid_path(value)  # a packaged grid by name, e.g. `run zoo` (even beside a folder `zoo/`)
     return path
 
 

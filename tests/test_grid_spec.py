@@ -73,3 +73,13 @@ def test_bad_yaml_file_names_the_file(tmp_path):
 def test_packaged_default_grid_is_valid():
     grid = load_grid(default_grid_path())
     assert grid.name == "default" and len(grid.victims) >= 4
+
+
+def test_packaged_grid_name_is_found_beside_a_folder_of_that_name(tmp_path, monkeypatch):
+    from robustbench_med.cli import _grid_arg
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "default").mkdir()  # e.g. the output folder of an earlier `run default --out default`
+    assert _grid_arg("default") == default_grid_path("default")
+    (tmp_path / "mine.yaml").write_text("victims: [cnn.phantom]\n")
+    assert _grid_arg("mine.yaml") == tmp_path / "mine.yaml"
