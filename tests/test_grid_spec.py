@@ -82,4 +82,4 @@ def test_packaged_grid_name_is_found_beside_a_folder_of_that_name(tmp_path, monk
     (tmp_path / "default").mkdir()  # e.g. the output folder of an earlier `run default --out default`
     assert _grid_arg("default") == default_grid_path("default")
     (tmp_path / "mine.yaml").write_text("victims: [cnn.phantom]\n")
-    assert _grid_arg("mine.yaml") == tmp_path / "mine.yaml"
+    assert _grid_arg("mine.yaml").resolve() == tmp_path / "mine.yaml"
