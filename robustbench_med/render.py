@@ -22,7 +22,7 @@ from typing import Any, Iterable
 from robustbench_med.entries import defense_label, headline_rows, is_worst_case
 
 RELIABILITY_NOTE = ("flags: masked_gradients = zero input gradients on the attacked model; randomized = outputs vary "
-                    "between passes (attacked with EOT); black_box_beats_white_box = a black-box or noise attack did "
+                    "between passes (attacked with EOT); black_box_beats_white_box = a black-box, transfer or noise attack did "
                     "better than a white-box one (gradient masking); invalid_budget = the attack broke its budget")
 
 
