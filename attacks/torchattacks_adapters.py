@@ -170,13 +170,25 @@ class AutoAttack(TorchattacksAttack):
         seed = self.call_seed()
         self.variant = self.variant_for(victim)
         if k >= 4:
-            return ta.AutoAttack(model, norm=self.threat.norm, eps=eps, version=self.version, n_classes=k, seed=seed)
+            return set_square_queries(ta.AutoAttack(model, norm=self.threat.norm, eps=eps, version=self.version,
+                                                    n_classes=k, seed=seed), self.n_queries)
         norm = self.threat.norm
         members = [ta.APGD(model, norm=norm, eps=eps, steps=100, n_restarts=1, seed=seed, loss="ce")]
         if k == 3:
             members.append(ta.APGD(model, norm=norm, eps=eps, steps=100, n_restarts=1, seed=seed, loss="dlr"))
         members.append(ta.Square(model, norm=norm, eps=eps, n_queries=self.n_queries, n_restarts=1, seed=seed))
         return ta.MultiAttack(members)
+
+
+def set_square_queries(attack: Any, n_queries: int) -> Any:
+    """Set the query budget of every Square member of a torchattacks ``AutoAttack`` / ``MultiAttack`` (torchattacks'
+    AutoAttack hard-codes 5000); returns ``attack``."""
+    ta = _torchattacks()
+    inner = getattr(attack, "_autoattack", attack)
+    for member in getattr(inner, "attacks", [inner]):
+        if isinstance(member, ta.Square):
+            member.n_queries = int(n_queries)
+    return attack
 
 
 def _factory(cls: type[TorchattacksAttack], **fixed: Any):

@@ -116,6 +116,11 @@ class Attack(abc.ABC):
             raise ConfigError(f"{self.name} takes one eps per batch, got several")
         return eps
 
+    def prepare(self, victim: Victim, train: Any) -> None:
+        """Fit whatever the attack learns from data (e.g. HFC's feature statistics) on ``train`` (a
+        ``MedicalDataset`` training split) for ``victim``, mirroring :meth:`Defense.prepare`. The harness calls it
+        before attacking ``victim`` or a defence wrapper of it; attacks that learn nothing keep this no-op."""
+
     @abc.abstractmethod
     def perturb(self, victim: Victim, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """Return adversarial examples; ``eps`` holds each sample's radius (all equal unless eps batching)."""

@@ -3,8 +3,14 @@
 - ``verify ENTRY``: re-run a seeded sample of an entry's examples and compare with the stored numbers.
 - ``check --baseline ENTRY|DIR``: evaluate a new or changed model like the baseline; exit 1 on a regression of
   robustness or of fairness under attack (usable in a model repository's CI).
-- ``publish [GRID ...]``: run the default and zoo grids (or the given ones), write their entries into
-  ``leaderboards/<dataset>/<threat>/<victim>.json`` and render Markdown, LaTeX, CSV and HTML from all entries there.
+- ``publish [GRID ...]``: run grids, write their entries into ``<out>/<dataset>/<threat>/<victim>.json`` and render
+  Markdown, LaTeX, CSV and HTML from all entries there. Without grid names it publishes every packaged study
+  (:data:`PUBLISH_SETS`): the robustness leaderboard (zoo, default and LVLM grids) into ``<out>``, and the detector
+  (HFC), fairness (APPLE) and F3 studies into ``<out>/detectors``, ``<out>/fairness`` and ``<out>/f3``.
+
+When two grids of one publish produce the same victim × threat (the default grid's zoo models are also in the zoo
+grid), the entry with more samples is published (the first grid on a tie) and the other is reported as skipped; an
+entry that a grid not being published wrote earlier is replaced only by one with more samples.
 
 Exit codes: 0 success, 1 not verified / regression, 2 bad input (any :class:`RobustBenchMedError`).
 """
@@ -16,7 +22,8 @@ from pathlib import Path
 
 from robustbench_med.errors import ConfigError
 
-DEFAULT_GRIDS = ("default", "zoo")
+DEFAULT_GRIDS = ("zoo", "default", "lvlm")
+PUBLISH_SETS: dict[str, tuple[str, ...]] = {"": DEFAULT_GRIDS, "detectors": ("hfc",), "fairness": ("fairness",), "f3": ("f3",)}
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -41,23 +48,14 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
-def _grid_paths(names: list[str]) -> list[Path]:
-    """Grid files for ``publish``: the given names / paths, or the packaged default and zoo grids that exist."""
-    from robustbench_med.cli import _grid_arg, default_grid_path
+def _grid_paths(names: list[str] | tuple[str, ...]) -> list[Path]:
+    """Grid files for ``publish``: the given names (YAML paths or packaged grid names), which must exist."""
+    from robustbench_med.cli import _grid_arg
 
-    if names:
-        paths = [_grid_arg(n) for n in names]
-        missing = [str(p) for p in paths if not p.exists()]
-        if missing:
-            raise ConfigError(f"grid file(s) {missing} do not exist (give a YAML path or a packaged grid name)")
-        return paths
-    paths = []
-    for name in DEFAULT_GRIDS:
-        path = default_grid_path(name)
-        if path.exists():
-            paths.append(path)
-        else:
-            print(f"robustbench-med publish: no packaged grid {name!r}; skipping it")
+    paths = [_grid_arg(n) for n in names]
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        raise ConfigError(f"grid file(s) {missing} do not exist (give a YAML path or a packaged grid name)")
     return paths
 
 
@@ -76,32 +74,67 @@ def _remove_stale(out: Path, grid_name: str) -> None:
 
 def cmd_publish(args: argparse.Namespace) -> int:
     """``robustbench-med publish``: run grids, write entries, render all formats from every entry in --out."""
+    out = Path(args.out)
+    if args.grids:
+        studies = [(out, tuple(args.grids))]
+    else:
+        studies = [(out / sub if sub else out, grids) for sub, grids in PUBLISH_SETS.items()]
+    plans = [(root, _grid_paths(grids)) for root, grids in studies]  # every grid file checked before running any
+    rendered = [_publish_study(root, paths, args) for root, paths in plans]
+    if not any(rendered):
+        raise ConfigError(f"no entries under {out} to render (expected <dataset>/<threat>/<victim>.json files)")
+    return 0
+
+
+def _publish_study(out: Path, grid_paths: list[Path], args: argparse.Namespace) -> bool:
+    """Run ``grid_paths`` (unless --render-only), write their entries under ``out`` and render ``out``'s tables;
+    returns whether ``out`` holds entries (and so was rendered)."""
     from robustbench_med.entries import build_entries, entry_path, load_entries, write_entry
     from robustbench_med.grid import load_grid
     from robustbench_med.render import write_rendered
     from robustbench_med.runner import run_grid
 
-    out = Path(args.out)
     if not args.render_only:
-        grids = [load_grid(p) for p in _grid_paths(args.grids)]  # validate every grid before running any
-        written: dict[Path, str] = {}
+        grids = [load_grid(p) for p in grid_paths]  # validate every grid before running any
+        chosen: dict[Path, tuple[dict, str]] = {}
         for grid in grids:
             print(f"robustbench-med publish: running grid {grid.name!r} (n={grid.n_examples}) into "
                   f"{Path(args.runs) / grid.name}", flush=True)
             store = run_grid(grid, Path(args.runs) / grid.name, device=args.device, progress=not args.quiet)
-            entries = build_entries(store)
-            for e in entries:
+            for e in build_entries(store):
                 path = entry_path(out, e)
-                if path in written:
-                    raise ConfigError(f"{e['victim']} × {e['threat']['key']} is produced by grids {written[path]!r} and {grid.name!r}")
-                written[path] = grid.name
-            _remove_stale(out, grid.name)
-            for e in entries:
-                write_entry(e, out)
-            print(f"  {len(entries)} entries written under {out}")
+                if path in chosen:
+                    keep, drop = (chosen[path], (e, grid.name)) if chosen[path][0]["n"] >= e["n"] else ((e, grid.name), chosen[path])
+                    print(f"  skipped {e['victim']} × {e['threat']['key']} of grid {drop[1]!r} (n={drop[0]['n']}): "
+                          f"grid {keep[1]!r} has it with n={keep[0]['n']}")
+                    chosen[path] = keep
+                else:
+                    chosen[path] = (e, grid.name)
+        names = {g.name for g in grids}
+        for g in names:
+            _remove_stale(out, g)
+        written = [write_entry(e, out) for path, (e, _g) in chosen.items() if not _kept_from_other_grid(path, e, names)]
+        print(f"  {len(written)} entries written under {out}")
+    if not (out.is_dir() and any(out.glob("*/*/*.json"))):
+        return False
     paths = write_rendered(load_entries(out), out)
     print("written: " + ", ".join(str(p) for p in paths.values()))
-    return 0
+    return True
+
+
+def _kept_from_other_grid(path: Path, entry: dict, publishing: set[str]) -> bool:
+    """Whether an existing entry at ``path``, written by a grid not being published now, has at least as many
+    samples as ``entry`` (then it stays and ``entry`` is reported as skipped)."""
+    if not path.exists():
+        return False
+    try:
+        old = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise ConfigError(f"{path}: not a valid entry; fix or remove it before publishing") from None
+    if old.get("grid") in publishing or int(old.get("n", 0)) < entry["n"]:
+        return False
+    print(f"  kept {path} (grid {old.get('grid')!r}, n={old.get('n')}); skipped grid {entry['grid']!r}'s (n={entry['n']})")
+    return True
 
 
 def add_subcommands(sub: argparse._SubParsersAction) -> None:
@@ -129,7 +162,8 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--quiet", action="store_true", help="no progress bars")
     c.set_defaults(func=cmd_check)
     p = sub.add_parser("publish", help="run grids, write leaderboard entries and render Markdown/LaTeX/CSV/HTML")
-    p.add_argument("grids", nargs="*", help="grid YAML files or packaged grid names (default: default and zoo)")
+    p.add_argument("grids", nargs="*", help="grid YAML files or packaged grid names (default: every packaged study: "
+                   "zoo + default + lvlm into --out, hfc, fairness and f3 into --out/{detectors,fairness,f3})")
     p.add_argument("--out", default="leaderboards", help="leaderboard directory (default: leaderboards/)")
     p.add_argument("--runs", default="runs", help="where the result stores go (default: runs/<grid>; re-running resumes)")
     p.add_argument("--device", help="cpu, cuda … (default: from the grid, else auto)")

@@ -109,7 +109,7 @@ class PurifiedVictim(Victim):
     """``victim ∘ purify`` with a selectable gradient path through the purifier.
 
     ``gradient_mode``: ``'full'`` differentiates through ``purify``; ``'bpda'`` uses the straight-through estimator
-    ``x + (purify(x) − x).detach()``; ``'detach'`` purifies a detached copy, so no gradient reaches the input (the
+    ``x + (purify(x) − x).detach()``; ``'detach'`` purifies a detached copy, so only a zero gradient reaches the input (the
     naive "adaptive" attack whose gradients are masked).
     """
 
@@ -135,7 +135,7 @@ class PurifiedVictim(Victim):
             return self.defense.purify(x)
         if self.gradient_mode == "bpda":
             return x + (self.defense.purify(x.detach()) - x).detach()
-        return self.defense.purify(x.detach()).detach()
+        return self.defense.purify(x.detach()).detach() + 0 * x  # a zero (not a missing) gradient: every attack runs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.victim(self.purified(x))

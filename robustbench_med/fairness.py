@@ -457,28 +457,32 @@ def fairness_table(store: Any, *, n_boot: int = 1000, seed: int = 0) -> pd.DataF
 def compare_defenses(store: Any, base: str = "identity.none", other: str = "apple.latent",
                      attributes: Iterable[str] = ATTRIBUTES, *, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
     """:func:`compare_groups` of defence ``other`` against ``base`` for every victim of a store: one ``clean`` row per
-    victim and attribute (the defended models on clean inputs), and one row per attack setting (same attack and
-    parameters under both defences) and attribute, on the adversarial scores."""
+    victim, setting of ``other`` and attribute (the defended models on clean inputs), and one row per attack setting
+    (same attack and parameters under both defences) and attribute, on the adversarial scores. A grid may hold
+    ``other`` with several parameter settings (e.g. two APPLE configurations): each is compared on its own and named
+    by the ``defense_params`` column."""
     cells, samples, attrs = _store_frames(store)
     if cells.empty:
         return pd.DataFrame()
     done = cells[cells.status == "done"]
     rows = []
     for victim, vc in done.groupby("victim"):
-        b_cells, o_cells = vc[vc.defense == base], vc[vc.defense == other]
-        pairs = [(b, o) for _, b in b_cells.iterrows() for _, o in o_cells.iterrows()
-                 if b.attack == o.attack and b.attack_params == o.attack_params]
-        if not pairs:
-            continue
-        first = samples[samples.cell_id == pairs[0][0].cell_id]
-        by_idx = attrs.loc[first.index].set_index(first.sample_idx.to_numpy())
-        settings = [("clean", "", None, pairs[0][0].cell_id, pairs[0][1].cell_id, "clean_score")]
-        settings += [(b.attack, b.attack_params, json.loads(b.threat).get("eps"), b.cell_id, o.cell_id, "adv_score") for b, o in pairs]
-        for attack, params, eps, b_id, o_id, score in settings:
-            for attr in list(attributes) + [INTERSECTION]:
-                res = compare_groups(samples[samples.cell_id == b_id], samples[samples.cell_id == o_id], by_idx, attr,
-                                     score=score, n_boot=n_boot, seed=seed)
-                rows.append({"victim": victim, "attack": attack, "attack_params": params, "eps": eps, "attribute": attr, **res})
+        b_cells = vc[vc.defense == base]
+        for d_params, o_cells in vc[vc.defense == other].groupby("defense_params", sort=True, dropna=False):
+            pairs = [(b, o) for _, b in b_cells.iterrows() for _, o in o_cells.iterrows()
+                     if b.attack == o.attack and b.attack_params == o.attack_params]
+            if not pairs:
+                continue
+            first = samples[samples.cell_id == pairs[0][0].cell_id]
+            by_idx = attrs.loc[first.index].set_index(first.sample_idx.to_numpy())
+            settings = [("clean", "", None, pairs[0][0].cell_id, pairs[0][1].cell_id, "clean_score")]
+            settings += [(b.attack, b.attack_params, json.loads(b.threat).get("eps"), b.cell_id, o.cell_id, "adv_score") for b, o in pairs]
+            for attack, params, eps, b_id, o_id, score in settings:
+                for attr in list(attributes) + [INTERSECTION]:
+                    res = compare_groups(samples[samples.cell_id == b_id], samples[samples.cell_id == o_id], by_idx, attr,
+                                         score=score, n_boot=n_boot, seed=seed)
+                    rows.append({"victim": victim, "defense_params": d_params, "attack": attack, "attack_params": params,
+                                 "eps": eps, "attribute": attr, **res})
     return pd.DataFrame(rows)
 
 

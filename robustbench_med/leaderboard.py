@@ -158,7 +158,22 @@ def _cell_row(cell: pd.Series, sub: pd.DataFrame, all_attrs: pd.DataFrame, flags
     if n_boot:
         row.update(_group_stats(sub, all_attrs.loc[sub.index], cell["task"], cell["metric"], n_boot))
     row.update(_detection_stats(sub))
+    row.update(_secondary_means(sub, cell["metric"]))
     return row
+
+
+def _secondary_means(sub: pd.DataFrame, primary: str) -> dict[str, float]:
+    """``robust_<m>`` / ``clean_<m>``: means of the victim's secondary per-sample metrics (e.g. VQA accuracy on the
+    attacked question ``vqa_accuracy_first`` and on the others ``vqa_accuracy_others``; MRE of landmarks)."""
+    per = pd.DataFrame([json.loads(m) if isinstance(m, str) else (m or {}) for m in sub["metrics"]])
+    skip = {primary, "detector_score", "clean_detector_score"}
+    out = {}
+    for key in per.columns:
+        if key in skip or not pd.api.types.is_numeric_dtype(per[key]):
+            continue
+        name = key if key.startswith("clean_") else f"robust_{key}"
+        out[name] = float(per[key].mean())
+    return out
 
 
 def _asr(clean_correct: np.ndarray, adv_correct: np.ndarray) -> float:
@@ -213,6 +228,17 @@ DISPLAY = [("victim", "victim"), ("defense", "defense"), ("attack", "attack"), (
            ("attack_success_rate", "ASR"), ("robust_gap_sex", "gap(sex)"), ("worst_group_robust_sex", "worst(sex)"),
            ("gap_change_sex", "Δgap(sex)"), ("robust_gap_age_group", "gap(age)"), ("n", "n"), ("mean_linf", "mean L∞"),
            ("mean_l2", "mean L2"), ("flags", "flags")]
+DETECTION_DISPLAY = [("detector_auroc", "det. AUROC"), ("detector_tpr_at_90tnr", "TPR@90%TNR")]
+VQA_DISPLAY = [("robust_vqa_accuracy_first", "robust (attacked q)"), ("robust_vqa_accuracy_others", "robust (other q)")]
+
+
+def display_columns(df: pd.DataFrame) -> list[tuple[str, str]]:
+    """The displayed columns; after the ASR: the detector AUROC and TPR at 90% TNR when a cell ran behind a detector,
+    and for VQA victims the accuracy on each image's first evaluation question (the one question-specific attacks
+    target) and on its other questions."""
+    extra = [(c, h) for c, h in DETECTION_DISPLAY + VQA_DISPLAY if c in df and not df[c].isna().all()]
+    at = [c for c, _ in DISPLAY].index("attack_success_rate") + 1
+    return DISPLAY[:at] + extra + DISPLAY[at:]
 
 
 def _fmt(v: Any) -> str:
@@ -226,19 +252,19 @@ def _fmt(v: Any) -> str:
 
 
 def display_rows(df: pd.DataFrame) -> list[list[str]]:
-    rows = []
+    rows, columns = [], display_columns(df)
     for _, r in df[df.status.isin(["done", "invalid"])].iterrows():
         r = r.copy()
         r["ci"] = f"[{r.robust_ci95_low:.3f}, {r.robust_ci95_high:.3f}]" if pd.notna(r.get("robust_ci95_low")) else "–"
         if r.status == "invalid":
             r["robust"] = "INVALID"
-        rows.append([_fmt(r.get(col)) for col, _ in DISPLAY])
+        rows.append([_fmt(r.get(col)) for col, _ in columns])
     return rows
 
 
 def to_markdown(df: pd.DataFrame) -> str:
     """A GitHub-flavoured Markdown table of the leaderboard (pipes in text are escaped)."""
-    head = [h for _, h in DISPLAY]
+    head = [h for _, h in display_columns(df)]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for row in display_rows(df):
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in row) + " |")
@@ -251,7 +277,7 @@ def to_markdown(df: pd.DataFrame) -> str:
 
 def to_text(df: pd.DataFrame) -> str:
     """A fixed-width table for the terminal."""
-    head = [h for _, h in DISPLAY]
+    head = [h for _, h in display_columns(df)]
     rows = display_rows(df)
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
     fmt = "  ".join("{:<" + str(w) + "}" for w in widths)

@@ -25,7 +25,7 @@ from robustbench_med.defense import DetectorVictim, PurifiedVictim
 from robustbench_med.distributed import ProcessContext, process_context
 from robustbench_med.errors import ConfigError, TaskNotSupportedError
 from robustbench_med.grid import AttackSpec, DefenseSpec, Grid, VictimSpec, canonical, load_grid
-from robustbench_med.registry import VICTIMS
+from robustbench_med.registry import DEFENSES, VICTIMS
 from robustbench_med.store import Store
 from robustbench_med.tasks import predict as task_predict
 from robustbench_med.threat import check_budget
@@ -74,6 +74,13 @@ def manifest(grid: Grid, device: torch.device, data_hash: str) -> dict[str, Any]
     }
 
 
+def defense_supports(name: str, task: str) -> bool:
+    """Whether defence ``name`` declares ``task`` among its registry ``tasks`` (no declaration: every task), so a grid
+    can list task-specific defences (F3 for LVLMs, APPLE for segmentors) beside victims of other tasks."""
+    tasks = DEFENSES.get(name).meta.get("tasks")
+    return not tasks or task in tasks
+
+
 def target_field_for(spec: VictimSpec, victim: Victim) -> str:
     if spec.target_field:
         return spec.target_field
@@ -115,9 +122,10 @@ def _raw_output(victim: Victim, x: torch.Tensor, y: torch.Tensor) -> torch.Tenso
 
 
 def _clean_extras(clean_row: dict[str, Any]) -> dict[str, float]:
-    """Clean-input values stored beside each adversarial row (the clean detector score, for detection AUROC)."""
+    """Clean-input values stored beside each adversarial row: every clean metric but the primary score (which has its
+    own column), prefixed ``clean_`` (e.g. ``clean_detector_score`` for detection AUROC, ``clean_vqa_accuracy_first``)."""
     metrics = json.loads(clean_row["metrics"]) if isinstance(clean_row.get("metrics"), str) else clean_row.get("metrics") or {}
-    return {"clean_detector_score": metrics["detector_score"]} if "detector_score" in metrics else {}
+    return {f"clean_{k}": v for k, v in list(metrics.items())[1:]}
 
 
 class GridRunner:
@@ -149,7 +157,7 @@ class GridRunner:
             victim = create_victim(vspec.name, weights=vspec.weights, device=self.device, **vspec.params)
             self.batch_size = adaptive_batch_size(victim, self.device, self.grid.batch_size)
             y_all = ds.targets(target_field_for(vspec, victim), idx)
-            for dspec in (d for d in self.grid.defenses if vspec.pairs_with(d.name)):
+            for dspec in (d for d in self.grid.defenses if vspec.pairs_with(d.name) and defense_supports(d.name, victim.task)):
                 self._victim_defense(vspec, victim, dspec, x_all, y_all, attr_rows, data_hash)
         self.store.finish_run(run_id)
         self.ctx.barrier()
@@ -158,19 +166,33 @@ class GridRunner:
     # one victim × defence ---------------------------------------------------------------------------------
     def _victim_defense(self, vspec: VictimSpec, victim: Victim, dspec: DefenseSpec, x_all, y_all, attrs, data_hash) -> None:
         defense = create_defense(dspec.name, **dspec.params)
+        eot = dspec.eot or (DEFAULT_EOT if defense.randomized and dspec.attack_through == "adaptive" else 1)
+        group_key = short_hash(vspec.name, victim.card.weights_sha256, dspec.key, self.grid.dataset, self.grid.split, len(x_all), self.grid.seed, data_hash)
+        if self._finished(vspec, dspec, group_key, eot, len(x_all)):
+            return  # resumed: clean rows and every cell of this victim × defence are final; nothing is refitted
         defense.prepare(victim, self._train_split())
         defended = defense.wrap(victim).to(self.device).eval()
         view = self._attacked_view(victim, defended, dspec)
-        eot = dspec.eot or (DEFAULT_EOT if defense.randomized and dspec.attack_through == "adaptive" else 1)
-        group_key = short_hash(vspec.name, victim.card.weights_sha256, dspec.key, self.grid.dataset, self.grid.split, len(x_all), self.grid.seed, data_hash)
         clean = self._clean(defended, group_key, x_all, y_all, attrs)
         self._reliability(group_key, defended, view, x_all, y_all, defense.randomized, eot)
         plans = self._plan_cells(vspec, victim, defense, dspec, group_key, eot)
         for group in self._eps_groups(plans):
             self._run_group(group, view, defended, group_key, x_all, y_all, clean, attrs)
 
+    def _finished(self, vspec: VictimSpec, dspec: DefenseSpec, group_key: str, eot: int, n: int) -> bool:
+        """Whether a previous run completed this victim × defence (all clean rows, every applicable cell final), so a
+        resumed run skips fitting the defence (detectors, latent perturbers) again."""
+        if len(self.store.clean_rows(group_key)) != n:
+            return False
+        for spec in self.grid.attacks:
+            if spec.applies_to(vspec.name, dspec.name):
+                status = self.store.cell_status(short_hash(group_key, spec.key, eot))
+                if status is None or status[0] not in ("done", "invalid", "skipped"):
+                    return False
+        return True
+
     def _train_split(self):
-        """The training split of the grid's dataset, for defences that learn (built lazily, once)."""
+        """The training split of the grid's dataset, for defences and attacks that learn (built lazily, once)."""
         if not hasattr(self, "_train"):
             self._train = create_dataset(self.grid.dataset, split="train", **self.grid.dataset_params)
         return self._train
@@ -236,6 +258,7 @@ class GridRunner:
             }
             try:
                 attack.check_task(victim)
+                attack.prepare(victim, self._train_split())  # attacks that learn from data (HFC statistics)
             except (TaskNotSupportedError, ConfigError) as e:
                 cell["status"], cell["reason"] = "skipped", str(e)
                 self.store.upsert_cell(cell)

@@ -77,15 +77,19 @@ def train_victim(name: str, *, force: bool = False, device: str | torch.device |
 def is_current(name: str, path: Path) -> bool:
     """Whether cached weights at ``path`` were trained with ``name``'s current recipe on the current data.
 
-    Compares the generic training loop's version and, when the sidecar records them, the recipe and the training
-    split's fingerprint (sha256 of its bytes).
+    Compares the generic training loop's version (or, for victims with their own ``trainer``, the registry's
+    ``trainer_version``) and, when the sidecar records them, the recipe and the training split's fingerprint (sha256
+    of its bytes).
     """
     from robustbench_med.api import create_dataset
     from robustbench_med.weights import read_sidecar
 
     meta, recipe = read_sidecar(path), recipe_for(name)
-    if VICTIMS.get(name).meta.get("trainer") is None and meta.get("training_version", 1) != TRAINING_VERSION:
+    entry_meta = VICTIMS.get(name).meta
+    if entry_meta.get("trainer") is None and meta.get("training_version", 1) != TRAINING_VERSION:
         return False
+    if entry_meta.get("trainer") is not None and meta.get("trainer_version", 1) != entry_meta.get("trainer_version", 1):
+        return False  # a victim with its own training loop whose loop (or model initialisation) changed
     if "recipe" in meta and meta["recipe"] != json.loads(json.dumps(asdict(recipe))):
         return False
     if "train_fingerprint" not in meta:

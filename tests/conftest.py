@@ -62,3 +62,19 @@ def toy_batch():
     x = torch.rand(16, 1, 16, 16, generator=torch.Generator().manual_seed(1))
     y = victim.predict(x)
     return victim, x, y
+
+
+@pytest.fixture(scope="session")
+def trained_lvlm():
+    """``trained_lvlm(family)``: the registered ``<family>.tiny`` LVLM trained by its own recipe (about 20–25 s on two
+    cores, once per test session, in the session's private cache), so claim tests run on the models users get."""
+    import robustbench_med as rbm
+
+    cache = {}
+
+    def get(family: str):
+        if family not in cache:
+            cache[family] = rbm.create_victim(f"{family}.tiny", train_if_missing=True, progress=False)
+        return cache[family]
+
+    return get

@@ -1,4 +1,6 @@
 """Invariants of every registered attack: budget, range, robust ≤ clean, determinism; torchattacks equivalence."""
+import functools
+
 import pytest
 import torch
 
@@ -11,7 +13,8 @@ from conftest import make_toy
 
 FAST = {"square.linf": {"n_queries": 40}, "square.l2": {"n_queries": 40}, "square.objective": {"n_queries": 40},
         "transfer.pgd": {"steps": 5, "surrogate_weights": None}, "cw.l2": {"steps": 10},
-        "apgd.ce": {"steps": 5}, "apgd.dlr": {"steps": 5}, "pgd.linf": {"steps": 5}, "pgd.l2": {"steps": 5}}
+        "apgd.ce": {"steps": 5}, "apgd.dlr": {"steps": 5}, "pgd.linf": {"steps": 5}, "pgd.l2": {"steps": 5},
+        **{n: {"steps": 5, "stats_target_field": "label"} for n in ATTACKS.list("hfc.*")}}
 def _tasks(name):
     """The tasks an attack supports (a transfer attack is built with any registered surrogate to read them)."""
     return ATTACKS.get(name).factory(**({"surrogate": "cnn.phantom"} if name == "transfer.pgd" else {})).tasks
@@ -22,10 +25,33 @@ IMAGE_ATTACKS = [n for n in rbm.list_attacks() if _tasks(n) & {"classification",
 
 def _toy(task):
     victim = make_toy(task)
+    victim.feature_layers = ("net",)  # the linear map's output: the toy's one feature layer (HFC statistics)
     x = torch.rand(12, 1, 16, 16, generator=torch.Generator().manual_seed(3))
     out = victim(x)
     y = out.argmax(1) if task == "classification" else (out > 0).long().squeeze(1) if task == "binary" else (out > 0).long()
     return victim, x, y
+
+
+@functools.cache
+def _toy_train(task):
+    """A 64-image training split for attacks that learn from data (``prepare``), labelled by the toy's predictions."""
+    from robustbench_med.data.loaders import build_dataset
+
+    victim, _, _ = _toy(task)
+    x = torch.rand(64, 1, 16, 16, generator=torch.Generator().manual_seed(11))
+    x = (x * 255).round() / 255
+    out = victim(x)
+    label = out.argmax(1) if task == "classification" else (out > 0).long().squeeze(1) if task == "binary" else (out > 0).long()
+    images = list((x.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy())
+    return build_dataset(images, {"label": label.tolist()}, {}, f"toy.{task}", "train")
+
+
+def _prepared(name, task, **kw):
+    """The attack with whatever it learns from data fitted on the toy training split (as the harness does)."""
+    victim, x, y = _toy(task)
+    attack = rbm.create_attack(name, **kw, **_params(name, task))
+    attack.prepare(victim, _toy_train(task))
+    return victim, x, y, attack
 
 
 def _supported(name, task):
@@ -46,8 +72,7 @@ CASES = [(n, t) for n in IMAGE_ATTACKS for t in ("classification", "binary", "mu
 
 @pytest.mark.parametrize("name,task", CASES)
 def test_attack_respects_budget_and_range(name, task):
-    victim, x, y = _toy(task)
-    attack = rbm.create_attack(name, **_params(name, task))
+    victim, x, y, attack = _prepared(name, task)
     x_adv = attack(victim, x, y)
     report = check_budget(x, x_adv, attack.threat.norm, attack.threat.eps)
     assert report.valid, report.reason()
@@ -56,8 +81,7 @@ def test_attack_respects_budget_and_range(name, task):
 
 @pytest.mark.parametrize("name,task", CASES)
 def test_robust_not_above_clean_and_deterministic(name, task):
-    victim, x, y = _toy(task)
-    attack = rbm.create_attack(name, seed=7, **_params(name, task))
+    victim, x, y, attack = _prepared(name, task, seed=7)
     a, b = attack(victim, x, y), attack(victim, x, y)
     assert torch.equal(a, b), "same seed must give identical adversarial examples"
     clean = victim.score(x, y).mean()

@@ -9,10 +9,68 @@ from robustbench_med.threat import check_budget
 from conftest import make_toy
 
 
+class _ToySegNet(torch.nn.Module):
+    """A two-class encoder-decoder exposing ``encode`` / ``decode`` (what latent defences such as APPLE need)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc, self.dec = torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.Conv2d(4, 2, 1)
+
+    def encode(self, z):
+        return {"z": torch.relu(self.enc(z))}
+
+    def decode(self, latent):
+        return self.dec(latent["z"])
+
+    def forward(self, z):
+        return self.decode(self.encode(z))
+
+
+class _ToySegData:
+    """Images, masks and sensitive attributes: the train split a harness hands to ``Defense.prepare``."""
+
+    def __init__(self, n: int = 16) -> None:
+        self.x = torch.rand(n, 1, 16, 16, generator=torch.Generator().manual_seed(2))
+        self.m = (self.x[:, 0] > 0.5).long()
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def images(self, idx=None):
+        return self.x if idx is None else self.x[idx]
+
+    def targets(self, field, idx=None):
+        return self.m if idx is None else self.m[idx]
+
+    def attributes(self, idx=None):
+        n = len(self.x) if idx is None else len(idx)
+        return {"sex": ["F" if i % 2 else "M" for i in range(n)], "age_group": [("young", "old")[i % 2] for i in range(n)]}
+
+
+def _victim_for(name, toy_batch):
+    """A toy victim of a task the defence declares (registry ``tasks``; default: any), and its batch."""
+    tasks = rbm.registry.DEFENSES.get(name).meta.get("tasks")
+    if not tasks or "classification" in tasks:
+        return toy_batch
+    if "vqa" in tasks:  # a randomly initialised tiny BLIP-2 answering phantom questions
+        torch.manual_seed(0)
+        ds = rbm.create_dataset("phantom.ct", split="test", n=3)
+        return rbm.create_victim("blip2.tiny", weights=None), ds.images(), ds.targets("vqa")
+    assert "segmentation" in tasks, f"no toy victim for {name}'s tasks {tasks}"
+    from robustbench_med.victim import ModelVictim, VictimCard
+
+    card = VictimCard(name="toy.segmentation", task="segmentation", modality="toy", input_size=(1, 16, 16), classes=("bg", "fg"))
+    data = _ToySegData()
+    return ModelVictim(_ToySegNet(), card).eval(), data.x, data.m
+
+
 @pytest.mark.parametrize("name", rbm.list_defenses())
 def test_defended_victim_keeps_contract(name, toy_batch):
-    victim, x, y = toy_batch
-    defended = rbm.create_defense(name).wrap(victim)
+    victim, x, y = _victim_for(name, toy_batch)
+    defense = rbm.create_defense(name)
+    if defense.kind == "latent":  # latent defences learn their perturbation: the harness calls prepare before wrap
+        defense.prepare(victim, _ToySegData())
+    defended = defense.wrap(victim)
     assert defended.card == victim.card and defended.task == victim.task
     out = defended(x)
     assert out.shape == victim(x).shape

@@ -293,3 +293,20 @@ def test_publish_writes_entries_and_tables_in_one_command(toy, tmp_path):
     (out / "index.html").unlink()
     assert main(["publish", "--out", str(out), "--render-only"]) == 0 and (out / "index.html").exists()
     assert main(["publish", str(tmp_path / "nope.yaml"), "--out", str(out)]) == 2
+
+
+def test_publish_keeps_the_entry_with_more_samples_when_grids_overlap(toy, tmp_path, capsys):
+    """The default grid's zoo models are also in the zoo grid: one publish of both keeps each victim × threat from the
+    grid with more samples, says which it skipped, and a later publish of the smaller grid alone keeps it too."""
+    import yaml
+
+    small, large = tmp_path / "small.yaml", tmp_path / "large.yaml"
+    small.write_text(yaml.safe_dump({**grid_dict(toy["robust"], "small"), "n_examples": 16}))
+    large.write_text(yaml.safe_dump(grid_dict(toy["robust"], "large")))
+    out, runs = tmp_path / "board", str(tmp_path / "runs")
+    assert main(["publish", str(small), str(large), "--out", str(out), "--runs", runs, "--quiet"]) == 0
+    assert {(e["grid"], e["n"]) for e in load_entries(out)} == {("large", 32)}
+    assert "skipped" in capsys.readouterr().out
+    assert main(["publish", str(small), "--out", str(out), "--runs", runs, "--quiet"]) == 0
+    assert {(e["grid"], e["n"]) for e in load_entries(out)} == {("large", 32)}
+    assert "kept" in capsys.readouterr().out

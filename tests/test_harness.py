@@ -145,3 +145,18 @@ def test_interrupted_run_resumes_without_loss_or_duplicates(trained_cnn, tmp_pat
     con = sqlite3.connect(db)
     n, distinct = con.execute("SELECT COUNT(*), COUNT(DISTINCT cell_id || '-' || sample_idx) FROM samples").fetchone()
     assert n == distinct == total
+
+
+def test_resumed_run_does_not_refit_finished_defenses(trained_cnn, tmp_path, monkeypatch):
+    """A re-run of a finished grid finds every victim × defence complete and never calls ``Defense.prepare`` again
+    (detectors and latent perturbers are expensive to fit), and adds no rows."""
+    from robustbench_med.defenses.basic import JPEG
+
+    calls = []
+    monkeypatch.setattr(JPEG, "prepare", lambda self, victim, train: calls.append(victim.card.name), raising=False)
+    spec = {**SMALL, "n_examples": 8, "defenses": [{"name": "jpeg.bpda", "params": {"quality": 60}}]}
+    store = run_grid(parse_grid(spec), tmp_path, progress=False)
+    first, rows = len(calls), _rows(store)
+    assert first == 1
+    run_grid(parse_grid(spec), tmp_path, progress=False)
+    assert len(calls) == first and _rows(store) == rows

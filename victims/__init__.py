@@ -1,3 +1,4 @@
 """Built-in victims; importing this package registers them (``robustbench_med.victims``)."""
 from robustbench_med.victims import basic as _basic  # noqa: F401
 from robustbench_med.victims import zoo as _zoo  # noqa: F401
+from robustbench_med.victims import lvlm as _lvlm  # noqa: F401

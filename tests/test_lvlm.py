@@ -1,0 +1,279 @@
+"""Vision-language victims (BLIP-2, InstructBLIP, LLaVA, CLIP zero-shot), VQA scoring and the LVLM attacks."""
+import numpy as np
+import pytest
+import torch
+
+import robustbench_med as rbm
+from robustbench_med.data.phantom import ANSWERS, QUESTIONS
+from robustbench_med.threat import check_budget
+from robustbench_med.training import TrainRecipe, train_victim
+from robustbench_med.victims.lvlm import train as lvlm_train
+from robustbench_med.victims.lvlm.models import IGNORE, LVLMVictim, pool_question_ids
+from robustbench_med.weights import read_sidecar
+from robustbench_med.vqa import exact_match, normalize_answer, official_vqa_accuracy, soft_vqa_accuracy
+
+FAMILIES = ("blip2", "instructblip", "llava")
+ATTACKS = ("lvlm_pgd.question", "qava.projector", "qava.lm", "projector.whitebox", "projector.projector_only", "projector.transfer")
+EPS = 8 / 255
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    ds = rbm.create_dataset("phantom.ct", split="test", n=12)
+    return ds.images(), ds.targets("vqa")
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def random_victim(request):
+    torch.manual_seed(0)
+    return rbm.create_victim(f"{request.param}.tiny", weights=None)
+
+
+@pytest.fixture(scope="module")
+def trained(trained_lvlm):
+    """The registered tiny BLIP-2 trained by its recipe, and test images labelled with its own answers (clean
+    accuracy 1, so any drop is the attack's)."""
+    victim = trained_lvlm("blip2")
+    ds = rbm.create_dataset("phantom.ct", split="test", n=16)
+    x, y = ds.images(), ds.targets("vqa")
+    texts, _ = victim.generate_answers(x, list(range(len(QUESTIONS))))
+    own = torch.tensor([[ANSWERS.index(t) if t in ANSWERS else IGNORE for t in row] for row in texts])
+    keep = (own >= 0).all(1)
+    return victim, x[keep], own[keep]
+
+
+@pytest.fixture(scope="module")
+def claim_data():
+    """The "phantom VQA 48+6" slice the claim tests score on (48 test images × 6 unseen evaluation questions)."""
+    ds = rbm.create_dataset("phantom.ct", split="test", n=48)
+    return ds.images(), ds.targets("vqa")
+
+
+# ------------------------------------------------------------------------------------------------- scoring
+def test_answer_normalisation_and_vqa_accuracies():
+    assert normalize_answer("  The Liver. ") == "liver"
+    assert normalize_answer("Two") == "2" and normalize_answer("1,000") == "1000" and normalize_answer("3.5") == "3.5"
+    assert normalize_answer("a tumour!") == "tumour" and normalize_answer("none") == "none"
+    assert exact_match("Yes.", ["no", "yes"]) == 1.0 and exact_match("cyst", "tumour") == 0.0
+    assert soft_vqa_accuracy("yes", ["yes", "yes"] + ["no"] * 8) == pytest.approx(2 / 3)
+    assert soft_vqa_accuracy("yes", ["yes"] * 4 + ["no"] * 6) == 1.0
+    assert official_vqa_accuracy("yes", ["yes"] * 3 + ["no"] * 7) == pytest.approx(0.9)
+    with pytest.raises(rbm.ConfigError):
+        soft_vqa_accuracy("yes", [])
+
+
+# ------------------------------------------------------------------------------------------------ victims
+def test_registry_cards_and_checkpoint_factories():
+    names = rbm.list_victims("*.tiny*")
+    for fam in FAMILIES:
+        assert {f"{fam}.tiny", f"{fam}.tiny_s1"} <= set(names)
+        with pytest.raises(rbm.ConfigError, match="path="):
+            rbm.create_victim(f"{fam}.hf", weights=None)
+    assert "clip_zs.tiny" in rbm.list_victims()
+
+
+def test_pixel_gradients_are_nonzero(random_victim, phantom):
+    x, y = phantom[0][:2].clone().requires_grad_(True), phantom[1][:2]
+    loss = random_victim.objective(x, y)
+    assert loss.shape == (2,) and torch.isfinite(loss).all()
+    loss.sum().backward()
+    assert (x.grad.flatten(1).abs().sum(1) > 0).all()
+    x2 = phantom[0][:2].clone().requires_grad_(True)
+    feats = random_victim.projector_features(x2, [3, 9])
+    assert feats.shape[:3] == (2, 2, random_victim.n_visual_tokens)
+    feats.square().sum().backward()
+    assert (x2.grad.flatten(1).abs().sum(1) > 0).all()
+
+
+def test_victim_matches_transformers_forward_through_processor(random_victim, phantom):
+    v = random_victim
+    q = 7
+    x = phantom[0][:2]
+    images = [np.repeat((x[i, 0] * 255).round().byte().numpy()[..., None], 3, -1) for i in range(2)]
+    prompt = v.template.render(QUESTIONS[q].text)
+    batch = v.processor(images=images, text=[prompt, prompt], return_tensors="pt")
+    with torch.no_grad():
+        ref = v.model(**batch).logits[:, -1]
+        mine = v.first_token_logits(torch.stack([torch.as_tensor(im[..., :1]).permute(2, 0, 1) / 255.0 for im in images]),
+                                    question_ids=torch.tensor([q, q]))
+    assert batch["input_ids"].shape[1] == v._prompt_mask[q].sum()
+    assert torch.allclose(ref, mine, atol=1e-4)
+
+
+def test_save_pretrained_round_trip_from_local_directory(random_victim, phantom, tmp_path):
+    fam = random_victim.family
+    random_victim.save_pretrained(str(tmp_path))
+    assert (tmp_path / "tokenizer.json").exists() and (tmp_path / "model.safetensors").exists()
+    loaded = rbm.create_victim(f"{fam}.hf", weights=None, path=str(tmp_path), max_new_tokens=3)
+    x, y = phantom
+    assert loaded.processor.tokenizer("Is there a lesion?").input_ids == random_victim.processor.tokenizer("Is there a lesion?").input_ids
+    assert torch.equal(loaded._tf_ids, random_victim._tf_ids)
+    with torch.no_grad():
+        assert torch.allclose(loaded.objective(x[:3], y[:3]), random_victim.objective(x[:3], y[:3]), atol=1e-5)
+        assert torch.equal(loaded.evaluate(x[:3], y[:3])["vqa_accuracy"], random_victim.evaluate(x[:3], y[:3])["vqa_accuracy"])
+
+
+def test_evaluation_questions_protocol(random_victim, phantom):
+    x, y = phantom
+    q = random_victim.evaluation_questions(y)
+    unseen = set(pool_question_ids("unseen"))
+    assert q.shape == (len(y), 6) and set(q.flatten().tolist()) <= unseen
+    assert all(len(set(row)) == 6 and len({QUESTIONS[i].qtype for i in row}) == 6 for row in q.tolist())
+    assert torch.equal(q, random_victim.evaluation_questions(y.clone()))  # depends on the answers, never on pixels
+    with pytest.raises(rbm.InputContractError):
+        random_victim.evaluate(x[:2], y[:2, :5])
+    scores = random_victim.evaluate(x[:3], y[:3])
+    assert list(scores)[0] == "vqa_accuracy" and all(((s >= 0) & (s <= 1)).all() for s in scores.values())
+
+
+def test_objective_respects_the_allowed_questions(random_victim, phantom):
+    x, y = phantom[0][:2], phantom[1][:2]
+    only = torch.full_like(y, IGNORE)
+    only[:, 4] = y[:, 4]
+    with torch.no_grad():
+        assert torch.allclose(random_victim.objective(x, only), random_victim.lm_loss(x, y, torch.tensor([4, 4])), atol=1e-6)
+        assert torch.equal(random_victim.objective(x, torch.full_like(y, IGNORE)), torch.zeros(2))
+
+
+# ------------------------------------------------------------------------------------------------ attacks
+@pytest.mark.parametrize("name", ATTACKS)
+def test_attacks_respect_budget_range_and_seed(name, phantom):
+    torch.manual_seed(0)
+    victim = rbm.create_victim("instructblip.tiny", weights=None)
+    kw = {"surrogate": rbm.create_victim("instructblip.tiny", weights=None)} if name == "projector.transfer" else {}
+    x, y = phantom[0][:3], phantom[1][:3]
+    attack = rbm.create_attack(name, eps=EPS, steps=2, **kw)
+    x_adv = attack(victim, x, y)
+    report = check_budget(x, x_adv, "Linf", EPS)
+    assert report.valid, report.reason()
+    assert not torch.equal(x_adv, x)
+    assert torch.equal(x_adv, attack(victim, x, y))
+    assert not torch.equal(x_adv, attack(victim, x, y, seed=1))
+
+
+def test_qava_never_sees_evaluation_questions(phantom, monkeypatch):
+    torch.manual_seed(0)
+    victim = rbm.create_victim("instructblip.tiny", weights=None)
+    x, y = phantom[0][:4], phantom[1][:4]
+    evaluation = victim.evaluation_questions(y)
+    seen_targets, seen_questions = [], []
+    objective, features = victim.objective, victim.visual_features
+    monkeypatch.setattr(victim, "objective", lambda z, t: seen_targets.append(t) or objective(z, t))
+    monkeypatch.setattr(victim, "visual_features", lambda z, q=None, layer="projector": seen_questions.append(q) or features(z, q, layer))
+    for name in ("qava.lm", "qava.projector"):
+        attack = rbm.create_attack(name, eps=EPS, steps=2, n_questions=5)
+        attack(victim, x, y)
+        assert attack.last_questions.shape == (4, 5)
+        assert set(attack.last_questions.flatten().tolist()) <= set(pool_question_ids("seen"))
+    assert seen_targets and seen_questions
+    for t in seen_targets:
+        assert (t.gather(1, evaluation) == IGNORE).all()
+    for q in seen_questions:
+        assert q is not None and not (q[:, :, None] == evaluation[:, None, :]).any()
+    with pytest.raises(rbm.ConfigError, match="overlaps"):
+        rbm.create_attack("qava.projector", eps=EPS, steps=1, pool="unseen")(victim, x, y)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_trained_tiny_lvlms_beat_the_majority_answer(family, trained_lvlm):
+    """The issue's bar: clean VQA accuracy clearly above the majority-answer baseline (both in the sidecar)."""
+    side = read_sidecar(trained_lvlm(family).card.weights_file)
+    assert side["val_vqa_accuracy"] > side["val_majority_accuracy"] + 0.15, side
+    assert side["train_seconds"] < 300
+
+
+def test_attacks_lower_the_accuracy_of_a_trained_victim(trained):
+    victim, x, y = trained
+    assert len(x) >= 4
+    clean = victim.score(x, y).mean()
+    assert clean == 1.0
+    for name in ("lvlm_pgd.question", "qava.projector", "projector.whitebox"):
+        x_adv = rbm.create_attack(name, eps=16 / 255, steps=10)(victim, x, y)
+        assert check_budget(x, x_adv, "Linf", 16 / 255).valid
+        assert victim.score(x_adv, y).mean() < clean - 0.1, name
+
+
+def test_claim_qava_unseen_as_strong_as_known_question_pgd(trained_lvlm, claim_data):
+    """QAVA (never sees the evaluation questions) lowers accuracy on them about as much as question-specific PGD
+    lowers it on its own question (first half of the #4 claim; on the phantom the second half, QAVA beating the
+    question-specific attack transferred to the other questions, does not hold: see victims/lvlm/claims.py)."""
+    victim, (x, y) = trained_lvlm("blip2"), claim_data
+    eps = 4 / 255
+    clean = victim.evaluate(x, y)["vqa_accuracy"].mean()
+    own = victim.evaluate(rbm.create_attack("lvlm_pgd.question", eps=eps, steps=20)(victim, x, y), y)["vqa_accuracy_first"].mean()
+    qava = victim.evaluate(rbm.create_attack("qava.lm", eps=eps, steps=20, n_questions=8)(victim, x, y), y)["vqa_accuracy"].mean()
+    assert own < clean - 0.25 and qava < clean - 0.25
+    assert qava <= own + 0.1
+
+
+def test_claim_projector_only_hurts_compressed_projectors_more(trained_lvlm, claim_data):
+    """At equal budget the projector-only attack costs BLIP-2 and InstructBLIP (Q-Former: compressed) more accuracy
+    than LLaVA (MLP: uncompressed) — the #4 claim, measured on the trained tiny models."""
+    x, y = claim_data
+    drop = {}
+    for family in FAMILIES:
+        victim = trained_lvlm(family)
+        x_adv = rbm.create_attack("projector.projector_only", eps=4 / 255, steps=20)(victim, x, y)
+        drop[family] = float(victim.evaluate(x, y)["vqa_accuracy"].mean() - victim.evaluate(x_adv, y)["vqa_accuracy"].mean())
+    assert drop["blip2"] > drop["llava"] + 0.05 and drop["instructblip"] > drop["llava"] + 0.05, drop
+
+
+def test_first_token_autoattack(trained):
+    victim, x, y = trained
+    x, y = x[:4], y[:4]
+    attack = rbm.create_attack("lvlm_autoattack.first_token", eps=16 / 255, n_queries=50)
+    x_adv = attack(victim, x, y)
+    assert check_budget(x, x_adv, "Linf", 16 / 255).valid
+    assert victim.evaluate(x_adv, y)["first_token_accuracy"].mean() < victim.evaluate(x, y)["first_token_accuracy"].mean()
+
+
+def test_first_token_view_finds_each_inputs_question(random_victim, phantom):
+    """torchattacks passes sub-batches: the view must score every row on the question of the image it came from."""
+    from robustbench_med.attacks.lvlm_pgd import FirstTokenView
+
+    x = phantom[0][:4]
+    q = torch.tensor([0, 7, 13, 20])
+    view = FirstTokenView(random_victim, lambda z: z, x, q)
+    sub = torch.tensor([2, 0])
+    x_sub = (x[sub] + 8 / 255 * torch.randn(x[sub].shape, generator=torch.Generator().manual_seed(0)).sign()).clamp(0, 1)
+    with torch.no_grad():
+        assert torch.allclose(view(x_sub), random_victim.first_token_logits(x_sub, None, q[sub]), atol=1e-6)
+
+
+def test_registry_trainer_saves_weights_and_pretrained_directory(monkeypatch, tmp_path):
+    from robustbench_med.registry import VICTIMS
+
+    monkeypatch.setenv("ROBUSTBENCH_MED_HOME", str(tmp_path))
+    monkeypatch.setitem(VICTIMS.get("llava.tiny").meta, "recipe",
+                        TrainRecipe(target_field="vqa", n_train=32, n_val=8, epochs=1, batch_size=16, lr=1e-3))
+    monkeypatch.setattr(lvlm_train, "VISION_STEPS", 2)
+    path = train_victim("llava.tiny", progress=False)
+    side = read_sidecar(path)
+    assert {"val_vqa_accuracy", "val_majority_accuracy", "train_seconds"} <= set(side)
+    a = rbm.create_victim("llava.tiny")
+    b = rbm.create_victim("llava.hf", weights=None, path=str(lvlm_train.hf_dir(path)))
+    x = torch.rand(2, 1, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(a.first_token_logits(x, question_ids=[0, 9]), b.first_token_logits(x, question_ids=[0, 9]), atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------- CLIP zero-shot
+def test_clip_zero_shot_victim(phantom):
+    from robustbench_med.victims.lvlm.clip_zeroshot import CLASS_PROMPTS, captions_for, contrastive_loss
+
+    torch.manual_seed(0)
+    victim = rbm.create_victim("clip_zs.tiny", weights=None)
+    x = phantom[0][:3].clone().requires_grad_(True)
+    logits = victim(x)
+    assert logits.shape == (3, 3)
+    torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1, 2])).backward()
+    assert (x.grad.flatten(1).abs().sum(1) > 0).all()
+    emb = victim.class_embeddings()
+    assert emb.shape[0] == 3 and torch.allclose(emb.norm(dim=-1), torch.ones(3), atol=1e-5)
+    ds = rbm.create_dataset("phantom.ct", split="test", n=12)
+    caps = [captions_for(ds.targets("vqa")[i], ds.targets("findings")[i], i) for i in range(12)]
+    prompts = {p.lower() for ps in CLASS_PROMPTS.values() for p in ps}
+    assert not prompts & {c.lower() for c in caps}  # zero-shot prompts are never training captions
+    img = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
+    same = torch.eye(4, dtype=torch.bool)
+    assert contrastive_loss(img, img, same, torch.tensor(10.0)) < contrastive_loss(img, img.roll(1, 0), same, torch.tensor(10.0))

@@ -1,0 +1,91 @@
+"""Vision-language victims: BLIP-2, InstructBLIP and LLaVA (phantom VQA) and a CLIP-style zero-shot classifier.
+
+Registered names:
+
+| name | what |
+|---|---|
+| ``blip2.tiny``, ``instructblip.tiny``, ``llava.tiny`` | tiny models of the real ``transformers`` classes, trained by the project on the phantom VQA bank (``robustbench-med train <name>``) |
+| ``blip2.tiny_s1``, ``instructblip.tiny_s1``, ``llava.tiny_s1`` | the same, trained with seed 1: surrogates of the transfer attacks |
+| ``blip2.hf``, ``instructblip.hf``, ``llava.hf`` | real checkpoints: ``create_victim('llava.hf', weights=None, path=DIR_OR_HUB_NAME)`` |
+| ``clip_zs.tiny`` | open_clip CLIP zero-shot lesion-type classifier with CARZero-style per-class prompts |
+
+The VQA victims take keyword arguments of the "phantom VQA m+n" protocol (``n_eval``, ``eval_pool``,
+``eval_questions``, ``eval_seed``) and ``max_new_tokens``; see :class:`~robustbench_med.victims.lvlm.models.LVLMVictim`.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from robustbench_med.errors import ConfigError
+from robustbench_med.registry import register_victim
+from robustbench_med.training import TrainRecipe
+from robustbench_med.victim import VictimCard
+from robustbench_med.victims.lvlm import clip_zeroshot as _clip_zeroshot  # noqa: F401
+from robustbench_med.victims.lvlm.configs import TinyLVLMConfig, build_tiny, load_pretrained
+from robustbench_med.victims.lvlm.models import LVLMVictim
+from robustbench_med.victims.lvlm.train import TRAINER_VERSION, registry_trainer
+
+PHANTOM_INPUT = (1, 64, 64)
+PAPERS = {
+    "blip2": "Li et al., BLIP-2, ICML 2023 (Q-Former: compressed projector)",
+    "instructblip": "Dai et al., InstructBLIP, NeurIPS 2023 (instruction-aware Q-Former: compressed projector)",
+    "llava": "Liu et al., LLaVA-1.5, CVPR 2024 (MLP: uncompressed projector)",
+}
+
+
+def _card(name: str, family: str, visual_tokens: int, input_size: tuple[int, int, int], notes: str) -> VictimCard:
+    from robustbench_med.data.phantom import ANSWERS
+
+    return VictimCard(
+        name=name, task="vqa", modality="CT (phantom)", input_size=input_size, classes=ANSWERS, paper=PAPERS[family],
+        notes=notes,
+        extra={"family": family, "projector": "uncompressed" if family == "llava" else "compressed", "visual_tokens": visual_tokens},
+    )
+
+
+def _tiny(name: str, family: str, notes: str, **kw: Any) -> LVLMVictim:
+    cfg = TinyLVLMConfig()
+    model, processor = build_tiny(family, cfg)
+    tokens = (cfg.image_size // cfg.patch_size) ** 2 if family == "llava" else cfg.num_query_tokens
+    return LVLMVictim(model, processor, family, _card(name, family, tokens, PHANTOM_INPUT, notes), **kw)
+
+
+def _pretrained(name: str, family: str, path: str | None, input_size=PHANTOM_INPUT, dtype: torch.dtype | str | None = None,
+                max_new_tokens: int = 10, **kw: Any) -> LVLMVictim:
+    if not path:
+        raise ConfigError(f"{name} loads a real checkpoint: pass path=<hub name or local directory>")
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    model, processor = load_pretrained(family, str(path), dtype)
+    victim = LVLMVictim(model, processor, family, _card(name, family, 0, tuple(input_size), f"checkpoint {path}"),
+                        max_new_tokens=max_new_tokens, **kw)
+    victim.card = _card(name, family, victim.n_visual_tokens, tuple(input_size), f"checkpoint {path}")
+    return victim
+
+
+def _register_family(family: str) -> None:
+    for tag, seed, note in (("tiny", 0, "tiny model trained on the phantom VQA bank"),
+                            ("tiny_s1", 1, "seed-1 copy of the tiny model (transfer-attack surrogate)")):
+        name = f"{family}.{tag}"
+        recipe = TrainRecipe(dataset="phantom.ct", target_field="vqa", n_train=1200, n_val=300, epochs=6, batch_size=32,
+                             lr=2e-3, seed=seed)
+
+        def tiny_factory(_name: str = name, _note: str = note, **kw: Any) -> LVLMVictim:
+            return _tiny(_name, family, _note, **kw)
+
+        tiny_factory.__doc__ = f"Tiny {family} ({PAPERS[family]}); {note}."
+        register_victim(name, card=_card(name, family, 0, PHANTOM_INPUT, note), recipe=recipe, trainer=registry_trainer,
+                        trainer_version=TRAINER_VERSION, task="vqa")(tiny_factory)
+
+    def hf_factory(path: str | None = None, **kw: Any) -> LVLMVictim:
+        return _pretrained(f"{family}.hf", family, path, **kw)
+
+    hf_factory.__doc__ = f"A real {family} checkpoint ({PAPERS[family]}) from a hub name or local directory (path=...)."
+    register_victim(f"{family}.hf", card=_card(f"{family}.hf", family, 0, PHANTOM_INPUT, "real checkpoint"), recipe=None,
+                    task="vqa")(hf_factory)
+
+
+for _family in ("blip2", "instructblip", "llava"):
+    _register_family(_family)

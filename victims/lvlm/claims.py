@@ -1,0 +1,74 @@
+"""Small "phantom VQA m+n" runs checking the issue's claims on the trained tiny LVLMs.
+
+Claims (QAVA, Zhang et al., NAACL 2025; compressed projectors, arXiv 2506.00534 — both re-implemented unverified):
+
+1. QAVA, which never sees the evaluation questions, lowers the accuracy on them about as much as question-specific
+   PGD lowers the accuracy on its own question, and more than question-specific PGD transferred to the other
+   questions of the same image.
+2. Under the projector-only attack at equal budget, the compressed-projector models (BLIP-2, InstructBLIP) lose more
+   accuracy than the uncompressed-projector model (LLaVA).
+
+``python -m robustbench_med.victims.lvlm.claims [--n 48] [--eps 8/255] [--steps 20]`` prints one row per
+victim × attack (trained weights are used from the cache, trained first if missing). Numbers are reported as
+measured; nothing is tuned towards the claims.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Any
+
+import torch
+
+from robustbench_med.threat import check_budget, parse_eps
+
+ATTACKS: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("lvlm_pgd.question", {}),
+    ("qava.projector", {"n_questions": 8}),
+    ("qava.lm", {"n_questions": 8}),
+    ("projector.projector_only", {}),
+    ("projector.whitebox", {}),
+    ("projector.transfer", {}),
+)
+KEYS = ("vqa_accuracy", "vqa_accuracy_first", "vqa_accuracy_others", "first_token_accuracy")
+
+
+def _means(scores: dict[str, torch.Tensor]) -> dict[str, float]:
+    return {k: round(float(scores[k].float().mean()), 4) for k in KEYS if k in scores}
+
+
+def run_claims(families: tuple[str, ...] = ("blip2", "instructblip", "llava"), n: int = 48, eps: float = 8 / 255,
+               steps: int = 20, seed: int = 0) -> list[dict[str, Any]]:
+    """Clean and attacked accuracies (means over ``n`` test images × their evaluation questions) per family."""
+    import robustbench_med as rbm
+
+    ds = rbm.create_dataset("phantom.ct", split="test", n=n)
+    x, y = ds.images(), ds.targets("vqa")
+    rows = []
+    for fam in families:
+        victim = rbm.create_victim(f"{fam}.tiny", train_if_missing=True)
+        rows.append({"victim": victim.card.name, "attack": "clean", **_means(victim.evaluate(x, y))})
+        for name, params in ATTACKS:
+            start = time.perf_counter()
+            x_adv = rbm.create_attack(name, eps=eps, steps=steps, seed=seed, **params)(victim, x, y)
+            if not check_budget(x, x_adv, "Linf", eps).valid:
+                raise rbm.BudgetViolationError(f"{name} on {fam} left the threat model")
+            rows.append({"victim": victim.card.name, "attack": name, **_means(victim.evaluate(x_adv, y)),
+                         "seconds": round(time.perf_counter() - start, 1)})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=48)
+    parser.add_argument("--eps", default="8/255")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--families", default="blip2,instructblip,llava")
+    args = parser.parse_args()
+    for row in run_claims(tuple(args.families.split(",")), args.n, parse_eps(args.eps), args.steps):
+        print(json.dumps(row))
+
+
+if __name__ == "__main__":
+    main()
