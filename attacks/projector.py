@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 import torch
 
 from robustbench_med.attacks.lvlm_pgd import LVLMAttack, lvlm_core, only_questions
-from robustbench_med.errors import ConfigError
+from robustbench_med.errors import ConfigError, check_choice
 from robustbench_med.registry import register_attack
 from robustbench_med.victim import Victim
 from robustbench_med.victims.lvlm.models import LAYERS, POOLS, pool_question_ids
@@ -64,8 +64,7 @@ class WhiteBoxLM(LVLMAttack):
 
     def __init__(self, *, questions: str = "disjoint", **kw: Any) -> None:
         super().__init__(**kw)
-        if questions not in QUESTION_SETS:
-            raise ConfigError(f"questions must be one of {QUESTION_SETS}, got {questions!r}")
+        check_choice(questions, QUESTION_SETS, "questions")
         self.questions = questions
 
     def perturb(self, victim: Victim, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
@@ -110,8 +109,7 @@ class SurrogateTransfer(LVLMAttack):
         super().__init__(**kw)
         if surrogate_loss not in ("lm", "projector"):
             raise ConfigError(f"surrogate_loss must be 'lm' or 'projector', got {surrogate_loss!r}")
-        if questions not in QUESTION_SETS:
-            raise ConfigError(f"questions must be one of {QUESTION_SETS}, got {questions!r}")
+        check_choice(questions, QUESTION_SETS, "questions")
         self.surrogate, self.surrogate_loss, self.questions = surrogate, surrogate_loss, questions
         self._built: Victim | None = surrogate if isinstance(surrogate, Victim) else None
 

@@ -37,7 +37,7 @@ from torch import nn
 
 from robustbench_med.attack import seeded
 from robustbench_med.defense import Defense
-from robustbench_med.errors import ConfigError, TaskNotSupportedError
+from robustbench_med.errors import ConfigError, TaskNotSupportedError, check_choice
 from robustbench_med.registry import VICTIMS, register_defense
 from robustbench_med.victim import Victim
 
@@ -243,12 +243,9 @@ class APPLE(Defense):
                  variant: str = "uniform", latent: str = "bottleneck", d_warmup_epochs: int = 1, d_steps: int = 2,
                  n_train: int = 512, batch_size: int = 32, lr: float = 3e-3, seed: int = 0, target_field: str | None = None,
                  cache: bool = True) -> None:
-        if attribute not in ATTRIBUTES:
-            raise ConfigError(f"APPLE attribute must be one of {ATTRIBUTES}, got {attribute!r}")
-        if variant not in VARIANTS:
-            raise ConfigError(f"APPLE variant must be one of {VARIANTS}, got {variant!r}")
-        if latent not in LATENTS:
-            raise ConfigError(f"APPLE latent must be one of {LATENTS}, got {latent!r}")
+        check_choice(attribute, ATTRIBUTES, "APPLE attribute")
+        check_choice(variant, VARIANTS, "APPLE variant")
+        check_choice(latent, LATENTS, "APPLE latent")
         for name, v in (("beta", beta), ("penalty", penalty), ("lr", lr)):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or (name == "lr" and v == 0):
                 raise ConfigError(f"APPLE {name} must be a number {'> 0' if name == 'lr' else '>= 0'}, got {v!r}")

@@ -41,7 +41,7 @@ from typing import Any, ClassVar, Sequence
 import torch
 
 from robustbench_med.defense import InputPurifier, PurifiedVictim
-from robustbench_med.errors import ConfigError, TaskNotSupportedError
+from robustbench_med.errors import ConfigError, TaskNotSupportedError, check_choice
 from robustbench_med.registry import register_defense
 from robustbench_med.threat import parse_eps
 from robustbench_med.victim import Victim
@@ -176,12 +176,9 @@ class F3Purifier(InputPurifier):
     def __init__(self, variant: str = "v3", alpha: Any = 16 / 255, beta: Any = 32 / 255, steps: int = 1,
                  source: str = "lm", questions: str | Sequence[int] = "types", loss_scale: float = 1e4,
                  gradient: str = "bpda") -> None:
-        if variant not in VARIANTS:
-            raise ConfigError(f"F3 variant must be one of {VARIANTS}, got {variant!r}")
-        if source not in SOURCES:
-            raise ConfigError(f"F3 attention source must be one of {SOURCES}, got {source!r}")
-        if gradient not in GRADIENTS:
-            raise ConfigError(f"F3 gradient must be one of {GRADIENTS}, got {gradient!r}")
+        check_choice(variant, VARIANTS, "F3 variant")
+        check_choice(source, SOURCES, "F3 attention source")
+        check_choice(gradient, GRADIENTS, "F3 gradient")
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ConfigError(f"steps must be an integer >= 1, got {steps!r}")
         if isinstance(loss_scale, bool) or not isinstance(loss_scale, (int, float)) or not loss_scale > 0:
@@ -207,7 +204,7 @@ class F3Purifier(InputPurifier):
         """Attach the victim whose attention guides purification."""
         core = lvlm_of(victim)
         if self.source == "qformer" and core.family == "llava":
-            raise ConfigError(f"{core.card.name}: source='qformer' needs a Q-Former model (BLIP-2 / InstructBLIP)")
+            raise TaskNotSupportedError(f"{core.card.name}: source='qformer' needs a Q-Former model (BLIP-2 / InstructBLIP)")
         self.core = core
 
     def prepare(self, victim: Victim, train: Any) -> None:

@@ -48,3 +48,9 @@ class WeightsError(RobustBenchMedError):
 
 class BudgetViolationError(RobustBenchMedError):
     """An adversarial example is outside its threat model (norm budget, [0, 1] range, finiteness)."""
+
+
+def check_choice(value: object, choices: tuple | list | frozenset | set, what: str) -> None:
+    """Raise :class:`ConfigError` ``"<what> must be one of <choices>, got <value>"`` unless ``value`` is a choice."""
+    if value not in choices:
+        raise ConfigError(f"{what} must be one of {tuple(choices)}, got {value!r}")

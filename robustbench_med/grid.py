@@ -12,6 +12,7 @@ Example::
       - noise.uniform
       - {name: pgd.linf, params: {eps: [2/255, 4/255, 8/255], steps: 10}}
       - {name: square.linf, params: {eps: 8/255}, defenses: [identity.none]}   # restrict an expensive attack
+      - {name: square.linf, params: {eps: 8/255}, defenses: [jpeg.bpda], attack_through: [transfer]}
     defenses:
       - identity.none
       - {name: jpeg.bpda, params: {quality: 75}}            # attacked through BPDA
@@ -36,7 +37,7 @@ from robustbench_med.registry import ATTACKS, DATASETS, DEFENSES, VICTIMS
 
 TOP_KEYS = {"name", "dataset", "n_examples", "batch_size", "seed", "device", "victims", "attacks", "defenses", "save_adversarial", "description"}
 VICTIM_KEYS = {"name", "weights", "target_field", "params", "defenses"}
-ATTACK_KEYS = {"name", "params", "victims", "defenses"}
+ATTACK_KEYS = {"name", "params", "victims", "defenses", "attack_through"}
 DEFENSE_KEYS = {"name", "params", "attack_through", "eot"}
 DATASET_KEYS = {"name", "split", "params"}
 ATTACK_THROUGH = ("adaptive", "transfer", "detach")
@@ -58,15 +59,18 @@ class VictimSpec:
 
 @dataclass(frozen=True)
 class AttackSpec:
-    """One attack setting; ``victims`` / ``defenses`` optionally restrict the cells it runs in."""
+    """One attack setting; ``victims`` / ``defenses`` / ``attack_through`` optionally restrict the cells it runs in
+    (e.g. an expensive attack only crafted on the undefended model and transferred: ``attack_through: [transfer]``)."""
 
     name: str
     params: dict[str, Any]
     victims: tuple[str, ...] = ()
     defenses: tuple[str, ...] = ()
+    through: tuple[str, ...] = ()
 
-    def applies_to(self, victim: str, defense: str) -> bool:
-        return (not self.victims or victim in self.victims) and (not self.defenses or defense in self.defenses)
+    def applies_to(self, victim: str, defense: str, attack_through: str = "adaptive") -> bool:
+        return ((not self.victims or victim in self.victims) and (not self.defenses or defense in self.defenses)
+                and (not self.through or attack_through in self.through))
 
     @property
     def key(self) -> str:
@@ -224,9 +228,13 @@ def _attacks(value: Any, i: int, where: _Where) -> list[AttackSpec]:
     params = entry["params"]
     only_v = tuple(where.name(VICTIMS, v, f"attacks[{i}].victims") for v in where.list_(entry.get("victims", []), f"attacks[{i}].victims"))
     only_d = tuple(where.name(DEFENSES, d, f"attacks[{i}].defenses") for d in where.list_(entry.get("defenses", []), f"attacks[{i}].defenses"))
+    only_t = tuple(where.list_(entry.get("attack_through", []), f"attacks[{i}].attack_through"))
+    bad = [t for t in only_t if t not in ATTACK_THROUGH]
+    if bad:
+        raise where.fail(f"attacks[{i}].attack_through", f"must be a list of {ATTACK_THROUGH}, got {bad}")
     keys = sorted(params)
     choices = [params[k] if isinstance(params[k], list) else [params[k]] for k in keys]
-    return [AttackSpec(name, dict(zip(keys, combo)), only_v, only_d) for combo in itertools.product(*choices)]
+    return [AttackSpec(name, dict(zip(keys, combo)), only_v, only_d, only_t) for combo in itertools.product(*choices)]
 
 
 def _defense(value: Any, i: int, where: _Where) -> DefenseSpec:

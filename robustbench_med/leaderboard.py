@@ -117,7 +117,7 @@ def summarize(store: Store | str | Path, fairness_boot: int = 200) -> pd.DataFra
     empty = samples.iloc[0:0]
     rows = [_cell_row(c, by_cell.get(c["cell_id"], empty), attrs, flags, fairness_boot) for _, c in cells.iterrows()]
     df = pd.DataFrame(rows)
-    df = pd.concat([df, _worst_case_rows(df, cells, samples)], ignore_index=True)
+    df = pd.concat([df, _worst_case_rows(df, cells, samples, attrs, fairness_boot)], ignore_index=True)
     _flag_black_box(df)
     return df.sort_values(["victim", "defense", "norm", "eps", "attack"], na_position="last").reset_index(drop=True)
 
@@ -182,8 +182,10 @@ def _asr(clean_correct: np.ndarray, adv_correct: np.ndarray) -> float:
     return float(((clean_correct == 1) & (adv_correct == 0)).sum() / n) if n else math.nan
 
 
-def _worst_case_rows(df: pd.DataFrame, cells: pd.DataFrame, samples: pd.DataFrame) -> pd.DataFrame:
-    """Per victim × defence × norm × eps: each sample's minimum score over all valid attacks at that budget."""
+def _worst_case_rows(df: pd.DataFrame, cells: pd.DataFrame, samples: pd.DataFrame, attrs: pd.DataFrame | None = None,
+                     n_boot: int = 0) -> pd.DataFrame:
+    """Per victim × defence × norm × eps: each sample's minimum score over all valid attacks at that budget, with the
+    fairness-under-attack columns of those per-sample minima (``n_boot`` > 0)."""
     valid = df[(df.status == "done") & df.robust.notna()] if "robust" in df else df.iloc[0:0]
     out = []
     for key, g in valid.groupby(["victim", "defense", "defense_params", "attack_through", "norm", "eps"], dropna=False):
@@ -206,19 +208,35 @@ def _worst_case_rows(df: pd.DataFrame, cells: pd.DataFrame, samples: pd.DataFram
             "robust": float(adv.mean()), "robust_ci95_low": lo, "robust_ci95_high": hi,
             "attack_success_rate": _asr(correct, (adv >= thr).astype(int)),
         })
+        if n_boot and attrs is not None:
+            wc = _worst_samples(sub, thr)
+            out[-1].update(_group_stats(wc, attrs.loc[wc.index], first.task, first.metric, n_boot))
     return pd.DataFrame(out)
 
 
+def _worst_samples(sub: pd.DataFrame, threshold: float) -> pd.DataFrame:
+    """Per sample, the row of the attack with the lowest score (its prediction goes with it), keeping the sample's
+    original row index (for its attributes); secondary metrics are not carried (``metrics`` empty)."""
+    worst = sub.sort_values(["sample_idx", "adv_score"], kind="stable")
+    worst = worst[~worst.sample_idx.duplicated()].copy()
+    worst["adv_correct"] = (worst["adv_score"] >= threshold).astype(int)
+    worst["metrics"] = "{}"
+    return worst
+
+
 def _flag_black_box(df: pd.DataFrame) -> None:
-    """Flag white-box cells beaten by a black-box, transfer or noise attack at the same budget (gradient masking)."""
+    """Flag white-box cells beaten by a black-box, transfer or noise attack at the same budget on the same defended
+    model (gradient masking); attacks crafted on the undefended model and transferred (``attack_through:
+    transfer``) count as transfer attacks against the adaptive ones."""
     if "robust" not in df:
         return
-    for _, g in df[df.status == "done"].groupby(["victim", "defense", "defense_params", "attack_through", "norm", "eps"], dropna=False):
-        weak = g[g.knowledge.isin(["black-box", "transfer", "none"])]
+    for _, g in df[df.status == "done"].groupby(["victim", "defense", "defense_params", "norm", "eps"], dropna=False):
+        g = g[~g.attack.str.startswith("worst-case")]
+        weak = g[g.knowledge.isin(["black-box", "transfer", "none"]) | (g.attack_through == "transfer")]
         if weak.empty:
             continue
         best_weak = weak.robust.min()
-        for i, r in g[g.knowledge == "white-box"].iterrows():
+        for i, r in g[(g.knowledge == "white-box") & (g.attack_through != "transfer")].iterrows():
             if r.robust > best_weak + BLACK_BOX_MARGIN:
                 df.at[i, "flags"] = sorted(set(r["flags"]) | {"black_box_beats_white_box"})
 

@@ -56,6 +56,7 @@ def _flat(e: dict[str, Any], r: dict[str, Any], headline: bool) -> dict[str, Any
         "clean": r["clean"], "robust": r["robust"], "ci_low": ci[0], "ci_high": ci[1], "asr": r["attack_success_rate"],
         "mean_linf": r["mean_linf"], "mean_l2": r["mean_l2"], "n": r["n"], "flags": list(r["flags"]),
         "external": (e["external"] or {}).get("robust"), "weights_sha256": e["weights_sha256"], "groups": r["groups"],
+        "metrics": r.get("metrics") or {},
     }
 
 
@@ -68,15 +69,34 @@ def _attack_label(r: dict[str, Any]) -> str:
 
 
 def display_group_columns(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
-    """(key, heading) of the fairness columns shown in tables: worst-group robust metric and robust gap."""
-    keys = sorted({k for r in rows for k, v in r["groups"].items() if isinstance(v, (int, float))
-                   and k.startswith(("worst_group_robust_", "robust_gap_")) and "[" not in k})
-    heading = {"worst_group_robust_": "worst-group robust", "robust_gap_": "robust gap"}
-    out = []
-    for k in sorted(keys, key=lambda k: (k.split("_")[-1], k)):
-        prefix = next(p for p in heading if k.startswith(p))
-        out.append((k, f"{heading[prefix]} ({k[len(prefix):]})"))
-    return out
+    """(key, heading) of the fairness-under-attack columns shown in tables, per attribute: worst-group robust metric,
+    robust gap, gap change from clean to attacked (Δgap > 0: the attack widens the gap) and, for segmentation, the
+    robust ES-Dice in both published forms."""
+    heading = {"worst_group_robust_": "worst-group robust", "robust_gap_": "robust gap", "gap_change_": "Δgap"}
+    es = {"robust_es_dice_fairseg": "ES-Dice FairSeg", "robust_es_dice_fairmedfm": "ES-Dice FairMedFM"}
+    found: dict[str, tuple[str, str, int]] = {}
+    for r in rows:
+        for k, v in r["groups"].items():
+            if not isinstance(v, (int, float)):
+                continue
+            prefix = next((p for p in heading if k.startswith(p)), None)
+            if prefix and "[" not in k:
+                found[k] = (k[len(prefix):], heading[prefix], list(heading).index(prefix))
+            m = re.match(r"^(robust_es_dice_(?:fairseg|fairmedfm))\[([^*\]]+)\]$", k)
+            if m:
+                found[k] = (m.group(2), es[m.group(1)], 3 + list(es).index(m.group(1)))
+    order = sorted(found, key=lambda k: (found[k][0], found[k][2]))
+    return [(k, f"{found[k][1]} ({found[k][0]})") for k in order]
+
+
+METRIC_COLUMNS = [("detector_auroc", "det. AUROC"), ("detector_tpr_at_90tnr", "TPR@90%TNR"),
+                  ("robust_vqa_accuracy_first", "robust (attacked q)"), ("robust_vqa_accuracy_others", "robust (other q)")]
+
+
+def display_metric_columns(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """(key, heading) of the per-attack metrics some rows carry: detector AUROC and TPR at 90% TNR (cells behind a
+    detector), VQA accuracy on the attacked question and on the other questions (LVLM victims)."""
+    return [(k, h) for k, h in METRIC_COLUMNS if any(isinstance(r["metrics"].get(k), (int, float)) for r in rows)]
 
 
 def _f(v: Any) -> str:
@@ -123,15 +143,32 @@ def to_markdown(entries: list[dict[str, Any]]) -> str:
              f"{len(entries)} entries. Scores are fractions in [0, 1]. *robust* is the worst case over the attacks run at "
              "the budget (per defence); *95% CI* is a Wilson interval (0/1 scores) or a percentile bootstrap; *ASR* is the "
              "attack success rate among samples correct on clean input.", "", md_escape(RELIABILITY_NOTE), ""]
-    for (dataset, threat, task), sec in _sections(rows).items():
+    every = _sections(flat_rows(entries, headline_only=False))
+    for key, sec in _sections(rows).items():
+        dataset, threat, task = key
         groups = display_group_columns(sec)
         head = ["#"] + HEAD + [h for _, h in groups] + TAIL
         lines += [f"## {md_escape(dataset)} · {md_escape(threat)} · {md_escape(task)}", "",
                   "| " + " | ".join(md_escape(h) for h in head) + " |", "|" + "|".join("---" for _ in head) + "|"]
         for i, r in enumerate(sec, 1):
             lines.append("| " + " | ".join([str(i)] + [md_escape(c) for c in _cells(r, groups)]) + " |")
-        lines.append("")
+        lines += [""] + _metric_table(every.get(key, []))
     return "\n".join(lines)
+
+
+def _metric_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Markdown lines of a per-attack table with the metrics of :func:`display_metric_columns` (none if no row has
+    them): every attack, not only the headline, since detection and per-question accuracy are per attack."""
+    metrics = display_metric_columns(rows)
+    if not metrics:
+        return []
+    head = ["model", "defence", "attack", "clean", "robust", "ASR"] + [h for _, h in metrics] + ["n"]
+    lines = ["Per attack:", "", "| " + " | ".join(md_escape(h) for h in head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for r in sorted((r for r in rows if not r["attack"].startswith("worst-case")), key=lambda r: (r["model"], r["defense"], r["attack"])):
+        cells = [r["model"], r["defense"], r["attack"], _f(r["clean"]), _f(r["robust"]), _f(r["asr"])]
+        cells += [_f(r["metrics"].get(k)) for k, _ in metrics] + [str(r["n"])]
+        lines.append("| " + " | ".join(md_escape(c) for c in cells) + " |")
+    return lines + [""]
 
 
 _LATEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{", "}": r"\}",
@@ -178,13 +215,15 @@ def to_csv(entries: list[dict[str, Any]]) -> str:
     """Every result row (headline and per-attack) with every group column, one line each."""
     rows = flat_rows(entries, headline_only=False)
     group_keys = sorted({k for r in rows for k in r["groups"]})
+    metric_keys = sorted({k for r in rows for k, v in r["metrics"].items() if isinstance(v, (int, float, str))})
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(CSV_COLUMNS + group_keys)
+    writer.writerow(CSV_COLUMNS + group_keys + metric_keys)
     for r in rows:
         values = {**r, "defense_params": json.dumps(r["defense_params"], sort_keys=True),
                   "attack_params": json.dumps(r["attack_params"], sort_keys=True), "flags": ";".join(r["flags"])}
-        writer.writerow([_csv_safe(values[c]) for c in CSV_COLUMNS] + [_csv_safe(r["groups"].get(k)) for k in group_keys])
+        writer.writerow([_csv_safe(values[c]) for c in CSV_COLUMNS] + [_csv_safe(r["groups"].get(k)) for k in group_keys]
+                        + [_csv_safe(r["metrics"].get(k)) for k in metric_keys])
     return buf.getvalue()
 
 
@@ -340,11 +379,12 @@ def _e(text: Any) -> str:
     return html.escape(str(text), quote=True)
 
 
-def _html_columns(groups: list[tuple[str, str]]) -> list[tuple[str, str, str]]:
+def _html_columns(groups: list[tuple[str, str]], metrics: list[tuple[str, str]] = ()) -> list[tuple[str, str, str]]:
     """(row key, heading, type) of the HTML table."""
     cols = [("model", "model", "text"), ("task", "task", "text"), ("threat_label", "threat", "text"),
             ("defense", "defence", "text"), ("attack", "attack", "text"), ("clean", "clean", "num"),
             ("robust", "robust", "num"), ("ci", "95% CI", "num"), ("asr", "ASR", "num")]
+    cols += [(f"m:{k}", h, "num") for k, h in metrics]
     cols += [(f"g:{k}", h, "num") for k, h in groups]
     return cols + [("external", "external", "num"), ("flags", "flags", "text"), ("n", "n", "num"), ("weights_sha256", "weights", "text")]
 
@@ -364,7 +404,7 @@ def _html_cell(r: dict[str, Any], key: str, typ: str) -> str:
     if key == "weights_sha256":
         sha = r["weights_sha256"] or ""
         return f'<td title="{_e(sha)}"><code>{_e(sha[:12])}</code></td>'
-    value = r["groups"].get(key[2:]) if key.startswith("g:") else r.get(key)
+    value = r["groups"].get(key[2:]) if key.startswith("g:") else r["metrics"].get(key[2:]) if key.startswith("m:") else r.get(key)
     if typ == "num":
         shown = "INVALID" if key == "robust" and r["status"] == "invalid" else (str(value) if key == "n" else _f(value))
         return f'<td class="num" data-value="{_e("" if value is None else value)}">{_e(shown)}</td>'
@@ -382,7 +422,7 @@ def to_html(entries: list[dict[str, Any]], title: str = "robustbench_med leaderb
     """A self-contained HTML leaderboard page (see the module docstring)."""
     rows = flat_rows(entries, headline_only=False)
     groups = display_group_columns(rows)
-    cols = _html_columns(groups)
+    cols = _html_columns(groups, display_metric_columns(rows))
     head = "".join(f'<th data-type="{typ}" aria-sort="none"><button type="button">{_e(h)}</button></th>' for _, h, typ in cols)
     body = "".join(
         f'<tr data-task="{_e(r["task"])}" data-threat="{_e(r["threat"])}" data-defense="{_e(r["defense_name"])}" '

@@ -170,8 +170,12 @@ class GridRunner:
         group_key = short_hash(vspec.name, victim.card.weights_sha256, dspec.key, self.grid.dataset, self.grid.split, len(x_all), self.grid.seed, data_hash)
         if self._finished(vspec, dspec, group_key, eot, len(x_all)):
             return  # resumed: clean rows and every cell of this victim × defence are final; nothing is refitted
-        defense.prepare(victim, self._train_split())
-        defended = defense.wrap(victim).to(self.device).eval()
+        try:
+            defense.prepare(victim, self._train_split())
+            defended = defense.wrap(victim).to(self.device).eval()
+        except TaskNotSupportedError as e:  # e.g. F3 with the Q-Former source on LLaVA: its cells are skipped
+            self._plan_cells(vspec, victim, defense, dspec, group_key, eot, skip=str(e))
+            return
         view = self._attacked_view(victim, defended, dspec)
         clean = self._clean(defended, group_key, x_all, y_all, attrs)
         self._reliability(group_key, defended, view, x_all, y_all, defense.randomized, eot)
@@ -185,7 +189,7 @@ class GridRunner:
         if len(self.store.clean_rows(group_key)) != n:
             return False
         for spec in self.grid.attacks:
-            if spec.applies_to(vspec.name, dspec.name):
+            if spec.applies_to(vspec.name, dspec.name, dspec.attack_through):
                 status = self.store.cell_status(short_hash(group_key, spec.key, eot))
                 if status is None or status[0] not in ("done", "invalid", "skipped"):
                     return False
@@ -237,10 +241,11 @@ class GridRunner:
         if varies and eot == 1:
             self.store.set_flag(group_key, "randomized_without_eot", True, "randomised defence attacked without EOT")
 
-    def _plan_cells(self, vspec, victim, defense, dspec, group_key, eot) -> list[CellPlan]:
+    def _plan_cells(self, vspec, victim, defense, dspec, group_key, eot, skip: str | None = None) -> list[CellPlan]:
+        """Record the cells of one victim × defence and return those to run (``skip``: record all as skipped)."""
         plans = []
         for spec in self.grid.attacks:
-            if not spec.applies_to(vspec.name, dspec.name):
+            if not spec.applies_to(vspec.name, dspec.name, dspec.attack_through):
                 continue
             params = dict(spec.params)
             if eot > 1 and "eot" not in params:
@@ -257,6 +262,8 @@ class GridRunner:
                           **({"variant": attack.variant_for(victim)} if hasattr(attack, "variant_for") else {})},
             }
             try:
+                if skip is not None:
+                    raise TaskNotSupportedError(f"defence {dspec.name}: {skip}")
                 attack.check_task(victim)
                 attack.prepare(victim, self._train_split())  # attacks that learn from data (HFC statistics)
             except (TaskNotSupportedError, ConfigError) as e:

@@ -12,6 +12,11 @@ counts as *correct* (score ≥ ``success_threshold``), which defines the attack 
 | segmentation    | logits [B, K, H, W]| class map [B, H, W]    | dice_fg (mean Dice over foreground classes) |
 | landmark        | heatmaps [B, L, H, W]| (x, y) px [B, L, 2]  | sdr@Rpx (fraction within R pixels)          |
 | vqa             | LM output         | answers                 | vqa accuracy (defined by the LVLM victims)  |
+
+Secondary per-sample metrics follow the primary one: ``prob_pos`` (binary: the positive-class probability, for
+per-group calibration), ``iou_fg`` (segmentation: mean IoU over the foreground classes present, for ES-IoU),
+``exact_match`` (multi-label), ``mre_px`` (landmarks). Dice and IoU average over the foreground classes present in the
+prediction or the target, so a slice with a lesion has one more (harder) class than one without.
 """
 from __future__ import annotations
 
@@ -82,11 +87,28 @@ def heatmap_argmax(heatmaps: torch.Tensor) -> torch.Tensor:
 
 def dice_per_class(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Dice [B, K−1] of each foreground class; NaN where the class is absent from both maps."""
+    inter, denom = _overlaps(pred, target, num_classes)
+    return torch.where(denom > 0, 2 * inter / denom.clamp_min(1), torch.full_like(denom, float("nan")))
+
+
+def iou_per_class(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """IoU (Jaccard) [B, K−1] of each foreground class, |P ∩ T| / |P ∪ T|; NaN where absent from both maps."""
+    inter, denom = _overlaps(pred, target, num_classes)
+    return torch.where(denom > 0, inter / (denom - inter).clamp_min(1), torch.full_like(denom, float("nan")))
+
+
+def _overlaps(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per foreground class: |P ∩ T| and |P| + |T| [B, K−1]."""
     p = F.one_hot(pred.long(), num_classes).flatten(1, 2)[..., 1:].float()
     t = F.one_hot(target.long(), num_classes).flatten(1, 2)[..., 1:].float()
-    inter = (p * t).sum(1)
-    denom = p.sum(1) + t.sum(1)
-    return torch.where(denom > 0, 2 * inter / denom.clamp_min(1), torch.full_like(denom, float("nan")))
+    return (p * t).sum(1), p.sum(1) + t.sum(1)
+
+
+def mean_present(per_class: torch.Tensor) -> torch.Tensor:
+    """Mean over the classes present in the prediction or the target (NaN entries); 1 when none is (both empty)."""
+    present = ~torch.isnan(per_class)
+    mean = torch.nan_to_num(per_class).sum(1) / present.sum(1).clamp_min(1)
+    return torch.where(present.any(1), mean, torch.ones_like(mean))
 
 
 def soft_dice_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -132,16 +154,16 @@ def predict(task: str, output: torch.Tensor) -> torch.Tensor:
 def metrics_per_sample(task: str, output: torch.Tensor, target: torch.Tensor, sdr_radius: float = 4.0) -> dict[str, torch.Tensor]:
     """Per-sample metrics; the first key is the task's primary score (higher is better)."""
     pred = predict(task, output)
-    if task in ("classification", "binary"):
+    if task == "classification":
         return {"accuracy": (pred == target.long()).float()}
+    if task == "binary":  # the positive-class probability feeds the per-group calibration error (fairness)
+        return {"accuracy": (pred == target.long()).float(), "prob_pos": torch.sigmoid(binary_logit(output).float())}
     if task == "multilabel":
         correct = (pred == target.long()).float()
         return {"label_accuracy": correct.mean(1), "exact_match": correct.min(1).values}
     if task == "segmentation":
-        dice = dice_per_class(pred, target, output.shape[1])
-        present = ~torch.isnan(dice)
-        dice_fg = torch.where(present.any(1), torch.nan_to_num(dice).sum(1) / present.sum(1).clamp_min(1), torch.ones(len(dice), device=dice.device))
-        return {"dice_fg": dice_fg}
+        k = output.shape[1]
+        return {"dice_fg": mean_present(dice_per_class(pred, target, k)), "iou_fg": mean_present(iou_per_class(pred, target, k))}
     if task == "landmark":
         err = (pred - target.float()).norm(dim=-1)
         return {f"sdr@{sdr_radius:g}px": (err <= sdr_radius).float().mean(1), "mre_px": err.mean(1)}

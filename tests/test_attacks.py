@@ -232,3 +232,20 @@ def test_black_box_or_transfer_beating_white_box_is_flagged():
     _flag_black_box(df)
     assert df.loc[0, "flags"] == ["black_box_beats_white_box"]
     assert df.loc[2, "flags"] == []  # within the margin: not flagged
+
+
+def test_attack_transferred_through_a_defence_beating_the_adaptive_one_is_flagged():
+    """A PGD crafted on the undefended model and transferred through the defence (``attack_through: transfer``) that
+    does better than the adaptive (BPDA/EOT) attack on the same defended model flags the adaptive cell."""
+    import pandas as pd
+
+    from robustbench_med.leaderboard import _flag_black_box
+
+    base = dict(victim="v", defense="f3.v3", defense_params="{}", norm="Linf", eps=8 / 255, status="done", knowledge="white-box")
+    df = pd.DataFrame([{**base, "attack": "pgd.linf", "attack_through": "adaptive", "robust": 0.50},
+                       {**base, "attack": "pgd.linf", "attack_through": "transfer", "robust": 0.30},
+                       {**base, "attack": "pgd.linf", "attack_through": "adaptive", "robust": 0.50, "defense_params": '{"beta": 1}'}])
+    df["flags"] = [[] for _ in range(len(df))]
+    _flag_black_box(df)
+    assert df.loc[0, "flags"] == ["black_box_beats_white_box"]
+    assert df.loc[1, "flags"] == [] and df.loc[2, "flags"] == []  # the transferred cell itself; another defence setting

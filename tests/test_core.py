@@ -166,3 +166,21 @@ def test_segmentation_training_weights_rare_classes_and_uses_batch_dice():
     assert w[0] == 1.0 and w[2] > w[1] >= w[0] and w[2] <= 20.0
     perfect = torch.nn.functional.one_hot(masks, 3).permute(0, 3, 1, 2).float() * 50
     assert batch_soft_dice_loss(perfect, masks) < 0.01 < batch_soft_dice_loss(-perfect, masks)
+
+
+def test_task_metrics_dice_iou_and_binary_probability():
+    """Per-sample metrics: Dice and IoU average over the foreground classes present (IoU = Dice / (2 − Dice) for one
+    class), an empty prediction of an empty target scores 1, and binary heads also report P(positive)."""
+    from robustbench_med.tasks import metrics_per_sample
+
+    target = torch.zeros(2, 4, 4, dtype=torch.long)
+    target[0, :2, :2] = 1  # 4 pixels of class 1 in image 0; image 1 is all background
+    logits = torch.zeros(2, 3, 4, 4)
+    logits[0, 1, :2, :] = 5.0  # predicts 8 pixels of class 1 (4 right); image 1 predicts background
+    logits[1, 0] = 5.0
+    m = metrics_per_sample("segmentation", logits, target)
+    assert list(m) == ["dice_fg", "iou_fg"]
+    assert torch.allclose(m["dice_fg"], torch.tensor([2 * 4 / 12, 1.0])) and torch.allclose(m["iou_fg"], torch.tensor([4 / 8, 1.0]))
+    b = metrics_per_sample("binary", torch.tensor([[2.0], [-1.0]]), torch.tensor([1, 1]))
+    assert list(b) == ["accuracy", "prob_pos"] and torch.equal(b["accuracy"], torch.tensor([1.0, 0.0]))
+    assert torch.allclose(b["prob_pos"], torch.sigmoid(torch.tensor([2.0, -1.0])))

@@ -111,7 +111,7 @@ def test_f3_configuration_errors(victims):
         create_defense("f3.v3", source="vision")
     with pytest.raises(ConfigError):
         create_defense("f3.v3", questions=[99])
-    with pytest.raises(ConfigError):
+    with pytest.raises(rbm.TaskNotSupportedError, match="Q-Former"):
         create_defense("f3.v3", source="qformer").wrap(victims["llava"])
     with pytest.raises(ConfigError):
         create_defense("f3.v3").purify(_batch(1))  # no victim bound
@@ -191,3 +191,18 @@ def test_masked_gradient_flag_fires_on_naive_adaptive_not_on_bpda_eot(tmp_path):
     assert "masked_gradients" in flags["detach"]
     assert "masked_gradients" not in flags["adaptive"]
     assert "masked_gradients" not in flags["transfer"]  # the undefended victim is attacked
+
+
+def test_defence_that_does_not_support_a_victim_skips_its_cells(tmp_path):
+    """F3 with the Q-Former attention source on LLaVA: the pair's cells are recorded as skipped (with the reason),
+    the rest of the grid runs."""
+    grid = parse_grid({
+        "name": "f3-skip", "n_examples": 2, "batch_size": 2,
+        "victims": [{"name": "llava.tiny", "weights": None}],
+        "attacks": [{"name": "noise.uniform", "params": {"eps": "8/255"}}],
+        "defenses": ["identity.none", {"name": "f3.v3", "params": {"source": "qformer"}}],
+    })
+    df = summarize(run_grid(grid, tmp_path, progress=False), fairness_boot=0)
+    by_defense = {row.defense: row for row in df.itertuples()}
+    assert by_defense["identity.none"].status == "done"
+    assert by_defense["f3.v3"].status == "skipped" and "Q-Former" in by_defense["f3.v3"].reason

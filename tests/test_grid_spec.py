@@ -21,6 +21,10 @@ def test_attack_entries_can_be_restricted():
     assert spec.applies_to("cnn.phantom", "identity.none") and not spec.applies_to("cnn.phantom", "jpeg.bpda")
     with pytest.raises(UnknownNameError, match="victims"):
         parse_grid({**BASE, "attacks": [{"name": "square.linf", "victims": ["cnn.phantm"]}]})
+    only = parse_grid({**BASE, "attacks": [{"name": "square.linf", "attack_through": ["transfer"]}]}).attacks[0]
+    assert only.applies_to("cnn.phantom", "jpeg.bpda", "transfer") and not only.applies_to("cnn.phantom", "jpeg.bpda", "adaptive")
+    with pytest.raises(ConfigError, match=r"attacks\[0\].attack_through"):
+        parse_grid({**BASE, "attacks": [{"name": "square.linf", "attack_through": ["bpda"]}]})
 
 
 def test_victims_can_be_restricted_to_some_defences():

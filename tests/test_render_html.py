@@ -101,6 +101,25 @@ def test_text_formats_escape_names(entries):
     assert all(float(r["robust"]) <= 1 for r in rows) and "robust_gap_sex" in rows[0]
 
 
+def test_per_attack_metrics_are_shown_for_every_attack(entries):
+    """Detector AUROC / TPR@90%TNR (and VQA per-question accuracy) are per attack: the Markdown gets a per-attack
+    table with them, the HTML and CSV a column each."""
+    import copy
+
+    from robustbench_med.render import to_html
+
+    e = copy.deepcopy(entries[1])
+    for i, r in enumerate(x for x in e["results"] if x["cell_id"]):
+        r["metrics"] = {"detector_auroc": 0.5 + 0.1 * i, "detector_tpr_at_90tnr": 0.25}
+    md = to_markdown([e])
+    assert "det. AUROC" in md and "TPR@90%TNR" in md and "0.700" in md and "Per attack:" in md
+    assert "robust (attacked q)" not in md
+    assert to_markdown([entries[1]]).count("Per attack:") == 0
+    assert "det. AUROC" in to_html([e], plots=False)
+    rows = list(csv.DictReader(io.StringIO(to_csv([e]))))
+    assert {r["detector_tpr_at_90tnr"] for r in rows} == {"0.25", ""}  # worst-case rows carry no detector metric
+
+
 def test_html_is_self_contained_and_escaped(entries, rendered):
     page = rendered["html"].read_text()
     assert XSS not in page and "<script>alert" not in page

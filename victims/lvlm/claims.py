@@ -9,7 +9,9 @@ Claims (QAVA, Zhang et al., NAACL 2025; compressed projectors, arXiv 2506.00534 
    accuracy than the uncompressed-projector model (LLaVA).
 
 ``python -m robustbench_med.victims.lvlm.claims [--n 48] [--eps 8/255] [--steps 20]`` prints one row per
-victim × attack (trained weights are used from the cache, trained first if missing). Numbers are reported as
+victim × attack (trained weights are used from the cache, trained first if missing);
+``python -m robustbench_med.victims.lvlm.claims --store runs/lvlm/results.sqlite`` reads the claims off a finished
+``lvlm`` grid instead (per victim and eps, from the leaderboard's per-question columns). Numbers are reported as
 measured; nothing is tuned towards the claims.
 """
 from __future__ import annotations
@@ -59,14 +61,44 @@ def run_claims(families: tuple[str, ...] = ("blip2", "instructblip", "llava"), n
     return rows
 
 
+def claims_from_store(store: Any) -> list[dict[str, Any]]:
+    """The two claims per VQA victim and eps, from a store of the ``lvlm`` grid (identity.none cells):
+
+    ``question_own`` / ``question_others``: question PGD's accuracy on its own (first) question / the other evaluation
+    questions; ``qava_projector`` / ``qava_lm``: QAVA's accuracy on the (unseen) evaluation questions;
+    ``projector_only_drop``: clean − robust accuracy under the projector-only attack.
+    """
+    from robustbench_med.leaderboard import summarize
+
+    df = summarize(store, fairness_boot=0)
+    df = df[(df.task == "vqa") & (df.defense == "identity.none") & (df.status == "done")]
+    rows = []
+    for (victim, eps), g in df.groupby(["victim", "eps"]):
+        by = {a: r for a, r in zip(g.attack, g.itertuples())}
+        if "lvlm_pgd.question" not in by:
+            continue
+        q = by["lvlm_pgd.question"]
+        row = {"victim": victim, "eps": round(float(eps) * 255, 3), "clean": round(float(q.clean), 4),
+               "question_own": round(float(q.robust_vqa_accuracy_first), 4), "question_others": round(float(q.robust_vqa_accuracy_others), 4)}
+        for name, key in (("qava.projector", "qava_projector"), ("qava.lm", "qava_lm")):
+            if name in by:
+                row[key] = round(float(by[name].robust), 4)
+        if "projector.projector_only" in by:
+            row["projector_only_drop"] = round(float(by["projector.projector_only"].clean - by["projector.projector_only"].robust), 4)
+        rows.append(row)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=48)
     parser.add_argument("--eps", default="8/255")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--families", default="blip2,instructblip,llava")
+    parser.add_argument("--store", help="read the claims off a finished lvlm grid store instead of running attacks")
     args = parser.parse_args()
-    for row in run_claims(tuple(args.families.split(",")), args.n, parse_eps(args.eps), args.steps):
+    rows = claims_from_store(args.store) if args.store else run_claims(tuple(args.families.split(",")), args.n, parse_eps(args.eps), args.steps)
+    for row in rows:
         print(json.dumps(row))
 
 

