@@ -18,6 +18,13 @@ Example::
       - {name: jpeg.bpda, params: {quality: 75}}            # attacked through BPDA
       - {name: gaussian.eot, params: {sigma: 0.05}, eot: 8}  # attacked with EOT over 8 draws
 
+``attack_only_robust`` (default ``true``) is the AutoAttack / RobustBench protocol for classifiers (Croce & Hein, ICML
+2020): an attack is only run on the samples that are still classified correctly — clean-misclassified samples count
+as not robust with a zero perturbation, and in an eps sweep a sample broken at a smaller eps keeps that (valid)
+adversarial example at every larger eps, so only the survivors are attacked again. It applies to untargeted attacks
+on classification and binary victims (not to noise baselines, detectors, segmentors, landmark detectors or LVLMs,
+whose metrics need every sample attacked). Set it to ``false`` to attack every sample at every eps.
+
 A list-valued attack parameter expands into one cell per value. Unknown keys, unknown names and invalid parameters
 raise :class:`ConfigError` naming the file, the field and the valid choices, before any work starts.
 """
@@ -35,7 +42,7 @@ import yaml
 from robustbench_med.errors import ConfigError, RobustBenchMedError, UnknownNameError
 from robustbench_med.registry import ATTACKS, DATASETS, DEFENSES, VICTIMS
 
-TOP_KEYS = {"name", "dataset", "n_examples", "batch_size", "seed", "device", "victims", "attacks", "defenses", "save_adversarial", "description"}
+TOP_KEYS = {"name", "dataset", "n_examples", "batch_size", "seed", "device", "victims", "attacks", "defenses", "save_adversarial", "attack_only_robust", "description"}
 VICTIM_KEYS = {"name", "weights", "target_field", "params", "defenses"}
 ATTACK_KEYS = {"name", "params", "victims", "defenses", "attack_through"}
 DEFENSE_KEYS = {"name", "params", "attack_through", "eot"}
@@ -105,6 +112,7 @@ class Grid:
     attacks: tuple[AttackSpec, ...]
     defenses: tuple[DefenseSpec, ...]
     save_adversarial: bool = False
+    attack_only_robust: bool = True
     source: str = "<dict>"
 
     def config_hash(self) -> str:
@@ -156,6 +164,7 @@ def parse_grid(raw: Any, source: str = "<dict>") -> Grid:
         attacks=tuple(a for i, e in enumerate(where.list_(raw["attacks"], "attacks")) for a in _attacks(e, i, where)),
         defenses=tuple(_defense(d, i, where) for i, d in enumerate(where.list_(raw.get("defenses") or ["identity.none"], "defenses"))),
         save_adversarial=bool(raw.get("save_adversarial", False)),
+        attack_only_robust=where.bool_(raw.get("attack_only_robust", True), "attack_only_robust"),
         source=source,
     )
     _instantiate_all(grid, where)
@@ -184,6 +193,11 @@ class _Where:
     def int_(self, value: Any, field_: str) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise self.fail(field_, f"must be an integer, got {value!r}")
+        return value
+
+    def bool_(self, value: Any, field_: str) -> bool:
+        if not isinstance(value, bool):
+            raise self.fail(field_, f"must be true or false, got {value!r}")
         return value
 
     def positive_int(self, value: Any, field_: str) -> int:

@@ -2,8 +2,11 @@
 adversarial batch against its threat model, and stores per-sample rows so an interrupted run resumes exactly.
 
 A *cell* is (victim, defence, attack with one parameter set, dataset split, n_examples, seed). Cells of one attack
-that differ only in eps are batched together when the attack takes per-sample eps (an eps sweep costs one pass). A
-*unit* is one batch of samples for one group of cells; its rows are written in one transaction.
+that differ only in eps form a group. For classifiers under the grid's ``attack_only_robust`` protocol (AutoAttack's:
+Croce & Hein, ICML 2020) a group runs as a *cascade*: ascending eps, each attack only on the samples still robust
+(clean-misclassified samples keep a zero perturbation; a sample broken at a smaller eps keeps that valid example).
+Otherwise the cells of a group are batched together when the attack takes per-sample eps (an eps sweep costs one
+pass). A *unit* is one batch of samples for one group of cells; its rows are written in one transaction.
 """
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ from robustbench_med.victim import Victim
 
 MASKED_GRADIENT_FRACTION = 0.5
 DEFAULT_EOT = 8
+CASCADE_TASKS = frozenset({"classification", "binary"})  # tasks whose per-sample outcome is 0/1 (robust or not)
 
 
 @dataclass
@@ -128,6 +132,20 @@ def _clean_extras(clean_row: dict[str, Any]) -> dict[str, float]:
     return {f"clean_{k}": v for k, v in list(metrics.items())[1:]}
 
 
+def _outcomes(metrics: dict[str, torch.Tensor], pred: list[Any] | None, positions: Sequence[int]) -> list[dict[str, Any]]:
+    """Per-sample outcomes (primary score, prediction, every metric) at ``positions`` of an evaluated batch."""
+    score = next(iter(metrics.values())).cpu()
+    values = {k: v.cpu() for k, v in metrics.items()}
+    return [{"score": float(score[q]), "pred": pred[q] if pred is not None else None,
+             "metrics": {k: float(v[q]) for k, v in values.items()}} for q in positions]
+
+
+def _clean_outcome(clean_row: dict[str, Any]) -> dict[str, Any]:
+    """A stored clean row as an outcome (the starting point of a cascade: zero perturbation)."""
+    metrics = json.loads(clean_row["metrics"]) if isinstance(clean_row.get("metrics"), str) else dict(clean_row.get("metrics") or {})
+    return {"score": clean_row["score"], "pred": clean_row["pred"], "metrics": metrics}
+
+
 class GridRunner:
     """Runs a :class:`Grid` into a :class:`Store` (resuming whatever is already there)."""
 
@@ -152,9 +170,11 @@ class GridRunner:
         attr_rows = [{k: attrs[k][i] for k in attrs} for i in range(n)]
         for vspec in self.grid.victims:
             if self.ctx.is_main:  # rank 0 trains missing weights; the others wait for them
-                create_victim(vspec.name, weights=vspec.weights, train_if_missing=True, progress=self.progress, **vspec.params)
+                victim = create_victim(vspec.name, weights=vspec.weights, train_if_missing=True, progress=self.progress,
+                                       device=self.device, **vspec.params)
             self.ctx.barrier()
-            victim = create_victim(vspec.name, weights=vspec.weights, device=self.device, **vspec.params)
+            if not self.ctx.is_main:
+                victim = create_victim(vspec.name, weights=vspec.weights, device=self.device, **vspec.params)
             self.batch_size = adaptive_batch_size(victim, self.device, self.grid.batch_size)
             y_all = ds.targets(target_field_for(vspec, victim), idx)
             for dspec in (d for d in self.grid.defenses if vspec.pairs_with(d.name) and defense_supports(d.name, victim.task)):
@@ -180,8 +200,8 @@ class GridRunner:
         clean = self._clean(defended, group_key, x_all, y_all, attrs)
         self._reliability(group_key, defended, view, x_all, y_all, defense.randomized, eot)
         plans = self._plan_cells(vspec, victim, defense, dspec, group_key, eot)
-        for group in self._eps_groups(plans):
-            self._run_group(group, view, defended, group_key, x_all, y_all, clean, attrs)
+        for group, cascade in self._eps_groups(plans, victim.task, defense.kind):
+            self._run_group(group, cascade, view, defended, group_key, x_all, y_all, clean, attrs)
 
     def _finished(self, vspec: VictimSpec, dspec: DefenseSpec, group_key: str, eot: int, n: int) -> bool:
         """Whether a previous run completed this victim × defence (all clean rows, every applicable cell final), so a
@@ -259,6 +279,7 @@ class GridRunner:
                 "split": self.grid.split, "n_examples": self.grid.n_examples, "seed": self.grid.seed,
                 "weights_sha256": victim.card.weights_sha256, "status": "pending", "reason": "",
                 "extra": {"group_key": group_key, "knowledge": attack.knowledge, "eot": attack.eot,
+                          "attack_only_robust": self._cascades(attack, victim.task, defense.kind),
                           **({"variant": attack.variant_for(victim)} if hasattr(attack, "variant_for") else {})},
             }
             try:
@@ -274,20 +295,28 @@ class GridRunner:
             plans.append(CellPlan(cell_id, spec, attack))
         return plans
 
-    def _eps_groups(self, plans: Sequence[CellPlan]) -> list[list[CellPlan]]:
-        groups: dict[str, list[CellPlan]] = {}
+    def _cascades(self, attack: Attack, task: str, defense_kind: str) -> bool:
+        """Whether cells of ``attack`` run under the ``attack_only_robust`` protocol: untargeted adversarial attacks on
+        0/1-outcome tasks (not noise baselines; not detectors, whose AUROC needs every sample attacked)."""
+        return (self.grid.attack_only_robust and task in CASCADE_TASKS and not attack.threat.targeted
+                and attack.knowledge != "none" and defense_kind != "detector")
+
+    def _eps_groups(self, plans: Sequence[CellPlan], task: str, defense_kind: str) -> list[tuple[list[CellPlan], bool]]:
+        """Cells that differ only in eps, grouped (a cascade, or one batch when the attack takes per-sample eps)."""
+        groups: dict[str, tuple[list[CellPlan], bool]] = {}
         for p in plans:
-            if p.attack.supports_eps_batch:
-                key = p.spec.name + canonical({k: v for k, v in p.spec.params.items() if k != "eps"})
+            cascade = self._cascades(p.attack, task, defense_kind)
+            if cascade or p.attack.supports_eps_batch:
+                key = f"{cascade}|{p.spec.name}" + canonical({k: v for k, v in p.spec.params.items() if k != "eps"})
             else:
                 key = p.cell_id
-            groups.setdefault(key, []).append(p)
+            groups.setdefault(key, ([], cascade))[0].append(p)
         return list(groups.values())
 
     # one group of cells -----------------------------------------------------------------------------------
-    def _run_group(self, group: list[CellPlan], view, defended, group_key, x_all, y_all, clean, attrs) -> None:
+    def _run_group(self, group: list[CellPlan], cascade: bool, view, defended, group_key, x_all, y_all, clean, attrs) -> None:
         n, k = len(x_all), len(group)
-        chunk = max(1, self.batch_size // k)
+        chunk = self.batch_size if cascade else max(1, self.batch_size // k)
         done = {p.cell_id: self.store.done_samples(p.cell_id) for p in group}
         starts = []
         for s in range(0, n, chunk):
@@ -297,18 +326,21 @@ class GridRunner:
         from tqdm.auto import tqdm
 
         label = f"{group[0].spec.name} ×{k} on {defended.card.name}"
+        unit = self._run_cascade_unit if cascade else self._run_unit
         for start in tqdm(starts, desc=label, disable=not self.progress, leave=False):
-            t0 = time.perf_counter()
-            self._run_unit(group, view, defended, group_key, x_all, y_all, clean, attrs, start, min(n, start + chunk), done)
-            share = (time.perf_counter() - t0) / k  # cells batched together share the unit's time
+            stop = min(n, start + chunk)
+            seconds = unit(group, view, defended, group_key, x_all, y_all, clean, attrs, start, stop, done)
             for p in group:
-                self.store.add_timing(p.cell_id, share, min(n, start + chunk) - start)
+                self.store.add_timing(p.cell_id, seconds[p.cell_id], stop - start)
         for p in group:
             status = self.store.cell_status(p.cell_id)
             if status and status[0] == "pending" and len(self.store.done_samples(p.cell_id)) == n:
                 self.store.set_cell_status(p.cell_id, "done")
 
-    def _run_unit(self, group, view, defended, group_key, x_all, y_all, clean, attrs, start, stop, done) -> None:
+    def _run_unit(self, group, view, defended, group_key, x_all, y_all, clean, attrs, start, stop, done) -> dict[str, float]:
+        """All cells of ``group`` on samples ``start:stop`` in one batch (per-sample eps); returns seconds per cell
+        (the cells share the unit's time)."""
+        t0 = time.perf_counter()
         k, m = len(group), stop - start
         xb = x_all[start:stop].to(self.device).repeat(k, 1, 1, 1)
         yb = y_all[start:stop].to(self.device)
@@ -320,29 +352,63 @@ class GridRunner:
         x_adv = attack(view, xb, y_attack, eps=eps if k > 1 else None, seed=seed)
         with seeded(derive_seed(seed, "eval"), self.device):
             metrics, pred = evaluate_batch(defended, x_adv, yb)
-        threshold = defended.spec.success_threshold
         rows, invalid = [], {}
         for c, p in enumerate(group):
             sl = slice(c * m, (c + 1) * m)
-            report = check_budget(xb[sl], x_adv[sl], p.attack.threat.norm, p.attack.threat.eps)
-            if not report.valid:
-                invalid[p.cell_id] = f"budget violated: {report.reason()}"
-            if self.grid.save_adversarial:
-                self._save_adv(p.cell_id, start, x_adv[sl])
-            score = next(iter(metrics.values()))[sl].cpu()
-            for j in range(m):
-                i = start + j
-                if i in done[p.cell_id]:
-                    continue
-                cl = clean[i]
-                rows.append({
-                    "cell_id": p.cell_id, "sample_idx": i, "clean_score": cl["score"], "adv_score": float(score[j]),
-                    "clean_correct": cl["correct"], "adv_correct": int(score[j] >= threshold), "clean_pred": cl["pred"],
-                    "adv_pred": pred[c * m + j] if pred is not None else None, "eps": p.attack.threat.eps,
-                    "linf": float(report.norms["Linf"][j]), "l2": float(report.norms["L2"][j]), "valid": int(report.valid),
-                    "metrics": {**{key: float(v[c * m + j]) for key, v in metrics.items()}, **_clean_extras(cl)}, "attrs": attrs[i],
-                })
+            outcomes = _outcomes(metrics, pred, range(c * m, (c + 1) * m))
+            rows += self._cell_rows(p, xb[sl], x_adv[sl], outcomes, defended.spec.success_threshold, start, done, clean, attrs, invalid)
         self.store.write_unit(rows, invalid)
+        share = (time.perf_counter() - t0) / k
+        return {p.cell_id: share for p in group}
+
+    def _run_cascade_unit(self, group, view, defended, group_key, x_all, y_all, clean, attrs, start, stop, done) -> dict[str, float]:
+        """The cells of ``group`` on samples ``start:stop`` as a cascade (``attack_only_robust``): in ascending eps,
+        each attack runs only on the samples that are still robust; a sample already broken (clean-misclassified, or
+        broken at a smaller eps) keeps its example, which is within every larger budget. Returns seconds per cell."""
+        m, threshold = stop - start, defended.spec.success_threshold
+        x, y = x_all[start:stop].to(self.device), y_all[start:stop].to(self.device)
+        x_cur = x.clone()
+        state = [_clean_outcome(clean[i]) for i in range(start, stop)]
+        rows, invalid, seconds = [], {}, {}
+        for p in sorted(group, key=lambda p: p.attack.threat.eps):
+            t0 = time.perf_counter()
+            alive = [j for j in range(m) if state[j]["score"] >= threshold]
+            if alive:
+                idx = torch.tensor(alive, device=self.device)
+                seed = derive_seed(self.grid.seed, group_key, p.cell_id, start)
+                x_adv = p.attack(view, x[idx], y[idx], seed=seed)
+                with seeded(derive_seed(seed, "eval"), self.device):
+                    metrics, pred = evaluate_batch(defended, x_adv, y[idx])
+                x_cur[idx] = x_adv
+                for j, outcome in zip(alive, _outcomes(metrics, pred, range(len(alive)))):
+                    state[j] = outcome
+            rows += self._cell_rows(p, x, x_cur, state, threshold, start, done, clean, attrs, invalid)
+            seconds[p.cell_id] = time.perf_counter() - t0
+        self.store.write_unit(rows, invalid)
+        return seconds
+
+    def _cell_rows(self, p: CellPlan, x, x_adv, outcomes: list[dict[str, Any]], threshold: float, start: int, done,
+                   clean, attrs, invalid: dict[str, str]) -> list[dict[str, Any]]:
+        """Budget check and per-sample rows of one cell on one unit (``outcomes``: score, pred, metrics per sample)."""
+        report = check_budget(x, x_adv, p.attack.threat.norm, p.attack.threat.eps)
+        if not report.valid:
+            invalid[p.cell_id] = f"budget violated: {report.reason()}"
+        if self.grid.save_adversarial:
+            self._save_adv(p.cell_id, start, x_adv)
+        rows = []
+        for j, out in enumerate(outcomes):
+            i = start + j
+            if i in done[p.cell_id]:
+                continue
+            cl = clean[i]
+            rows.append({
+                "cell_id": p.cell_id, "sample_idx": i, "clean_score": cl["score"], "adv_score": out["score"],
+                "clean_correct": cl["correct"], "adv_correct": int(out["score"] >= threshold), "clean_pred": cl["pred"],
+                "adv_pred": out["pred"], "eps": p.attack.threat.eps,
+                "linf": float(report.norms["Linf"][j]), "l2": float(report.norms["L2"][j]), "valid": int(report.valid),
+                "metrics": {**out["metrics"], **_clean_extras(cl)}, "attrs": attrs[i],
+            })
+        return rows
 
     def _save_adv(self, cell_id: str, start: int, x_adv: torch.Tensor) -> None:
         from safetensors.torch import save_file

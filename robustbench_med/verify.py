@@ -64,6 +64,7 @@ def subgrid(entries: list[dict[str, Any]], *, victim: str | None = None, weights
     raw = {
         "name": g["name"], "n_examples": g["n_examples"], "batch_size": g["batch_size"], "seed": g["seed"],
         "device": device or "auto", "save_adversarial": False,
+        "attack_only_robust": g.get("attack_only_robust", False),  # entries made before the option attacked every sample
         "dataset": {"name": g["dataset"], "split": g["split"], "params": g.get("dataset_params") or {}},
         "victims": [_victim_spec(g, first["victim"], new_name, weights)],
         "attacks": [_attack_spec(a, first["victim"], new_name) for a in g["attacks"] if _needed_attack(a, rows)],

@@ -310,3 +310,11 @@ def test_publish_keeps_the_entry_with_more_samples_when_grids_overlap(toy, tmp_p
     assert main(["publish", str(small), "--out", str(out), "--runs", runs, "--quiet"]) == 0
     assert {(e["grid"], e["n"]) for e in load_entries(out)} == {("large", 32)}
     assert "kept" in capsys.readouterr().out
+
+
+def test_verify_reruns_an_entry_under_the_protocol_it_was_made_with(entry):
+    from robustbench_med.verify import subgrid
+
+    assert entry["manifest"]["grid"]["attack_only_robust"] is True and subgrid([entry]).attack_only_robust is True
+    del entry["manifest"]["grid"]["attack_only_robust"]  # an entry made before the option: every sample was attacked
+    assert subgrid([entry]).attack_only_robust is False

@@ -160,3 +160,80 @@ def test_resumed_run_does_not_refit_finished_defenses(trained_cnn, tmp_path, mon
     assert first == 1
     run_grid(parse_grid(spec), tmp_path, progress=False)
     assert len(calls) == first and _rows(store) == rows
+
+
+class CountingPGD(PGD):
+    """PGD that records how many samples each call attacks, and at which eps."""
+
+    calls: list[tuple[float, int]] = []
+
+    def perturb(self, victim, x, y, eps):
+        CountingPGD.calls.append((float(eps[0]), len(x)))
+        return super().perturb(victim, x, y, eps)
+
+
+SWEEP = ["1/255", "2/255", "8/255"]
+
+
+def _cells_by_eps(store_path) -> dict[float, dict[int, tuple]]:
+    con = sqlite3.connect(store_path)
+    rows = con.execute("SELECT s.eps, s.sample_idx, s.clean_correct, s.adv_correct, s.adv_score, s.linf, c.extra FROM samples s "
+                       "JOIN cells c USING (cell_id) WHERE c.attack='counting.pgd'").fetchall()
+    con.close()
+    out: dict[float, dict[int, tuple]] = {}
+    for eps, i, clean_ok, adv_ok, score, linf, extra in rows:
+        out.setdefault(eps, {})[i] = (clean_ok, adv_ok, score, linf, json.loads(extra)["attack_only_robust"])
+    return out
+
+
+@pytest.mark.parametrize("only_robust", [True, False])
+def test_attack_only_robust_cascades_an_eps_sweep(trained_cnn, tmp_path, only_robust):
+    """AutoAttack's protocol: attack only samples still robust; a sample broken at a smaller eps keeps its example."""
+    ATTACKS.add("counting.pgd", lambda **kw: CountingPGD(norm="Linf", **kw), knowledge="white-box")
+    CountingPGD.calls = []
+    try:
+        grid = parse_grid({**SMALL, "n_examples": 32, "defenses": ["identity.none"], "attack_only_robust": only_robust,
+                           "attacks": [{"name": "counting.pgd", "params": {"eps": SWEEP, "steps": 3}}]})
+        store = run_grid(grid, tmp_path, progress=False)
+    finally:
+        ATTACKS.remove("counting.pgd")
+    cells = _cells_by_eps(store)
+    eps = sorted(cells)
+    assert len(eps) == 3 and all(len(cells[e]) == 32 for e in eps)
+    assert all(r[4] is only_robust for e in eps for r in cells[e].values())
+    attacked = sum(n for _, n in CountingPGD.calls)
+    clean_wrong = [i for i, r in cells[eps[0]].items() if not r[0]]
+    assert clean_wrong, "the trained CNN must misclassify a few of 32 test images for this test to bite"
+    if not only_robust:
+        assert attacked == 3 * 32
+        return
+    alive = 32 - len(clean_wrong)
+    for lo, hi in zip(eps, eps[1:]):
+        alive_next = sum(r[1] for r in cells[lo].values())
+        for i, r in cells[lo].items():
+            if not r[1]:  # broken at the smaller eps: same example (score, perturbation) at the larger one
+                assert cells[hi][i][1] == 0 and cells[hi][i][2:4] == r[2:4]
+        assert alive_next <= alive
+        alive = alive_next
+    for i in clean_wrong:
+        assert all(cells[e][i][3] == 0.0 and cells[e][i][1] == 0 for e in eps), "clean-misclassified: zero perturbation"
+    expected = (32 - len(clean_wrong)) + sum(sum(r[1] for r in cells[e].values()) for e in eps[:-1])
+    assert attacked == expected < 3 * 32, "each eps attacks exactly the samples still robust"
+    assert all(r[3] <= e + 1e-6 for e in eps for r in cells[e].values())
+
+
+def test_attack_only_robust_leaves_segmentors_and_noise_alone(tmp_path):
+    grid = parse_grid({"name": "seg", "n_examples": 8, "batch_size": 8,
+                       "victims": [{"name": "unet.phantom", "weights": None}, {"name": "cnn.phantom", "weights": None}],
+                       "attacks": [{"name": "pgd.linf", "params": {"eps": ["2/255", "4/255"], "steps": 1}, "victims": ["unet.phantom"]},
+                                   "noise.uniform"]})
+    con = sqlite3.connect(run_grid(grid, tmp_path, progress=False))
+    rows = con.execute("SELECT c.victim, s.linf, c.extra FROM samples s JOIN cells c USING (cell_id)").fetchall()
+    assert {v for v, _, _ in rows} == {"unet.phantom", "cnn.phantom"} and len(rows) == 8 * 4
+    assert all(linf > 0 for _, linf, _ in rows), "every sample of a dense task, and of a noise baseline, is perturbed"
+    assert not any(json.loads(extra)["attack_only_robust"] for _, _, extra in rows)
+
+
+def test_attack_only_robust_must_be_a_boolean():
+    with pytest.raises(rbm.ConfigError, match="attack_only_robust"):
+        parse_grid({**SMALL, "attack_only_robust": "yes"})
