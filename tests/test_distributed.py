@@ -57,3 +57,21 @@ def test_two_processes_with_accelerate(tmp_path):
     mean = lambda rows: sum(r[3] for r in rows) / len(rows)  # noqa: E731
     assert abs(mean(multi) - mean(single)) <= 0.05
     assert (tmp_path / "multi" / "leaderboard.md").exists()
+
+
+def test_a_crashed_ranks_units_are_computed_on_resume(tmp_path):
+    """Rank 1 of 2 finishes, rank 0 dies before writing anything: a later single-process run fills in exactly rank
+    0's units, and the store equals a single-process run (no loss, no duplicates)."""
+    from robustbench_med.runner import GridRunner
+    from robustbench_med.store import Store
+
+    rbm.create_victim("cnn.phantom", train_if_missing=True)
+    reference = _rows(run_grid(parse_grid(GRID), tmp_path / "single", progress=False))
+    out = tmp_path / "crashed"
+    out.mkdir()
+    with Store(out / "results.sqlite") as store:
+        GridRunner(parse_grid(GRID), store, progress=False, out_dir=out, context=ProcessContext(1, 2, lambda: None, None)).run()
+    half = _rows(out / "results.sqlite")
+    assert 0 < len(half) < len(reference) and set(half) <= set(reference)
+    resumed = _rows(run_grid(parse_grid(GRID), out, progress=False))
+    assert resumed == reference
