@@ -31,7 +31,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from robustbench_med.verify import verify_entry
 
     report = verify_entry(args.entry, n_samples=args.samples, seed=args.seed, tolerance=args.tolerance,
-                          device=args.device, progress=not args.quiet)
+                          device=args.device, progress=not args.quiet, weights=args.weights)
     print(report.text(), end="")
     return 0 if report.ok else 1
 
@@ -147,6 +147,8 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--seed", type=int, default=0, help="seed of the example sample (default: 0)")
     v.add_argument("--tolerance", type=float, default=DEFAULT_VERIFY_TOLERANCE,
                    help=f"allowed mean |re-run − stored| per sample, fraction (default: {DEFAULT_VERIFY_TOLERANCE})")
+    v.add_argument("--weights", help="the entry's weights file (default: the entry's own, e.g. the project-trained cache); "
+                   "its sha256 must match the entry's")
     v.add_argument("--device", help="cpu, cuda … (default: auto)")
     v.add_argument("--quiet", action="store_true", help="no progress bars")
     v.set_defaults(func=cmd_verify)

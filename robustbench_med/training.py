@@ -3,11 +3,19 @@
 ``train_victim(name)`` builds the victim at random init, trains it with its registered :class:`TrainRecipe` under a
 fixed seed, and writes ``<home>/weights/<name>.safetensors`` with a sidecar JSON (sha256, recipe, dataset
 fingerprint, validation metric, library versions).
+
+Training runs with a fixed number of intra-op CPU threads (``TRAIN_THREADS`` = 2, or the environment variable
+``ROBUSTBENCH_MED_TRAIN_THREADS``): the order of floating-point reductions, hence the trained bytes and their
+sha256, depends on the thread count, so pinning it makes a fresh training on any machine with the same CPU kind and
+library versions reproduce the weights that published leaderboard entries name (another count trains equally good
+but different weights, which ``verify`` then reports as "weights differ").
 """
 from __future__ import annotations
 
 import json
+import os
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +24,11 @@ import torch
 import torch.nn.functional as F
 
 from robustbench_med import paths
+from robustbench_med.errors import ConfigError
 from robustbench_med.registry import VICTIMS
+
+TRAIN_THREADS = 2
+TRAIN_THREADS_ENV = "ROBUSTBENCH_MED_TRAIN_THREADS"
 
 
 @dataclass(frozen=True)
@@ -35,6 +47,25 @@ class TrainRecipe:
 
 
 TRAINING_VERSION = 2  # recorded in each sidecar; bump when the generic training loop or loss changes
+
+
+def training_threads() -> int:
+    """The intra-op thread count training runs with (``ROBUSTBENCH_MED_TRAIN_THREADS`` or :data:`TRAIN_THREADS`)."""
+    raw = os.environ.get(TRAIN_THREADS_ENV, str(TRAIN_THREADS))
+    if not raw.isdigit() or int(raw) < 1:
+        raise ConfigError(f"{TRAIN_THREADS_ENV} must be a positive integer, got {raw!r}")
+    return int(raw)
+
+
+@contextmanager
+def pinned_threads(n: int):
+    """Run the block with ``n`` intra-op threads, then restore the previous count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def weights_path(name: str) -> Path:
@@ -71,7 +102,8 @@ def train_victim(name: str, *, force: bool = False, device: str | torch.device |
     with FileLock(str(path) + ".lock"):
         if path.exists() and not force and is_current(name, path):
             return path
-        return _train(name, path, device, progress)
+        with pinned_threads(training_threads()):
+            return _train(name, path, device, progress)
 
 
 def is_current(name: str, path: Path) -> bool:
@@ -141,6 +173,7 @@ def _train(name: str, path: Path, device: str | torch.device | None, progress: b
         "val_metric": {victim.spec.metric: val_metric},
         "train_seconds": round(time.perf_counter() - start, 1),
         "training_version": TRAINING_VERSION,
+        "train_threads": torch.get_num_threads(),
         "torch": torch.__version__,
     }
     save_weights(victim, path, meta)

@@ -196,18 +196,20 @@ def sample_indices(n: int, k: int, seed: int) -> list[int]:
 
 
 def verify_entry(entry: dict[str, Any] | str | Path, *, n_samples: int = 16, seed: int = 0,
-                 tolerance: float = DEFAULT_VERIFY_TOLERANCE, device: str | None = None, progress: bool = False) -> VerifyReport:
+                 tolerance: float = DEFAULT_VERIFY_TOLERANCE, device: str | None = None, progress: bool = False,
+                 weights: str | Path | None = None) -> VerifyReport:
     """Re-run a seeded sample of ``entry``'s examples and compare with the stored numbers (see the module doc).
 
     A row passes when the mean absolute per-sample difference of its adversarial and clean scores is at most
     ``tolerance`` (for 0/1 scores: the fraction of flipped outcomes) and the stored full-set robust metric lies
-    within ``tolerance + 2.58·SE`` of the re-run subsample mean (99%, finite-population corrected).
+    within ``tolerance + 2.58·SE`` of the re-run subsample mean (99%, finite-population corrected). ``weights``: a
+    local copy of the entry's weights file (its sha256 must equal the entry's), in place of the manifest's source.
     """
     name = str(entry) if not isinstance(entry, dict) else f"{entry.get('victim')} @ {entry.get('threat', {}).get('key')}"
     entry = load_entry(entry) if not isinstance(entry, dict) else validate_entry(entry)
     if not 0 <= tolerance <= 1:
         raise ConfigError(f"tolerance must be a fraction in [0, 1], got {tolerance}")
-    grid = subgrid([entry], device=device)
+    grid = subgrid([entry], device=device, weights=None if weights is None else str(weights))
     idx = sample_indices(entry["n"], n_samples, seed)
     report = VerifyReport(name, idx, tolerance)
     report.header.append(f"grid {grid.name!r}, victim {entry['victim']}, defences {len(grid.defenses)}, n = {entry['n']}; "
@@ -246,7 +248,9 @@ def _precheck(grid: Grid, entry: dict[str, Any], header: list[str]) -> list[str]
     if entry["weights_sha256"] is None:
         header.append("weights: the entry records no sha256 (random initialisation); identity not checked")
     elif sha != entry["weights_sha256"]:
-        problems.append(f"weights differ: sha256 {str(sha)[:12]}… here, {entry['weights_sha256'][:12]}… in the entry")
+        problems.append(f"weights differ: sha256 {str(sha)[:12]}… here, {entry['weights_sha256'][:12]}… in the entry "
+                        "(project-trained weights reproduce byte for byte only with the same thread count, see "
+                        "ROBUSTBENCH_MED_TRAIN_THREADS, CPU kind and library versions; otherwise pass the entry's weights file with --weights)")
     else:
         header.append(f"weights sha256 {sha[:12]}… matches")
     ds = create_dataset(grid.dataset, split=grid.split, **grid.dataset_params)

@@ -156,6 +156,27 @@ def test_cached_weights_from_another_recipe_or_data_are_stale(tmp_path):
     assert not is_current("cnn.phantom", path)
 
 
+def test_training_runs_with_a_pinned_thread_count(tmp_path, monkeypatch):
+    """Trained bytes depend on the intra-op thread count; training pins it so published weight hashes reproduce."""
+    from robustbench_med import training
+
+    seen = []
+    monkeypatch.setenv("ROBUSTBENCH_MED_HOME", str(tmp_path))
+    monkeypatch.setattr(training, "_train", lambda name, path, device, progress: seen.append(torch.get_num_threads()) or path)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        training.train_victim("cnn.phantom", force=True)
+        monkeypatch.setenv(training.TRAIN_THREADS_ENV, "3")
+        training.train_victim("cnn.phantom", force=True)
+        assert seen == [training.TRAIN_THREADS, 3] and torch.get_num_threads() == 1, "restored after training"
+        monkeypatch.setenv(training.TRAIN_THREADS_ENV, "many")
+        with pytest.raises(rbm.ConfigError, match="ROBUSTBENCH_MED_TRAIN_THREADS"):
+            training.train_victim("cnn.phantom", force=True)
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_segmentation_training_weights_rare_classes_and_uses_batch_dice():
     from robustbench_med.training import batch_soft_dice_loss, segmentation_class_weights
 

@@ -318,3 +318,10 @@ def test_verify_reruns_an_entry_under_the_protocol_it_was_made_with(entry):
     assert entry["manifest"]["grid"]["attack_only_robust"] is True and subgrid([entry]).attack_only_robust is True
     del entry["manifest"]["grid"]["attack_only_robust"]  # an entry made before the option: every sample was attacked
     assert subgrid([entry]).attack_only_robust is False
+
+
+def test_verify_with_another_weights_file_reports_the_hash_mismatch(toy):
+    report = verify_entry(toy["board"] / "phantom.ct" / "Linf-8_255" / f"{TOY}.json", n_samples=2, weights=toy["fragile"])
+    assert not report.ok and any("weights differ" in p and "--weights" in p for p in report.problems)
+    assert main(["verify", str(toy["board"] / "phantom.ct" / "Linf-8_255" / f"{TOY}.json"), "--samples", "2",
+                 "--weights", toy["robust"], "--quiet"]) == 0
