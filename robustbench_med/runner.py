@@ -44,6 +44,7 @@ class CellPlan:
     cell_id: str
     spec: AttackSpec
     attack: Attack
+    cascade: bool = False  # run under the attack_only_robust protocol
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -128,22 +129,20 @@ def _raw_output(victim: Victim, x: torch.Tensor, y: torch.Tensor) -> torch.Tenso
 def _clean_extras(clean_row: dict[str, Any]) -> dict[str, float]:
     """Clean-input values stored beside each adversarial row: every clean metric but the primary score (which has its
     own column), prefixed ``clean_`` (e.g. ``clean_detector_score`` for detection AUROC, ``clean_vqa_accuracy_first``)."""
-    metrics = json.loads(clean_row["metrics"]) if isinstance(clean_row.get("metrics"), str) else clean_row.get("metrics") or {}
-    return {f"clean_{k}": v for k, v in list(metrics.items())[1:]}
+    return {f"clean_{k}": v for k, v in list(clean_row["metrics"].items())[1:]}
 
 
 def _outcomes(metrics: dict[str, torch.Tensor], pred: list[Any] | None, positions: Sequence[int]) -> list[dict[str, Any]]:
     """Per-sample outcomes (primary score, prediction, every metric) at ``positions`` of an evaluated batch."""
-    score = next(iter(metrics.values())).cpu()
-    values = {k: v.cpu() for k, v in metrics.items()}
+    values = {k: v.cpu().tolist() for k, v in metrics.items()}
+    score = next(iter(values.values()))
     return [{"score": float(score[q]), "pred": pred[q] if pred is not None else None,
              "metrics": {k: float(v[q]) for k, v in values.items()}} for q in positions]
 
 
 def _clean_outcome(clean_row: dict[str, Any]) -> dict[str, Any]:
-    """A stored clean row as an outcome (the starting point of a cascade: zero perturbation)."""
-    metrics = json.loads(clean_row["metrics"]) if isinstance(clean_row.get("metrics"), str) else dict(clean_row.get("metrics") or {})
-    return {"score": clean_row["score"], "pred": clean_row["pred"], "metrics": metrics}
+    """A clean row as an outcome (the starting point of a cascade: zero perturbation)."""
+    return {"score": clean_row["score"], "pred": clean_row["pred"], "metrics": clean_row["metrics"]}
 
 
 class GridRunner:
@@ -200,8 +199,8 @@ class GridRunner:
         clean = self._clean(defended, group_key, x_all, y_all, attrs)
         self._reliability(group_key, defended, view, x_all, y_all, defense.randomized, eot)
         plans = self._plan_cells(vspec, victim, defense, dspec, group_key, eot)
-        for group, cascade in self._eps_groups(plans, victim.task, defense.kind):
-            self._run_group(group, cascade, view, defended, group_key, x_all, y_all, clean, attrs)
+        for group in self._eps_groups(plans):
+            self._run_group(group, group[0].cascade, view, defended, group_key, x_all, y_all, clean, attrs)
 
     def _finished(self, vspec: VictimSpec, dspec: DefenseSpec, group_key: str, eot: int, n: int) -> bool:
         """Whether a previous run completed this victim × defence (all clean rows, every applicable cell final), so a
@@ -229,22 +228,20 @@ class GridRunner:
         return defended
 
     def _clean(self, defended: Victim, group_key: str, x_all, y_all, attrs) -> dict[int, dict[str, Any]]:
+        """Clean rows of this victim × defence (computed once, then read back), with ``metrics`` decoded."""
+        if len(self.store.clean_rows(group_key)) != len(x_all):
+            bs, threshold, new = self.batch_size, defended.spec.success_threshold, []
+            for start in range(0, len(x_all), bs):
+                xb, yb = x_all[start : start + bs].to(self.device), y_all[start : start + bs].to(self.device)
+                with seeded(derive_seed(self.grid.seed, group_key, "clean", start), self.device):
+                    metrics, pred = evaluate_batch(defended, xb, yb)
+                for j, out in enumerate(_outcomes(metrics, pred, range(len(xb)))):
+                    new.append({"sample_idx": start + j, "score": out["score"], "correct": int(out["score"] >= threshold),
+                                "pred": out["pred"], "metrics": out["metrics"], "attrs": attrs[start + j]})
+            self.store.write_clean(group_key, new)
         rows = self.store.clean_rows(group_key)
-        if len(rows) == len(x_all):
-            return rows
-        bs, threshold, new = self.batch_size, defended.spec.success_threshold, []
-        for start in range(0, len(x_all), bs):
-            xb, yb = x_all[start : start + bs].to(self.device), y_all[start : start + bs].to(self.device)
-            with seeded(derive_seed(self.grid.seed, group_key, "clean", start), self.device):
-                metrics, pred = evaluate_batch(defended, xb, yb)
-            score = next(iter(metrics.values())).cpu()
-            for j in range(len(xb)):
-                i = start + j
-                new.append({"sample_idx": i, "score": float(score[j]), "correct": int(score[j] >= threshold),
-                            "pred": pred[j] if pred is not None else None,
-                            "metrics": {k: float(v[j]) for k, v in metrics.items()}, "attrs": attrs[i]})
-        self.store.write_clean(group_key, new)
-        return self.store.clean_rows(group_key)
+        return {i: {**r, "metrics": json.loads(r["metrics"]) if isinstance(r["metrics"], str) else dict(r["metrics"] or {})}
+                for i, r in rows.items()}
 
     def _reliability(self, group_key: str, defended: Victim, view: Victim, x_all, y_all, randomized: bool, eot: int) -> None:
         """AutoAttack-style checks (Croce & Hein 2020): zero input gradients, randomised outputs."""
@@ -279,7 +276,7 @@ class GridRunner:
                 "split": self.grid.split, "n_examples": self.grid.n_examples, "seed": self.grid.seed,
                 "weights_sha256": victim.card.weights_sha256, "status": "pending", "reason": "",
                 "extra": {"group_key": group_key, "knowledge": attack.knowledge, "eot": attack.eot,
-                          "attack_only_robust": self._cascades(attack, victim.task, defense.kind),
+                          "attack_only_robust": (cascade := self._cascades(attack, victim.task, defense.kind)),
                           **({"variant": attack.variant_for(victim)} if hasattr(attack, "variant_for") else {})},
             }
             try:
@@ -292,7 +289,7 @@ class GridRunner:
                 self.store.upsert_cell(cell)
                 continue
             self.store.upsert_cell(cell)
-            plans.append(CellPlan(cell_id, spec, attack))
+            plans.append(CellPlan(cell_id, spec, attack, cascade))
         return plans
 
     def _cascades(self, attack: Attack, task: str, defense_kind: str) -> bool:
@@ -301,16 +298,15 @@ class GridRunner:
         return (self.grid.attack_only_robust and task in CASCADE_TASKS and not attack.threat.targeted
                 and attack.knowledge != "none" and defense_kind != "detector")
 
-    def _eps_groups(self, plans: Sequence[CellPlan], task: str, defense_kind: str) -> list[tuple[list[CellPlan], bool]]:
+    def _eps_groups(self, plans: Sequence[CellPlan]) -> list[list[CellPlan]]:
         """Cells that differ only in eps, grouped (a cascade, or one batch when the attack takes per-sample eps)."""
-        groups: dict[str, tuple[list[CellPlan], bool]] = {}
+        groups: dict[str, list[CellPlan]] = {}
         for p in plans:
-            cascade = self._cascades(p.attack, task, defense_kind)
-            if cascade or p.attack.supports_eps_batch:
-                key = f"{cascade}|{p.spec.name}" + canonical({k: v for k, v in p.spec.params.items() if k != "eps"})
+            if p.cascade or p.attack.supports_eps_batch:
+                key = f"{p.cascade}|{p.spec.name}" + canonical({k: v for k, v in p.spec.params.items() if k != "eps"})
             else:
                 key = p.cell_id
-            groups.setdefault(key, ([], cascade))[0].append(p)
+            groups.setdefault(key, []).append(p)
         return list(groups.values())
 
     # one group of cells -----------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from robustbench_med.victim import ModelVictim, VictimCard
 from robustbench_med.victims.basic import UNet
 
 from conftest import make_toy
+from victims_helpers import MaskSplit
 
 CARD = VictimCard(name="toy.seg", task="segmentation", modality="toy", input_size=(1, 16, 16), classes=("bg", "fg"))
 
@@ -56,32 +57,19 @@ class FlatSeg(nn.Module):
         return self.decode(self.encode(z))
 
 
-class Synthetic:
+class Synthetic(MaskSplit):
     """A bright square to segment on a faintly textured background; the attribute (sex F) raises the background."""
 
     def __init__(self, n: int, seed: int) -> None:
         g = torch.Generator().manual_seed(seed)
-        self.a = torch.randint(0, 2, (n,), generator=g)
+        a = torch.randint(0, 2, (n,), generator=g)
         checker = ((torch.arange(16).view(-1, 1) + torch.arange(16).view(1, -1)) % 2).float()
-        base = 0.2 + 0.1 * self.a.view(-1, 1, 1, 1) * checker + 0.05 * torch.rand(n, 1, 16, 16, generator=g)
+        base = 0.2 + 0.1 * a.view(-1, 1, 1, 1) * checker + 0.05 * torch.rand(n, 1, 16, 16, generator=g)
         corner = torch.randint(0, 10, (n, 2), generator=g)
-        self.m = torch.zeros(n, 16, 16, dtype=torch.long)
+        m = torch.zeros(n, 16, 16, dtype=torch.long)
         for i, (r, c) in enumerate(corner.tolist()):
-            self.m[i, r : r + 6, c : c + 6] = 1
-        self.x = (base + 0.4 * self.m[:, None]).clamp(0, 1)
-
-    def __len__(self) -> int:
-        return len(self.x)
-
-    def images(self, idx=None):
-        return self.x if idx is None else self.x[idx]
-
-    def targets(self, field, idx=None):
-        return self.m if idx is None else self.m[idx]
-
-    def attributes(self, idx=None):
-        a = (self.a if idx is None else self.a[idx]).tolist()
-        return {"sex": ["F" if v else "M" for v in a], "age_group": ["old" if i % 2 else "young" for i in range(len(a))]}
+            m[i, r : r + 6, c : c + 6] = 1
+        super().__init__((base + 0.4 * m[:, None]).clamp(0, 1), m, a.bool().tolist())
 
     def fingerprint(self) -> str:
         return hashlib.sha256(self.x.numpy().tobytes()).hexdigest()

@@ -7,6 +7,7 @@ from robustbench_med.errors import ConfigError
 from robustbench_med.threat import check_budget
 
 from conftest import make_toy
+from victims_helpers import MaskSplit
 
 
 class _ToySegNet(torch.nn.Module):
@@ -26,25 +27,12 @@ class _ToySegNet(torch.nn.Module):
         return self.decode(self.encode(z))
 
 
-class _ToySegData:
+class _ToySegData(MaskSplit):
     """Images, masks and sensitive attributes: the train split a harness hands to ``Defense.prepare``."""
 
     def __init__(self, n: int = 16) -> None:
-        self.x = torch.rand(n, 1, 16, 16, generator=torch.Generator().manual_seed(2))
-        self.m = (self.x[:, 0] > 0.5).long()
-
-    def __len__(self) -> int:
-        return len(self.x)
-
-    def images(self, idx=None):
-        return self.x if idx is None else self.x[idx]
-
-    def targets(self, field, idx=None):
-        return self.m if idx is None else self.m[idx]
-
-    def attributes(self, idx=None):
-        n = len(self.x) if idx is None else len(idx)
-        return {"sex": ["F" if i % 2 else "M" for i in range(n)], "age_group": [("young", "old")[i % 2] for i in range(n)]}
+        x = torch.rand(n, 1, 16, 16, generator=torch.Generator().manual_seed(2))
+        super().__init__(x, (x[:, 0] > 0.5).long(), [i % 2 == 1 for i in range(n)])
 
 
 def _victim_for(name, toy_batch):
