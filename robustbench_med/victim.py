@@ -8,8 +8,9 @@ returns named intermediate activations through forward hooks.
 from __future__ import annotations
 
 import abc
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -69,6 +70,23 @@ def validate_images(x: torch.Tensor, input_size: Sequence[int] | None = None, *,
             raise InputContractError(f"images must lie in [0, 1], got range [{lo:.4g}, {hi:.4g}]")
 
 
+@contextmanager
+def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """Run ``module`` in eval mode inside the block and restore *every submodule's own* training flag afterwards.
+
+    ``module.train(flag)`` would set one flag on all submodules; a user's network may mix modes (a frozen,
+    eval-mode backbone inside a wrapper left in training mode), so each flag is saved and put back individually.
+    In eval mode BatchNorm uses (and never updates) its running statistics and dropout is off.
+    """
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield module
+    finally:
+        for m, flag in modes:
+            m.training = flag
+
+
 class Victim(nn.Module, abc.ABC):
     """A model under attack. Subclasses implement :meth:`forward_normalized` only.
 
@@ -116,9 +134,10 @@ class Victim(nn.Module, abc.ABC):
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
-        """Hard predictions for a checked batch."""
+        """Hard predictions for a checked batch (in eval mode; every module's training flag is restored)."""
         validate_images(x, self.card.input_size)
-        return T.predict(self.task, self(x))
+        with eval_mode(self):
+            return T.predict(self.task, self(x))
 
     def metrics(self, output: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per-sample metrics; the first is the primary score (see :mod:`robustbench_med.tasks`)."""
@@ -138,9 +157,10 @@ class Victim(nn.Module, abc.ABC):
 
     @torch.no_grad()
     def score(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Per-sample primary score (higher is better) for a checked batch."""
+        """Per-sample primary score (higher is better) for a checked batch (in eval mode; flags restored)."""
         validate_images(x, self.card.input_size)
-        return next(iter(self.evaluate(x, target).values()))
+        with eval_mode(self):
+            return next(iter(self.evaluate(x, target).values()))
 
     def feature_modules(self) -> dict[str, nn.Module]:
         """Named modules whose outputs :meth:`features` can return (default: ``feature_layers``)."""

@@ -4,7 +4,8 @@ Each family registers its published full-size configuration(s) (external weights
 configuration trained on the phantom world: BiFormer (``biformer.t/s/b/tiny``), MedFormer (``medformer.t/s/b/tiny``,
 ``medformer_seg.full/tiny``), BRAU-Net++ (``braunetpp``), BRAU-Net (``braunet``), DSSAU-Net (``dssaunet``),
 MSLAU-Net (``mslaunet``), HAN / HYATT-Net (``han``) and WaveNet-SF (``wavenetsf``). The routing attention shared by
-the BiFormer family lives in :mod:`.routing`.
+the BiFormer family lives in :mod:`.routing`; :mod:`.compat` loads checkpoints of the authors' released code
+(``release_compat=True`` builds the released forward where the defaults fix documented bugs of the release).
 """
 from robustbench_med.victims.zoo import biformer as _biformer  # noqa: F401
 from robustbench_med.victims.zoo import braunet as _braunet  # noqa: F401

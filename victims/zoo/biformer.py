@@ -32,6 +32,7 @@ class PyramidConfig:
 
     ``heads`` overrides ``dim // head_dim`` per stage; ``full_heads`` is the head count of full-attention stages
     (``None``: ``dim // head_dim``); ``pixel_div``/``pixel_k_min`` switch BRA to DSSA; ``kv_pool`` pools K/V per region.
+    ``block_input_norm`` builds the block of the BRAU-Net / BRAU-Net++ releases (see :class:`RoutedBlock`).
     A stage of depth 0 keeps its downsampling layer but has no blocks.
     """
 
@@ -49,6 +50,7 @@ class PyramidConfig:
     lepe_kernel: int = 5
     drop_path: float = 0.0
     in_chans: int = 3
+    block_input_norm: bool = False
 
     def __post_init__(self) -> None:
         if not len(self.dims) == len(self.depths) == len(self.topks):
@@ -77,10 +79,19 @@ def make_attention(cfg: PyramidConfig, dim: int, topk: int | None, heads: int | 
 
 
 class RoutedBlock(nn.Module):
-    """BiFormer's pre-norm block on NCHW maps: DWConv position encoding, routed attention, MLP (Zhu et al., 2023)."""
+    """BiFormer's pre-norm block on NCHW maps: DWConv position encoding, routed attention, MLP (Zhu et al., 2023).
 
-    def __init__(self, dim: int, attn: nn.Module, mlp_ratio: float, drop_path: float = 0.0) -> None:
+    ``input_norm=True`` is the block as released with BRAU-Net and BRAU-Net++ (``bra_block.py::Block.forward``): the
+    input is first replaced by ``norm1(x)``, so the residual stream starts from the normalised input (the raw-input
+    ``shortcut`` the release computes is unused), and ``norm1`` is applied again before the attention:
+    ``x = norm1(x)``; ``x += DWConv(x)``; ``x += Attn(norm1(x))``; ``x += MLP(norm2(x))``.
+    """
+
+    def __init__(
+        self, dim: int, attn: nn.Module, mlp_ratio: float, drop_path: float = 0.0, input_norm: bool = False
+    ) -> None:
         super().__init__()
+        self.input_norm = input_norm
         hidden = int(mlp_ratio * dim)
         self.pos_embed = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
@@ -90,6 +101,8 @@ class RoutedBlock(nn.Module):
         self.drop_path = _drop_path(drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_norm:
+            x = self.norm1(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
         x = x + self.pos_embed(x)
         x = x.permute(0, 2, 3, 1)
         x = x + self.drop_path(self.attn(self.norm1(x)))
@@ -117,7 +130,10 @@ def make_stage(
     """``depth`` routed blocks of width ``dim`` (an empty ``Sequential`` when ``depth`` is 0)."""
     rates = drop_paths or [0.0] * depth
     return nn.Sequential(
-        *[RoutedBlock(dim, make_attention(cfg, dim, topk, heads), cfg.mlp_ratio, rates[j]) for j in range(depth)]
+        *[
+            RoutedBlock(dim, make_attention(cfg, dim, topk, heads), cfg.mlp_ratio, rates[j], cfg.block_input_norm)
+            for j in range(depth)
+        ]
     )
 
 
@@ -221,7 +237,8 @@ COSTS = {
 FULL_NOTE = ("Published ImageNet-1k configuration (224², 1000 classes, labelled by index imagenet_0000 … imagenet_0999 "
              "in torchvision's IMAGENET1K order); load external weights with weights=PATH. Parameters match the "
              "released definition (T 13.14M / S 25.54M / B 56.80M); FLOPs from FlopCounterMode (conv + matmul, 2 per "
-             "MAC) at 1×3×224×224: T 2.22 / S 4.46 / B 9.76 GMACs, as in the README. No deviation in the forward pass.")
+             "MAC) at 1×3×224×224: T 2.22 / S 4.46 / B 9.76 GMACs, as in the README. No deviation in the forward pass; "
+             "the released ImageNet-1k checkpoints (README; weights under 'model') load with compat.load_released.")
 TINY_NOTE = ("BRA kept (n_win 4: regions 4×4, 2×2, 1×1 at stage maps 16/8/4; top-k 2/4/8; LePE 5×5; full attention + "
              "LePE in stage 4); dims 16/32/64/128, depths 1-1-2-1, head dim 16. Lesion present/absent, 2-logit head. "
              "Measured: val accuracy 0.870 (label prevalence 0.53) on 200 phantom validation images after "

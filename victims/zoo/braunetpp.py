@@ -16,10 +16,17 @@ Deviations from the released code (documented in the card):
 * SCCSA's channel attention has no sigmoid in the release; GAM (Liu et al., 2021), which SCCSA follows, gates with
   a sigmoid, and so does this implementation (``channel_sigmoid=False`` restores the released behaviour);
 * square inputs and a construction-time image size are not required.
+
+``release_compat=True`` computes the released forward exactly: SCCSA multiplies by the raw channel attention (no
+sigmoid) and every encoder and decoder block is the released one (``x = norm1(x)`` first, ``norm1`` applied again
+before the attention, no raw-input residual; :class:`~.biformer.RoutedBlock` with ``input_norm``). The parameters
+are the same in both modes, so the released Synapse checkpoint (README, Google Drive) loads into a compat model with
+:func:`~.compat.load_released` (its never-called stage-4 encoder blocks are the only keys left out).
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import partial
 
 import torch
@@ -83,12 +90,22 @@ class BRAUNetPP(nn.Module):
         cfg: encoder pyramid (the 4th stage must have depth 0: its downsampling conv is the bottleneck).
         decoder_depths: blocks per decoder level from H/16 to H/4.
         num_classes: output classes.
+        channel_sigmoid: sigmoid on SCCSA's channel gate (the default; the release has none).
+        release_compat: the released forward (no channel sigmoid, released block norms and residuals).
     """
 
     def __init__(
-        self, cfg: PyramidConfig, decoder_depths: tuple[int, int, int], num_classes: int, channel_sigmoid: bool = True
+        self,
+        cfg: PyramidConfig,
+        decoder_depths: tuple[int, int, int],
+        num_classes: int,
+        channel_sigmoid: bool = True,
+        release_compat: bool = False,
     ) -> None:
         super().__init__()
+        self.release_compat = release_compat
+        if release_compat:
+            cfg, channel_sigmoid = replace(cfg, block_input_norm=True), False
         self.in_chans = cfg.in_chans
         self.backbone = BiFormerBackbone(cfg)
         dims = cfg.dims
@@ -138,7 +155,10 @@ FULL_NOTE = ("Published Synapse configuration (224², 9 classes, the 1-channel C
              "in [0, 1]); load external weights with weights=PATH. 50.76M parameters = the released forward path (the "
              "release builds 62.63M, of which the 11.87M stage-4 encoder blocks are never called and are not built "
              "here); 17.58 GMACs (FlopCounterMode). Deviations: standard pre-norm block (no double LayerNorm), sigmoid "
-             "on SCCSA's channel gate; see the module docstring. Loss 0.4 CE + 0.6 soft Dice (the Synapse recipe).")
+             "on SCCSA's channel gate; see the module docstring. BRAUNetPP(..., release_compat=True) computes the released "
+             "forward; compat.released_victim('braunetpp.full', PATH) loads the released Synapse checkpoint (README, "
+             "Google Drive) into it. "
+             "Loss 0.4 CE + 0.6 soft Dice (the Synapse recipe).")
 TINY_NOTE = ("BRA encoder (n_win 4, top-k 2/4/8, dims 16/32/64/128, depths 1-1-2, bottleneck = the downsampling conv), "
              "SCCSA skips (r = 4) and BRA decoder (depths 2/1/1) with patch expanding kept; loss 0.4 CE + 0.6 soft "
              "Dice. Measured: val Dice_fg 0.926 (body 0.99, liver 0.95, kidneys 0.95, spine 0.98, lesion 0.72) on 200 "

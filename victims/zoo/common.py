@@ -11,6 +11,7 @@ transfer attacks.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -107,10 +108,25 @@ def full_card(name: str, task: str, modality: str, input_size: tuple[int, int, i
                       paper=paper, params=params, flops=flops, notes=notes, extra=extra)
 
 
-def tiny_recipe(target_field: str, *, n_train: int, epochs: int, lr: float, batch_size: int = 32) -> TrainRecipe:
-    """A phantom recipe (AdamW + one-cycle; :func:`robustbench_med.training.train_victim`), 200 validation images."""
-    return TrainRecipe(dataset="phantom.ct", target_field=target_field, n_train=n_train, n_val=200, epochs=epochs,
-                       batch_size=batch_size, lr=lr, weight_decay=1e-4, seed=0)
+@dataclass(frozen=True)
+class ZooRecipe(TrainRecipe):
+    """A :class:`TrainRecipe` with an architecture ``revision``: bumped when a tiny configuration's architecture
+    changes, so that cached weights trained for the previous architecture (whose sidecar recipe lacks or differs in
+    this field) count as stale and are retrained (:func:`robustbench_med.training.is_current` compares recipes)."""
+
+    revision: int = 1
+
+
+def tiny_recipe(target_field: str, *, n_train: int, epochs: int, lr: float, batch_size: int = 32,
+                revision: int = 0) -> TrainRecipe:
+    """A phantom recipe (AdamW + one-cycle; :func:`robustbench_med.training.train_victim`), 200 validation images.
+
+    ``revision`` 0 is the original architecture (a plain :class:`TrainRecipe`, so existing caches stay current);
+    a later revision returns a :class:`ZooRecipe` recording it.
+    """
+    fields = dict(dataset="phantom.ct", target_field=target_field, n_train=n_train, n_val=200, epochs=epochs,
+                  batch_size=batch_size, lr=lr, weight_decay=1e-4, seed=0)
+    return ZooRecipe(**fields, revision=revision) if revision else TrainRecipe(**fields)
 
 
 class SegmentationLossVictim(ModelVictim):

@@ -12,7 +12,9 @@ depths 8/2/2 at H/16, H/8, H/4) → Conv1×1-BN-ReLU. The four scales are upsamp
 
 Deviations: the released training computes its Dice term on argmax one-hot predictions (non-differentiable, so only
 cross-entropy trains the model); robustbench_med trains with the suite's differentiable per-pixel cross-entropy. The
-decoder's unused per-stage LayerNorms of the release (512 parameters) are not built.
+decoder's unused per-stage LayerNorms of the release (512 parameters) are not built. The forward pass has no
+deviation, so there is no separate compat mode; :func:`~.compat.load_released` maps a released ``DSSAU_Net`` state
+dict (whose decoder is registered under two names) onto this module.
 """
 from __future__ import annotations
 
@@ -111,7 +113,9 @@ COSTS = {"dssaunet.full": (29_250_115, 14_150_631_424), "dssaunet.tiny": (458_00
 FULL_NOTE = ("Released IUGC 2024 configuration (256² code default, 3 channels, 3 classes: background, pubic symphysis, "
              "fetal head; inputs in [0, 1]); load external weights with weights=PATH. 29.25M parameters and 7.08 GMACs "
              "(30.78 at 512²; FlopCounterMode) as the release. Deviation: loss 0.5 CE + 0.5 *soft* Dice (the release's "
-             "Dice term uses argmax predictions and does not train).")
+             "Dice term uses argmax predictions and does not train). No forward deviation; the published pretrain.pth "
+             "is an encoder checkpoint (loaded by the release with strict=False), and compat.load_released maps a "
+             "state dict of the released DSSAU_Net.")
 TINY_NOTE = ("Tiny MedFormer encoder (DSSA), max-pooling PPM, DSSA decoder stages of width 32 (one block each) and the "
              "FPN fusion head kept; loss 0.5 CE + 0.5 soft Dice. Measured: val Dice_fg 0.895 (body 0.98, liver 0.93, "
              "kidneys 0.92, spine 0.94, lesion 0.68) on 200 phantom validation images after `robustbench-med train "

@@ -10,6 +10,14 @@ MedFormer-B with a LayerNorm2d on every stage output; logits are bilinearly resi
 Deviations: the tiny configurations clamp ``k₂ ≥ 4`` (``pixel_k_min``) because at 64² inputs ``k₂`` would reach 1
 and zero the Q/K gradients; region padding for sizes not divisible by ``n_win`` follows the legacy BRA (pad after
 the LayerNorm) rather than the nchw release (pad after the projection), identical at the published sizes.
+
+DSSA in the tiny configurations still selects: at the 64² phantom size (stage maps 16/8/4, n_win 4, top-k 2/4/8)
+each query gathers k₁·T = 32, 16 and 8 tokens in stages 1–3, of which it keeps k₂ = 4, 4 and 4 (the published
+⌊k₁·T/8⌋ = 4, 2, 1 with the clamp active in stages 2 and 3); ``tests/test_zoo_compat.py`` checks k₂ < k₁·T for every
+DSSA layer of ``medformer.tiny``, ``medformer_seg.tiny`` and ``dssaunet.tiny``.
+
+Released checkpoints: the classification models are ``models/medformer.py`` of the release; the nchw DSSA holds its
+projections as 1×1 convolutions, which :func:`~.compat.load_released` reshapes. The README publishes no checkpoint.
 """
 from __future__ import annotations
 
@@ -81,12 +89,16 @@ COSTS = {
 FULL_NOTE = ("Published classification configuration at 224² with a 7-class ISIC 2018 head (the repository's ISIC2018 "
              "task; ImageNet normalisation); load external weights with weights=PATH. With a 1000-class head the "
              "parameter counts are the reference T 3.46M / S 13.14M / B 29.06M and the FLOPs T 0.57 / S 2.16 / B 4.76 "
-             "GMACs (FlopCounterMode, conv + matmul). Deviation: region padding as in legacy BRA (no effect at 224²).")
+             "GMACs (FlopCounterMode, conv + matmul). Deviation: region padding as in legacy BRA (no effect at 224²). "
+             "No trained checkpoint is published; compat.load_released maps a state dict of the released "
+             "models/medformer.py definition.")
 SEG_NOTE = ("Released segmentation configuration: MedFormer-B encoder + LayerNorm2d per stage + UPerNet head (pool "
             "scales 1/2/3/6, 128 channels, no BatchNorm in the head) on Synapse (224², 9 classes, the 1-channel CT "
             "slice repeated to 3 channels, inputs in [0, 1]); load external weights with weights=PATH. No reference "
-            "count exists; parameters and FLOPs measured here. Loss 0.4 CE + 0.6 soft Dice (the Synapse recipe).")
-TINY_NOTE = ("DSSA kept (BRA routing with n_win 4 and top-k 2/4/8, then pixel top-k ⌊k1·T/8⌋ clamped to ≥ 4; full "
+            "count exists; parameters and FLOPs measured here. No trained checkpoint is published (the release's "
+            "mmseg-based model is not key-mapped). Loss 0.4 CE + 0.6 soft Dice (the Synapse recipe).")
+TINY_NOTE = ("DSSA kept (BRA routing with n_win 4 and top-k 2/4/8, then pixel top-k ⌊k1·T/8⌋ clamped to ≥ 4, i.e. "
+             "4 of 32/16/8 gathered tokens in stages 1-3, so the selection is active everywhere; full "
              "attention + LePE in stage 4); dims 16/32/64/128, depths 1-1-2-1, head dim 16. Lesion present/absent, "
              "2-logit head. Measured: val accuracy 0.885 (label prevalence 0.53) on 200 phantom validation images "
              "after `robustbench-med train medformer.tiny` (one thread: 22 s of training).")

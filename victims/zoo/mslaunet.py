@@ -16,6 +16,12 @@ Deviations from the released code: ``MSLA`` views the (B, N, C) tokens as (B, C,
 ``LinearAttention`` merges (B, heads, N, d) into (B, N, C) without moving the head axis, both scrambling channels and
 positions; the intended permutes are used here. The encoder's unused classification norm and head are not built.
 Non-square inputs are supported.
+
+``release_compat=True`` computes the released forward exactly: :class:`MSLA` reinterprets the channels-last tokens as
+an NCHW map and its NCHW output as tokens (the release's ``view``/``reshape``), and :class:`LinearAttention` merges
+its heads without moving the head axis. The parameters are the same in both modes; the published ``best.pth`` (README,
+Google Drive) is an encoder checkpoint (``load_from`` loads it into the encoder with ``strict=False``), and
+:func:`~.compat.load_released` maps a released ``MSLAU_net`` state dict (encoder + decoder) onto a compat model.
 """
 from __future__ import annotations
 
@@ -45,11 +51,16 @@ class MSLAConfig:
 
 
 class LinearAttention(nn.Module):
-    """MSLAU-Net's linear attention: softmax(K) over features, softmax(Q) over tokens, ``Q (Kᵀ V)`` per head."""
+    """MSLAU-Net's linear attention: softmax(K) over features, softmax(Q) over tokens, ``Q (Kᵀ V)`` per head.
 
-    def __init__(self, dim: int, num_heads: int) -> None:
+    ``released_views``: merge the heads as the release does, ``(B, heads, N, d).reshape(B, N, C)`` without moving the
+    head axis (the intended merge is ``transpose(1, 2)`` first).
+    """
+
+    def __init__(self, dim: int, num_heads: int, released_views: bool = False) -> None:
         super().__init__()
         self.num_heads = num_heads
+        self.released_views = released_views
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.proj = nn.Linear(dim, dim)
 
@@ -58,28 +69,43 @@ class LinearAttention(nn.Module):
         q, k, v = (t.unflatten(-1, (self.num_heads, -1)).transpose(1, 2) for t in self.qkv(x).chunk(3, -1))
         context = k.softmax(-1).transpose(-1, -2) @ v
         out = q.softmax(-2) @ context
+        if self.released_views:
+            return self.proj(out.reshape(x.shape))
         return self.proj(out.transpose(1, 2).flatten(2))
 
 
 class MSLA(nn.Module):
-    """Multi-scale linear attention (Lan et al.): depthwise-conv branches 3/5/7/9 sharing one linear attention."""
+    """Multi-scale linear attention (Lan et al.): depthwise-conv branches 3/5/7/9 sharing one linear attention.
 
-    def __init__(self, dim: int, num_heads: int, kernels: tuple[int, ...] = (3, 5, 7, 9)) -> None:
+    ``released_views``: the released forward, which receives tokens ``(B, N, C)`` and ``view``s them as
+    ``(B, C, H, W)`` without a permute, and ``reshape``s the ``(B, C, H, W)`` result back to ``(B, N, C)``; on an NCHW
+    map that is the channels-last flattening reinterpreted as NCHW in, and NCHW reinterpreted as channels-last out. The
+    shared linear attention then also merges its heads as released.
+    """
+
+    def __init__(
+        self, dim: int, num_heads: int, kernels: tuple[int, ...] = (3, 5, 7, 9), released_views: bool = False
+    ) -> None:
         super().__init__()
         g = dim // len(kernels)
+        self.released_views = released_views
         self.dw_convs = nn.ModuleList(nn.Conv2d(g, g, k, padding=k // 2, groups=g) for k in kernels)
-        self.linear_attention = LinearAttention(g, num_heads)
+        self.linear_attention = LinearAttention(g, num_heads, released_views)
         self.final_conv = C.PointwiseConv(dim, dim)
         self.scale_weights = nn.Parameter(torch.ones(len(kernels)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: (B, C, H, W) → (B, C, H, W)."""
+        n, c, h, w = x.shape
+        if self.released_views:
+            x = x.permute(0, 2, 3, 1).reshape(n, c, h, w)
         outs = []
         for i, (conv, part) in enumerate(zip(self.dw_convs, x.chunk(len(self.dw_convs), 1))):
             part = F.relu(conv(part) + part)
             tokens = self.linear_attention(part.flatten(2).transpose(1, 2))
             outs.append(tokens.transpose(1, 2).reshape(part.shape) * self.scale_weights[i])
-        return self.final_conv(torch.cat(outs, 1))
+        out = self.final_conv(torch.cat(outs, 1))
+        return out.reshape(n, h, w, c).permute(0, 3, 1, 2) if self.released_views else out
 
 
 class LFE(nn.Module):
@@ -107,12 +133,12 @@ class LFE(nn.Module):
 class GFE(nn.Module):
     """Global feature extraction block (Lan et al.): DW position conv, MSLA and MLP with pre-LayerNorms."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float) -> None:
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, released_views: bool = False) -> None:
         super().__init__()
         hidden = int(dim * mlp_ratio)
         self.pos_embed = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = MSLA(dim, num_heads)
+        self.attn = MSLA(dim, num_heads, released_views=released_views)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
 
@@ -164,10 +190,12 @@ def _lift(widths: tuple[int, ...]) -> nn.Sequential:
 
 
 class MSLAUNet(nn.Module):
-    """MSLAU-Net with ``encode`` / ``decode`` halves (see the module docstring)."""
+    """MSLAU-Net with ``encode`` / ``decode`` halves (see the module docstring; ``release_compat``: the released
+    views in MSLA and the linear attention)."""
 
-    def __init__(self, cfg: MSLAConfig, num_classes: int) -> None:
+    def __init__(self, cfg: MSLAConfig, num_classes: int, release_compat: bool = False) -> None:
         super().__init__()
+        self.release_compat = release_compat
         self.in_chans = cfg.in_chans
         d = cfg.dims
         self.patch_embeds = nn.ModuleList(
@@ -177,8 +205,10 @@ class MSLAUNet(nn.Module):
             [
                 nn.Sequential(*[LFE(d[0], cfg.mlp_ratio) for _ in range(cfg.depths[0])]),
                 nn.Sequential(*[LFE(d[1], cfg.mlp_ratio) for _ in range(cfg.depths[1])]),
-                nn.Sequential(*[GFE(d[2], d[2] // cfg.head_dim, cfg.mlp_ratio) for _ in range(cfg.depths[2])]),
-                nn.Sequential(*[GFE(d[3], d[3] // cfg.head_dim, cfg.mlp_ratio) for _ in range(cfg.depths[3])]),
+                nn.Sequential(*[GFE(d[2], d[2] // cfg.head_dim, cfg.mlp_ratio, release_compat)
+                                for _ in range(cfg.depths[2])]),
+                nn.Sequential(*[GFE(d[3], d[3] // cfg.head_dim, cfg.mlp_ratio, release_compat)
+                                for _ in range(cfg.depths[3])]),
             ]
         )
         self.decoder = MLADecoder(d, num_classes)
@@ -210,8 +240,10 @@ COSTS = {"mslaunet.full": (21_895_241, 10_033_895_424), "mslaunet.tiny": (338_64
 FULL_NOTE = ("Published Synapse configuration (224², 9 classes, the 1-channel CT slice repeated to 3 channels, inputs "
              "in [0, 1]); load external weights with weights=PATH. 21.90M parameters and 5.02 GMACs (FlopCounterMode) "
              "as the release (minus its unused encoder norm and head, 1,537 parameters). Deviation: MSLA and the "
-             "linear attention use the intended permutes (the release scrambles channels and positions). Loss 0.4 CE + "
-             "0.6 soft Dice (the Synapse recipe).")
+             "linear attention use the intended permutes (the release scrambles channels and positions); "
+             "MSLAUNet(..., release_compat=True) computes the released forward and compat.load_released loads a "
+             "released state dict into it (the published best.pth is an encoder checkpoint). Loss 0.4 CE + 0.6 soft "
+             "Dice (the Synapse recipe).")
 TINY_NOTE = ("LFE stages, GFE stages with multi-scale linear attention (kernels 3/5/7/9, one shared linear attention) "
              "and the top-down MLA decoder kept; dims 16/32/64/128, depths 1-1-2-1; loss 0.4 CE + 0.6 soft Dice. "
              "Measured: val Dice_fg 0.885 (body 0.98, liver 0.93, kidneys 0.92, spine 0.94, lesion 0.60) on 200 "

@@ -18,7 +18,9 @@ A one-level Haar DWT splits the image into the LL band and the sum of the three 
 Deviations: the released FFE's learnable ``lamb_l``/``lamb_h`` are never used in its forward pass and are not built
 (1,920 parameters); the per-group low-pass filtering is computed as a grouped convolution instead of ``unfold``
 (identical output; the FLOP counter now sees these multiply-adds); the fixed wavelet filters are buffers, not
-frozen parameters.
+frozen parameters. None of these changes the forward pass, so there is no separate compat mode: the released
+pretrained model (README, Google Drive) loads with :func:`~.compat.load_released`, which maps the released
+``FusionModule`` keys, leaves out ``lamb_l``/``lamb_h`` and checks the released fixed filters against the Haar ones.
 """
 
 from __future__ import annotations
@@ -242,7 +244,8 @@ FULL_NOTE = ("Released OCT-C8 configuration (8 classes, 3 channels, ImageNet nor
              "smoke test uses 448²; 6.60 GMACs there); load external weights with weights=PATH. 27.84M parameters (low "
              "branch 23.51M, high branch 4.31M) as the release; 1.71 GMACs (FlopCounterMode; 1.70 for the release, "
              "whose unfold-based low-pass is not counted). Deviations: see the module docstring (unused FFE weights "
-             "dropped).")
+             "dropped; no forward deviation). The released pretrained model (README, Google Drive) loads with "
+             "compat.load_released.")
 TINY_NOTE = ("Haar split, low-frequency ResNet branch with MSW-SA (wavelet convolutions) and high-frequency HFFC/FFE "
              "branch kept (BasicBlocks instead of Bottlenecks). Lesion present/absent, 2-logit head. Measured: val "
              "accuracy 0.910 (label prevalence 0.53) on 200 phantom validation images after `robustbench-med train "
