@@ -2,3 +2,4 @@
 from robustbench_med.attacks import pgd, noise, torchattacks_adapters  # noqa: E402,F401
 from robustbench_med.attacks import hfc, square, transfer  # noqa: F401
 from robustbench_med.attacks import lvlm_pgd, qava, projector  # noqa: F401
+from robustbench_med.attacks import corruption  # noqa: F401

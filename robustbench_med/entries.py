@@ -37,7 +37,7 @@ from robustbench_med.grid import ATTACK_THROUGH
 from robustbench_med.registry import NAME_RE
 from robustbench_med.store import Store
 from robustbench_med.tasks import TASKS, task_spec
-from robustbench_med.threat import NORMS, eps_display, parse_eps
+from robustbench_med.threat import CORRUPTION, THREAT_NORMS, eps_display, parse_eps
 
 KIND = "robustbench_med/leaderboard-entry"
 SCHEMA_VERSION = 1
@@ -71,7 +71,10 @@ MANIFEST_REQUIRED = ("versions", "seed", "config_hash", "data_hash", "grid", "de
 
 
 def threat_key(norm: str, eps: float) -> str:
-    """Directory name of a threat model, e.g. ``Linf-8_255`` or ``L2-0.5`` (``/`` is not allowed in a path)."""
+    """Directory name of a threat model, e.g. ``Linf-8_255`` or ``L2-0.5`` (``/`` is not allowed in a path); a
+    corruption severity: ``corruption-s3`` (one entry per victim × severity, a row per corruption)."""
+    if norm == CORRUPTION:
+        return f"{CORRUPTION}-s{eps_display(eps, norm)}"
     return f"{norm}-{eps_display(eps).replace('/', '_')}"
 
 
@@ -266,7 +269,7 @@ def _check_threat(c: _Check, threat: Any) -> None:
     """Norm, eps (a number), its display string and the derived threat key must agree."""
     c.mapping(threat, "threat")
     c.keys(threat, ("norm", "eps", "eps_display", "key"), (), "threat")
-    c.choice(threat["norm"], NORMS, "threat.norm")
+    c.choice(threat["norm"], THREAT_NORMS, "threat.norm")
     eps = c.number(threat["eps"], "threat.eps", lo=0)
     shown = c.string(threat["eps_display"], "threat.eps_display", allow_empty=False)
     try:
@@ -680,7 +683,7 @@ def _entry(key, rows, cells, manifests, flags, per_sample, attrs, names) -> dict
     entry = {
         "schema": KIND, "schema_version": SCHEMA_VERSION, "dataset": dataset, "split": cell0["split"], "grid": grid,
         "victim": victim, "task": real[0]["task"], "metric": real[0]["metric"],
-        "threat": {"norm": real[0]["norm"], "eps": float(real[0]["eps"]), "eps_display": eps_display(float(real[0]["eps"])), "key": tkey},
+        "threat": {"norm": real[0]["norm"], "eps": float(real[0]["eps"]), "eps_display": eps_display(float(real[0]["eps"]), real[0]["norm"]), "key": tkey},
         "n": n, "seeds": sorted({int(cells[r["cell_id"]]["seed"]) for r in real}), "success_threshold": threshold,
         "weights_sha256": shas[0] if shas else None,
         "attributes": _attribute_lists(attrs, n),

@@ -134,7 +134,7 @@ def _cell_row(cell: pd.Series, sub: pd.DataFrame, all_attrs: pd.DataFrame, flags
         "cell_id": cell["cell_id"], "victim": cell["victim"], "task": cell["task"], "metric": cell["metric"],
         "defense": cell["defense"], "defense_params": cell["defense_params"], "attack_through": cell["attack_through"],
         "attack": cell["attack"], "attack_params": cell["attack_params"], "knowledge": extra.get("knowledge"),
-        "norm": threat.get("norm"), "eps": threat.get("eps"), "eps_display": eps_display(threat["eps"]) if "eps" in threat else "",
+        "norm": threat.get("norm"), "eps": threat.get("eps"), "eps_display": eps_display(threat["eps"], threat.get("norm")) if "eps" in threat else "",
         "status": cell["status"], "reason": cell["reason"] or "", "n": int(len(sub)), "weights_sha256": cell["weights_sha256"],
         "attack_seconds": cell.get("seconds"),
         "flags": sorted(k for k, (v, _) in flags.get(extra.get("group_key", ""), {}).items() if v),
@@ -336,7 +336,8 @@ def plot_robustness(df: pd.DataFrame, path: str | Path) -> Path | None:
 
 
 def write_leaderboard(store: Store | str | Path, out_dir: str | Path) -> dict[str, Path]:
-    """Write ``leaderboard.md``, ``.csv``, ``.json`` and ``robustness_vs_eps.png`` into ``out_dir``."""
+    """Write ``leaderboard.md``, ``.csv``, ``.json`` and ``robustness_vs_eps.png`` into ``out_dir`` (and, for
+    corruption cells, ``corruptions.md`` / ``.csv``: :mod:`robustbench_med.corruption_metrics`)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     df = summarize(store)
@@ -352,6 +353,9 @@ def write_leaderboard(store: Store | str | Path, out_dir: str | Path) -> dict[st
     df.assign(flags=df["flags"].map(lambda f: ";".join(f))).to_csv(paths["csv"], index=False)
     records = json.loads(df.to_json(orient="records"))
     paths["json"].write_text(json.dumps({"rows": records, "manifests": manifests}, indent=1, default=str))
+    from robustbench_med.corruption_metrics import write_corruption_tables
+
+    paths.update(write_corruption_tables(df, out))  # corruptions.md / .csv when the store holds corruption cells
     png = plot_robustness(df, out / "robustness_vs_eps.png")
     if png:
         paths["plot"] = png

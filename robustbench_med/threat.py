@@ -3,6 +3,13 @@
 A :class:`ThreatModel` states what the attacker may do: the norm and radius of the perturbation, the optimiser's
 step size, steps and restarts, whether the attack is targeted, and how much it knows (white-box, black-box or none).
 :func:`check_budget` verifies an adversarial batch against it (Lp norm ≤ eps + tol, values in [0, 1], finite).
+
+A *corruption* (``norm='corruption'``, :mod:`robustbench_med.attacks.corruption`) is a threat model of its own kind:
+a fixed, seeded image corruption (motion, bias field, JPEG …) with no eps ball. Its ``eps`` field carries the
+integer *severity* (0–5, 0 = identity; ImageNet-C's five levels, Hendrycks & Dietterich, ICLR 2019), so the grid,
+store and leaderboard group corruption cells by severity exactly as they group attacks by eps. Its budget check
+records the severity instead of bounding a norm; range [0, 1] and finiteness are still checked and the L∞ / L2 / L1
+norms of the change are still computed.
 """
 from __future__ import annotations
 
@@ -16,6 +23,9 @@ import torch
 from robustbench_med.errors import ThreatModelError
 
 NORMS = ("Linf", "L2", "L1")
+CORRUPTION = "corruption"  # the norm field of a corruption threat model (no eps ball; eps holds the severity)
+MAX_SEVERITY = 5
+THREAT_NORMS = NORMS + (CORRUPTION,)
 KNOWLEDGE = ("white-box", "black-box", "transfer", "none")
 BUDGET_TOL = 1e-6
 _FRACTION = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*/\s*([0-9]*\.?[0-9]+)\s*$")
@@ -40,8 +50,11 @@ def parse_eps(value: Any) -> float:
     return eps
 
 
-def eps_display(eps: float) -> str:
-    """A human form of ``eps``: ``'8/255'`` when it is a whole number of 255ths, else a short decimal."""
+def eps_display(eps: float, norm: str | None = None) -> str:
+    """A human form of ``eps``: ``'8/255'`` when it is a whole number of 255ths, else a short decimal; for a
+    corruption (``norm='corruption'``) the severity as an integer, ``'3'``."""
+    if norm == CORRUPTION:
+        return str(int(round(eps)))
     k = eps * 255
     if abs(k - round(k)) < 1e-6 and eps > 0:
         return f"{round(k)}/255"
@@ -51,9 +64,9 @@ def eps_display(eps: float) -> str:
 def canonical_norm(norm: str) -> str:
     """Map spellings such as ``'linf'``, ``'inf'``, ``'l2'`` to ``'Linf'``, ``'L2'``, ``'L1'``."""
     key = str(norm).strip().lower().replace("_", "")
-    table = {"linf": "Linf", "inf": "Linf", "l∞": "Linf", "l2": "L2", "2": "L2", "l1": "L1", "1": "L1"}
+    table = {"linf": "Linf", "inf": "Linf", "l∞": "Linf", "l2": "L2", "2": "L2", "l1": "L1", "1": "L1", CORRUPTION: CORRUPTION}
     if key not in table:
-        raise ThreatModelError(f"unknown norm {norm!r}; choose one of {', '.join(NORMS)}")
+        raise ThreatModelError(f"unknown norm {norm!r}; choose one of {', '.join(THREAT_NORMS)}")
     return table[key]
 
 
@@ -62,8 +75,8 @@ class ThreatModel:
     """What the attacker may do. Validated on construction: invalid values raise :class:`ThreatModelError`.
 
     Attributes:
-        norm: ``'Linf'``, ``'L2'`` or ``'L1'``.
-        eps: radius of the perturbation ball (in [0, 1] pixel units).
+        norm: ``'Linf'``, ``'L2'``, ``'L1'``, or ``'corruption'`` (a common corruption: no eps ball).
+        eps: radius of the perturbation ball (in [0, 1] pixel units); for a corruption, its integer severity 0–5.
         step_size: optimiser step (``None`` for attacks without one).
         steps: optimiser iterations (≥ 1).
         restarts: random restarts (≥ 1).
@@ -83,6 +96,8 @@ class ThreatModel:
     def __post_init__(self) -> None:
         object.__setattr__(self, "norm", canonical_norm(self.norm))
         object.__setattr__(self, "eps", parse_eps(self.eps))
+        if self.norm == CORRUPTION and (self.eps != int(self.eps) or self.eps > MAX_SEVERITY):
+            raise ThreatModelError(f"a corruption's severity must be an integer in 0..{MAX_SEVERITY}, got {self.eps!r}")
         if self.step_size is not None:
             step = parse_eps(self.step_size)
             if step <= 0:
@@ -97,7 +112,7 @@ class ThreatModel:
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d["eps_display"] = eps_display(self.eps)
+        d["eps_display"] = eps_display(self.eps, self.norm)
         return d
 
 
@@ -118,6 +133,7 @@ class BudgetReport:
     n_non_finite: int
     max_excess: float
     norms: dict[str, torch.Tensor]
+    severity: float | None = None  # a corruption's severity (recorded instead of an eps bound); None for Lp norms
 
     def reason(self) -> str:
         parts = []
@@ -136,6 +152,9 @@ def check_budget(
     """Check ``x_adv`` against the threat model: ``‖x_adv − x‖_norm ≤ eps + tol``, values in [0, 1], finite.
 
     ``eps`` may be a scalar or a per-sample tensor. Nothing is clipped or repaired: the report says what is wrong.
+    For ``norm='corruption'`` there is no ball: ``eps`` is the severity, recorded in ``report.severity`` (the mean
+    when per sample), and only range and finiteness decide validity; ``report.norms`` holds the L∞ / L2 / L1 sizes of
+    the change all the same.
     """
     if x.shape != x_adv.shape:
         return BudgetReport(False, x.shape[0], x.shape[0], 0, 0, math.inf, {})
@@ -145,7 +164,12 @@ def check_budget(
     delta = torch.where(torch.isfinite(x_adv), x_adv - x, torch.zeros_like(x))
     norms = lp_norms(delta)
     eps_t = torch.as_tensor(eps, dtype=torch.float64, device=x.device).expand(x.shape[0])
-    excess = norms[norm] - eps_t
+    severity = None
+    if norm == CORRUPTION:
+        severity = float(eps_t.mean()) if x.shape[0] else float(torch.as_tensor(eps, dtype=torch.float64).mean())
+        excess = torch.zeros_like(eps_t)
+    else:
+        excess = norms[norm] - eps_t
     over = excess > tol
     return BudgetReport(
         valid=bool(finite.all() and in_range.all() and not over.any()),
@@ -155,4 +179,5 @@ def check_budget(
         n_non_finite=int((~finite).sum()),
         max_excess=float(excess.max().clamp_min(0)) if x.shape[0] else 0.0,
         norms={k: v.float().cpu() for k, v in norms.items()},
+        severity=severity,
     )
