@@ -77,7 +77,9 @@ class Logits(torch.nn.Module):
 
 
 def grid(victim: str, n: int, batch: int, eps_list, device: str, *, weights: str | None = "auto", only_robust: bool = True) -> dict:
-    return {"name": "bench", "n_examples": n, "batch_size": batch, "device": device, "attack_only_robust": only_robust,
+    # the phantom's test split holds 500 slices; a larger n asks the generator for that many (an n beyond the split is an error)
+    data = {"name": "phantom.ct", "split": "test", **({"params": {"n": n}} if n > 500 else {})}
+    return {"name": "bench", "dataset": data, "n_examples": n, "batch_size": batch, "device": device, "attack_only_robust": only_robust,
             "victims": [{"name": victim, "weights": weights, "target_field": target_field(victim)}],
             "attacks": [{"name": "pgd.linf", "params": {"eps": eps_list, "steps": STEPS, "step_size": ALPHA}}]}
 

@@ -7,6 +7,13 @@ Croce & Hein, ICML 2020) a group runs as a *cascade*: ascending eps, each attack
 (clean-misclassified samples keep a zero perturbation; a sample broken at a smaller eps keeps that valid example).
 Otherwise the cells of a group are batched together when the attack takes per-sample eps (an eps sweep costs one
 pass). A *unit* is one batch of samples for one group of cells; its rows are written in one transaction.
+
+Who computes a unit follows from the plan (:mod:`robustbench_med.distributed`: a stable hash of the group's cells
+plus the unit's index), never from the order of execution, and the plan is recorded in the store. At the end of
+every run each process checks that its own units are all in the store and, after the final barrier, rank 0 checks
+every planned (cell, sample) of the run (of its shard) and raises :class:`IncompleteRunError` if one is missing.
+A run holds the store's lock (:class:`robustbench_med.store.run_lock`): a second run on the same store exits at
+once naming the holder. ``n_examples`` larger than the dataset split is an error (nothing is clamped).
 """
 from __future__ import annotations
 
@@ -14,7 +21,8 @@ import hashlib
 import json
 import platform
 import time
-from dataclasses import dataclass
+from contextlib import nullcontext
+from dataclasses import dataclass, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Sequence
@@ -22,14 +30,14 @@ from typing import Any, Sequence
 import torch
 
 from robustbench_med.api import create_attack, create_dataset, create_defense, create_victim
-from robustbench_med.attack import Attack, derive_seed, seeded
+from robustbench_med.attack import Attack, check_targets, derive_seed, seeded
 from robustbench_med.batching import adaptive_batch_size
 from robustbench_med.defense import DetectorVictim, PurifiedVictim
-from robustbench_med.distributed import ProcessContext, process_context
-from robustbench_med.errors import ConfigError, TaskNotSupportedError
+from robustbench_med.distributed import ProcessContext, parse_shard, process_context, unit_position
+from robustbench_med.errors import ConfigError, RobustBenchMedError, TaskNotSupportedError
 from robustbench_med.grid import AttackSpec, DefenseSpec, Grid, VictimSpec, canonical, load_grid
 from robustbench_med.registry import DEFENSES, VICTIMS
-from robustbench_med.store import Store
+from robustbench_med.store import Store, StoreError, run_lock
 from robustbench_med.tasks import predict as task_predict
 from robustbench_med.threat import check_budget
 from robustbench_med.victim import Victim
@@ -37,6 +45,10 @@ from robustbench_med.victim import Victim
 MASKED_GRADIENT_FRACTION = 0.5
 DEFAULT_EOT = 8
 CASCADE_TASKS = frozenset({"classification", "binary"})  # tasks whose per-sample outcome is 0/1 (robust or not)
+
+
+class IncompleteRunError(RobustBenchMedError):
+    """A run ended with planned (cell, sample) rows missing from its store (never silently)."""
 
 
 @dataclass
@@ -57,8 +69,9 @@ def short_hash(*parts: Any) -> str:
     return hashlib.sha256(canonical(parts).encode()).hexdigest()[:16]
 
 
-def manifest(grid: Grid, device: torch.device, data_hash: str) -> dict[str, Any]:
-    """What produced the results: package versions, device, seed, config and data hashes."""
+def manifest(grid: Grid, device: torch.device, data_hash: str, context: ProcessContext | None = None) -> dict[str, Any]:
+    """What produced the results: package versions, device, seed, config and data hashes (and, for several
+    processes or a shard, the world size and the shard)."""
     versions = {}
     for pkg in ("robustbench_med", "torch", "torchvision", "torchattacks", "transformers", "timm", "numpy", "datasets"):
         try:
@@ -76,6 +89,8 @@ def manifest(grid: Grid, device: torch.device, data_hash: str) -> dict[str, Any]
         "config_hash": grid.config_hash(),
         "data_hash": data_hash,
         "grid": grid.as_dict(),
+        **({"world_size": context.world_size} if context is not None and context.world_size > 1 else {}),
+        **({"shard": context.shard_label} if context is not None and context.shards > 1 else {}),
     }
 
 
@@ -155,16 +170,39 @@ class GridRunner:
         self.device = self.ctx.device if self.ctx.world_size > 1 and self.ctx.device is not None else (device or resolve_device(grid.device))
         self.out_dir = out_dir or store.path.parent
         self.batch_size = grid.batch_size
-        self._position = 0
+        self._visited: list[tuple[str, VictimSpec, DefenseSpec, int, int]] = []  # (group_key, victim, defence, eot, n)
 
     def run(self) -> str:
+        """Run the grid (rank 0 holding the store's lock) and check that nothing planned is missing."""
+        with run_lock(self.store.path) if self.ctx.is_main else nullcontext():
+            return self._run()
+
+    def _open_store(self) -> None:
+        """Rank 0, before any work: the file is intact and holds this shard of the grid (or nothing yet)."""
+        self.store.check_integrity()
+        have, want = self.store.get_meta("shard"), self.ctx.shard_label
+        if have is None:
+            self.store.set_meta("shard", want)
+        elif have != want and not (have == "merged" and want == "all"):
+            raise StoreError(f"result store {self.store.path} holds shard {have} of a grid, not {want}; give every shard "
+                             "its own --out (run --shard K/N does by default) and combine them with `robustbench-med merge`")
+
+    def _run(self) -> str:
         ds = create_dataset(self.grid.dataset, split=self.grid.split, **self.grid.dataset_params)
-        n = min(self.grid.n_examples, len(ds))
+        if self.grid.n_examples > len(ds):
+            raise ConfigError(f"{self.grid.source}: field 'n_examples': {self.grid.n_examples} is larger than the "
+                              f"{self.grid.split!r} split of {self.grid.dataset} ({len(ds)} samples); lower n_examples or "
+                              "enlarge the split (dataset params)")
+        if self.ctx.is_main:
+            self._open_store()
+        self.ctx.barrier()
+        n = self.grid.n_examples
         idx = list(range(n))
         x_all = ds.images(idx)
         data_hash = hashlib.sha256(x_all.numpy().tobytes()).hexdigest()[:16]
-        run_id = f"{self.grid.name}-{int(time.time())}-rank{self.ctx.rank}"
-        self.store.start_run(run_id, self.grid.name, self.grid.config_hash(), manifest(self.grid, self.device, data_hash))
+        shard = f"-shard{self.ctx.shard + 1}of{self.ctx.shards}" if self.ctx.shards > 1 else ""
+        run_id = f"{self.grid.name}-{int(time.time())}{shard}-rank{self.ctx.rank}"
+        self.store.start_run(run_id, self.grid.name, self.grid.config_hash(), manifest(self.grid, self.device, data_hash, self.ctx))
         attrs = ds.attributes(idx)
         attr_rows = [{k: attrs[k][i] for k in attrs} for i in range(n)]
         for vspec in self.grid.victims:
@@ -175,20 +213,87 @@ class GridRunner:
             if not self.ctx.is_main:
                 victim = create_victim(vspec.name, weights=vspec.weights, device=self.device, **vspec.params)
             self.batch_size = adaptive_batch_size(victim, self.device, self.grid.batch_size)
-            y_all = ds.targets(target_field_for(vspec, victim), idx)
+            field = target_field_for(vspec, victim)
+            y_all = ds.targets(field, idx)
+            check_targets(victim, y_all, n, where=f"{self.grid.source}: victim {vspec.name}, target field {field!r}")
             for dspec in (d for d in self.grid.defenses if vspec.pairs_with(d.name) and defense_supports(d.name, victim.task)):
                 self._victim_defense(vspec, victim, dspec, x_all, y_all, attr_rows, data_hash)
+        self._raise_if_missing(self._missing("rank"), "this process")
+        self.ctx.barrier()  # every rank has written its units
+        if self.ctx.is_main:
+            self._finalize_statuses()
+            self._raise_if_missing(self._missing("shard"), "the run" if self.ctx.shards == 1 else f"shard {self.ctx.shard_label}")
         self.store.finish_run(run_id)
         self.ctx.barrier()
         return run_id
+
+    # completeness ------------------------------------------------------------------------------------------
+    def _applicable_cells(self, vspec: VictimSpec, dspec: DefenseSpec, group_key: str, eot: int) -> list[str]:
+        return [short_hash(group_key, spec.key, eot) for spec in self.grid.attacks
+                if spec.applies_to(vspec.name, dspec.name, dspec.attack_through)]
+
+    def _wanted(self, cell_id: str, n: int, scope: str) -> set[int] | None:
+        """The samples of ``cell_id`` that this process (``scope='rank'``) or this shard (``'shard'``, all ranks) must
+        have written, from the recorded plan; None: a sharded cell that was never planned."""
+        units = self.store.units(cell_id)
+        if scope == "shard" and self.ctx.shards == 1:
+            return set(range(n))
+        if not units:
+            return set() if scope == "rank" else None
+        owns = self.ctx.owns if scope == "rank" else self.ctx.shard_owns
+        return {i for start, stop, pos in units if owns(pos) for i in range(start, stop)}
+
+    def _missing(self, scope: str) -> list[tuple[str, str]]:
+        """(cell or clean group, what is missing) for everything this process or shard planned in this run."""
+        out = []
+        for group_key, vspec, dspec, eot, n in self._visited:
+            statuses = {c: self.store.cell_status(c) for c in self._applicable_cells(vspec, dspec, group_key, eot)}
+            measured = [c for c, st in statuses.items() if st is None or st[0] != "skipped"]
+            if not measured:  # a defence that does not support this victim: its cells are skipped, nothing is computed
+                continue
+            if scope == "shard" and len(self.store.clean_rows(group_key)) != n:
+                out.append((f"clean {vspec.name} × {dspec.name}", f"{n - len(self.store.clean_rows(group_key))} of {n} clean rows"))
+            for cell_id in measured:
+                status = statuses[cell_id]
+                want = None if status is None else self._wanted(cell_id, n, scope)
+                if want is None:
+                    out.append((cell_id, "never planned"))
+                    continue
+                lost = sorted(want - self.store.done_samples(cell_id))
+                if lost:
+                    out.append((cell_id, f"{len(lost)} samples ({_ranges(lost)})"))
+        return out
+
+    def _raise_if_missing(self, missing: list[tuple[str, str]], who: str) -> None:
+        if not missing:
+            return
+        cells = {c["cell_id"]: c for c in self.store.cells()}
+
+        def name(key: str) -> str:
+            c = cells.get(key)
+            return f"{c['victim']} / {c['defense']} / {c['attack']} {c['attack_params']}" if c else key
+
+        shown = "; ".join(f"{name(k)}: {what}" for k, what in missing[:5])
+        more = f"; and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise IncompleteRunError(f"{who} ended with planned results missing from {self.store.path}: {shown}{more}. "
+                                 "Run the same command again to compute them (everything written is kept)")
+
+    def _finalize_statuses(self) -> None:
+        """Mark ``done`` every pending cell of this run whose samples are all present (ranks may finish in any order)."""
+        for group_key, vspec, dspec, eot, n in self._visited:
+            for cell_id in self._applicable_cells(vspec, dspec, group_key, eot):
+                status = self.store.cell_status(cell_id)
+                if status and status[0] == "pending" and len(self.store.done_samples(cell_id)) == n:
+                    self.store.set_cell_status(cell_id, "done")
 
     # one victim × defence ---------------------------------------------------------------------------------
     def _victim_defense(self, vspec: VictimSpec, victim: Victim, dspec: DefenseSpec, x_all, y_all, attrs, data_hash) -> None:
         defense = create_defense(dspec.name, **dspec.params)
         eot = dspec.eot or (DEFAULT_EOT if defense.randomized and dspec.attack_through == "adaptive" else 1)
         group_key = short_hash(vspec.name, victim.card.weights_sha256, dspec.key, self.grid.dataset, self.grid.split, len(x_all), self.grid.seed, data_hash)
+        self._visited.append((group_key, vspec, dspec, eot, len(x_all)))
         if self._finished(vspec, dspec, group_key, eot, len(x_all)):
-            return  # resumed: clean rows and every cell of this victim × defence are final; nothing is refitted
+            return  # resumed: clean rows and every cell (of this shard) are in the store; nothing is refitted
         try:
             defense.prepare(victim, self._train_split())
             defended = defense.wrap(victim).to(self.device).eval()
@@ -203,15 +308,20 @@ class GridRunner:
             self._run_group(group, group[0].cascade, view, defended, group_key, x_all, y_all, clean, attrs)
 
     def _finished(self, vspec: VictimSpec, dspec: DefenseSpec, group_key: str, eot: int, n: int) -> bool:
-        """Whether a previous run completed this victim × defence (all clean rows, every applicable cell final), so a
-        resumed run skips fitting the defence (detectors, latent perturbers) again."""
+        """Whether previous runs completed this victim × defence (all clean rows; every applicable cell skipped or with
+        all the samples this shard owns), so a resumed run skips fitting the defence (detectors, latent perturbers)
+        again. Ownership does not depend on this answer (it follows from the plan)."""
         if len(self.store.clean_rows(group_key)) != n:
             return False
-        for spec in self.grid.attacks:
-            if spec.applies_to(vspec.name, dspec.name, dspec.attack_through):
-                status = self.store.cell_status(short_hash(group_key, spec.key, eot))
-                if status is None or status[0] not in ("done", "invalid", "skipped"):
-                    return False
+        for cell_id in self._applicable_cells(vspec, dspec, group_key, eot):
+            status = self.store.cell_status(cell_id)
+            if status is None:
+                return False
+            if status[0] == "skipped":
+                continue
+            want = self._wanted(cell_id, n, "shard")
+            if want is None or not want <= self.store.done_samples(cell_id):
+                return False
         return True
 
     def _train_split(self):
@@ -314,11 +424,12 @@ class GridRunner:
         n, k = len(x_all), len(group)
         chunk = self.batch_size if cascade else max(1, self.batch_size // k)
         done = {p.cell_id: self.store.done_samples(p.cell_id) for p in group}
-        starts = []
-        for s in range(0, n, chunk):
-            self._position += 1
-            if self.ctx.owns(self._position) and any(i not in done[p.cell_id] for p in group for i in range(s, min(n, s + chunk))):
-                starts.append(s)
+        ids = [p.cell_id for p in group]
+        units = [(s, min(n, s + chunk), unit_position(ids, u)) for u, s in enumerate(range(0, n, chunk))]
+        if [u for u in self.store.units(ids[0])] != units or any(self.store.units(c) != units for c in ids[1:]):
+            self.store.record_units(ids, units)
+        starts = [s for s, stop, pos in units
+                  if self.ctx.owns(pos) and any(i not in done[c] for c in ids for i in range(s, stop))]
         from tqdm.auto import tqdm
 
         label = f"{group[0].spec.name} ×{k} on {defended.card.name}"
@@ -414,12 +525,64 @@ class GridRunner:
         save_file({"x_adv": x_adv.detach().cpu().contiguous()}, str(path))
 
 
-def run_grid(grid: Grid | str | Path, out_dir: str | Path, *, device: str | None = None, progress: bool = True) -> Path:
-    """Run ``grid`` (a :class:`Grid` or a YAML path) into ``out_dir/results.sqlite``; returns the store path."""
+def shard_dir(out_dir: str | Path, shard: str | tuple[int, int] | None) -> Path:
+    """Where a run writes: ``out_dir``, or ``out_dir/shard-K-of-N`` for shard K/N (each shard its own store)."""
+    k, n = parse_shard(shard)
+    return Path(out_dir) / f"shard-{k + 1}-of-{n}" if n > 1 else Path(out_dir)
+
+
+def _move_aside(path: Path) -> Path | None:
+    """Rename a store (and its WAL files) to ``<name>.damaged-<time>`` (``--fresh``); returns the new path."""
+    if not path.exists():
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target = path.with_name(f"{path.name}.damaged-{stamp}")
+    for suffix in ("-wal", "-shm"):
+        side = path.with_name(path.name + suffix)
+        if side.exists():
+            side.rename(target.with_name(target.name + suffix))
+    path.rename(target)
+    return target
+
+
+def run_grid(grid: Grid | str | Path, out_dir: str | Path, *, device: str | None = None, progress: bool = True,
+             shard: str | tuple[int, int] | None = None, fresh: bool = False) -> Path:
+    """Run ``grid`` (a :class:`Grid` or a YAML path) into ``out_dir/results.sqlite``; returns the store path.
+
+    ``shard='K/N'``: compute only the K-th of N parts of the grid, into ``out_dir/shard-K-of-N/results.sqlite`` (combine
+    the shards with :func:`robustbench_med.merge.merge_stores`). ``fresh``: start over, moving an existing store aside
+    (``results.sqlite.damaged-<time>``) instead of resuming it (the way out of a damaged store).
+    """
     if not isinstance(grid, Grid):
         grid = load_grid(grid)
-    out = Path(out_dir)
+    ctx = process_context()
+    k, n = parse_shard(shard)
+    ctx = replace(ctx, shard=k, shards=n)
+    out = shard_dir(out_dir, shard)
     out.mkdir(parents=True, exist_ok=True)
-    with Store(out / "results.sqlite") as store:
-        GridRunner(grid, store, resolve_device(device or grid.device), progress, out).run()
-    return out / "results.sqlite"
+    path = out / "results.sqlite"
+    with run_lock(path) if ctx.is_main else nullcontext():
+        if fresh and ctx.is_main:
+            moved = _move_aside(path)
+            if moved is not None and progress:
+                print(f"robustbench-med: --fresh: moved the old store to {moved}", flush=True)
+        ctx.barrier()
+        with Store(path) as store:
+            GridRunner(grid, store, resolve_device(device or grid.device), progress, out, context=ctx).run()
+    return path
+
+
+def _ranges(values: Sequence[int]) -> str:
+    """``[0, 1, 2, 5, 7, 8]`` → ``'0-2, 5, 7-8'`` (for error messages)."""
+    parts, start, prev = [], None, None
+    for v in values:
+        if start is None:
+            start = prev = v
+        elif v == prev + 1:
+            prev = v
+        else:
+            parts.append(f"{start}-{prev}" if prev != start else f"{start}")
+            start = prev = v
+    if start is not None:
+        parts.append(f"{start}-{prev}" if prev != start else f"{start}")
+    return ", ".join(parts[:8]) + (", …" if len(parts) > 8 else "")

@@ -68,6 +68,22 @@ def pinned_threads(n: int):
         torch.set_num_threads(before)
 
 
+def training_device(device: str | torch.device | None) -> torch.device:
+    """The device to train on: ``device`` as given (``train --device``, ``run --device``), or CUDA when available for
+    ``None`` / ``'auto'``; an unknown or unavailable device raises :class:`ConfigError` before any work."""
+    if device is None or (isinstance(device, str) and device.strip().lower() == "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ConfigError(f"unknown device {device!r}: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} asked for, but CUDA is not available here")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(f"device {device!r} asked for, but only {torch.cuda.device_count()} CUDA device(s) exist")
+    return dev
+
+
 def weights_path(name: str) -> Path:
     return paths.weights_dir() / f"{name}.safetensors"
 
@@ -99,6 +115,7 @@ def train_victim(name: str, *, force: bool = False, device: str | torch.device |
     from filelock import FileLock
 
     path = weights_path(name)
+    device = training_device(device)  # honoured (train --device, run --device); checked before any work
     with FileLock(str(path) + ".lock"):
         if path.exists() and not force and is_current(name, path):
             return path
@@ -134,7 +151,7 @@ def _train(name: str, path: Path, device: str | torch.device | None, progress: b
     from robustbench_med.weights import save_weights
 
     recipe = recipe_for(name)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = training_device(device)
     trainer = VICTIMS.get(name).meta.get("trainer")
     if trainer is not None:  # victims with their own loop (e.g. LVLMs trained on VQA) save to `path` themselves
         trainer(name, path, device, progress)

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import yaml
+from rank_helpers import linear_victim, tiny_grid
 
 import robustbench_med as rbm
 from robustbench_med.distributed import ProcessContext
@@ -30,6 +31,81 @@ def test_units_are_partitioned_between_ranks():
     ranks = [ProcessContext(r, 3, lambda: None, None) for r in range(3)]
     owners = [[c.owns(p) for c in ranks] for p in range(1, 31)]
     assert all(sum(o) == 1 for o in owners)
+
+
+@pytest.mark.parametrize("shards,world", [(1, 1), (1, 4), (2, 3), (3, 2), (4, 4)])
+def test_units_are_partitioned_between_shards_and_ranks(shards, world):
+    """Every plan position belongs to exactly one (shard, rank), and consecutive units of a group alternate."""
+    from robustbench_med.distributed import unit_position
+
+    ctxs = [ProcessContext(r, world, lambda: None, None, k, shards) for k in range(shards) for r in range(world)]
+    positions = [unit_position(["cell-a", "cell-b"], u) for u in range(60)]
+    counts = [sum(c.owns(p) for p in positions) for c in ctxs]
+    assert all(sum(c.owns(p) for c in ctxs) == 1 for p in positions)
+    assert max(counts) - min(counts) <= 1, counts  # balanced within a group
+    assert unit_position(["cell-b", "cell-a"], 3) == positions[3], "a group's positions do not depend on cell order"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def linear():
+    with linear_victim() as name:
+        yield name
+
+
+TINY = tiny_grid(name="dist4", n_examples=12)  # 6 units per pair: not a multiple of 4, so a shifted rank loses units
+
+
+def _all_rows(db):
+    con = sqlite3.connect(db)
+    rows = con.execute("SELECT c.victim, c.defense, c.attack, c.attack_params, c.status, s.* FROM samples s JOIN cells c USING (cell_id) "
+                       "ORDER BY 1,2,3,4,6,7").fetchall()
+    con.close()
+    return rows
+
+
+def test_four_ranks_with_prefinished_pairs_compute_every_planned_row(tmp_path):
+    """Issue #21: ranks that find a victim × defence already finished must not shift who owns the later units.
+    identity.none is finished before the launch; of jpeg.bpda only rank 0's units are; ranks 1–3 run while rank 0
+    waits at its first barrier, so rank 0 alone later finds jpeg.bpda finished. Every planned row is computed, once,
+    equal to a single process; a run that leaves rows missing fails loudly."""
+    from robustbench_med.runner import GridRunner, IncompleteRunError
+    from robustbench_med.store import Store
+
+    reference = _all_rows(run_grid(parse_grid(TINY), tmp_path / "single", progress=False))
+    out = tmp_path / "four"
+    run_grid(parse_grid({**TINY, "defenses": ["identity.none"]}), out, progress=False)  # a pre-finished pair
+    db = out / "results.sqlite"
+    jpeg_only = parse_grid({**TINY, "defenses": [TINY["defenses"][1]]})
+    with Store(db) as store, pytest.raises(IncompleteRunError, match="missing"):  # rank 0 alone: ranks 1-3's units missing
+        GridRunner(jpeg_only, store, progress=False, context=ProcessContext(0, 4, lambda: None, None)).run()
+
+    def others():
+        for rank in (1, 2, 3):
+            with Store(db) as st:
+                GridRunner(parse_grid(TINY), st, progress=False, context=ProcessContext(rank, 4, lambda: None, None)).run()
+
+    calls = []
+    barrier = lambda: calls.append(1) or (others() if len(calls) == 1 else None)  # noqa: E731
+    with Store(db) as store:
+        GridRunner(parse_grid(TINY), store, progress=False, context=ProcessContext(0, 4, barrier, None)).run()
+    assert _all_rows(db) == reference
+    con = sqlite3.connect(db)
+    n, distinct = con.execute("SELECT COUNT(*), COUNT(DISTINCT cell_id || '-' || sample_idx) FROM samples").fetchone()
+    statuses = {r[0] for r in con.execute("SELECT status FROM cells")}
+    con.close()
+    assert n == distinct == len(reference) == 3 * 3 * 12 and statuses == {"done"}  # the old execution counter left 12 missing
+
+
+def test_writing_a_unit_twice_is_not_an_error(tmp_path):
+    """Idempotent writes: the same (cell, sample) written again is kept once, without an IntegrityError."""
+    from robustbench_med.store import Store
+
+    row = {"cell_id": "c", "sample_idx": 0, "clean_score": 1.0, "adv_score": 0.0, "clean_correct": 1, "adv_correct": 0,
+           "eps": 0.1, "linf": 0.1, "l2": 0.5, "valid": 1, "metrics": {"accuracy": 0.0}, "attrs": {"sex": "F"}}
+    with Store(tmp_path / "s.sqlite") as store:
+        assert store.write_unit([row, {**row, "sample_idx": 1}]) == 2
+        assert store.write_unit([row, {**row, "sample_idx": 1}]) == 0
+        assert store.done_samples("c") == {0, 1}
 
 
 @pytest.mark.skipif(shutil.which("accelerate", path=os.path.dirname(sys.executable)) is None, reason="accelerate CLI not installed")

@@ -29,6 +29,17 @@ TARGET_DTYPES = {"label": torch.long, "lesion_type": torch.long, "n_lesions": to
 DEFAULT_SIZES = {"train": 2000, "val": 400, "test": 500}
 
 
+def require_finite_pixels(array: Any, what: str = "image") -> None:
+    """Raise :class:`ConfigError` if ``array`` (pixel data on its way into a dataset) holds NaN or ±inf: a loader
+    must not turn them silently into black pixels."""
+    arr = np.asarray(array)
+    if np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.complexfloating):
+        bad = ~np.isfinite(arr)
+        if bad.any():
+            raise ConfigError(f"{what} has {int(bad.sum())} non-finite pixel value(s) (NaN or ±inf) of {arr.size}; "
+                              "clean the data (e.g. numpy.nan_to_num with an explicit value) before loading it")
+
+
 class MedicalDataset:
     """A dataset split with uint8 images, targets and patient attributes, backed by a ``datasets.Dataset``.
 
@@ -39,6 +50,10 @@ class MedicalDataset:
     def __init__(self, hf: Any, name: str, split: str, target_fields: Sequence[str], attribute_names: Sequence[str]):
         if "image" not in hf.column_names:
             raise ConfigError(f"dataset {name!r} has no 'image' column; columns are {hf.column_names}")
+        dtype = getattr(hf.features["image"], "dtype", None)
+        if dtype != "uint8":  # float pixels would be cast (NaN and [0, 1] values alike) to meaningless bytes
+            raise ConfigError(f"dataset {name!r}: the 'image' column must be uint8 Array3D((H, W, C)), got {hf.features['image']}; "
+                              "build it with robustbench_med.data.loaders.build_dataset (or hf.dataset), which convert images")
         self.hf = hf
         self.name = name
         self.split = split

@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image
 
 from robustbench_med import paths
-from robustbench_med.data.dataset import MedicalDataset
+from robustbench_med.data.dataset import MedicalDataset, require_finite_pixels
 from robustbench_med.errors import ConfigError
 from robustbench_med.registry import register_dataset
 
@@ -44,7 +44,8 @@ def age_group(years: float | None) -> str:
 
 
 def minmax(array: np.ndarray) -> np.ndarray:
-    """Scale to [0, 1] by the finite minimum and maximum (a constant image becomes 0)."""
+    """Scale to [0, 1] by the minimum and maximum (a constant image becomes 0); NaN or ±inf raise ConfigError."""
+    require_finite_pixels(array)
     arr = np.asarray(array, dtype=np.float64)
     finite = arr[np.isfinite(arr)]
     if finite.size == 0:
@@ -71,6 +72,7 @@ def scaled_to_uint8_image(unit: np.ndarray, size: int, channels: int) -> np.ndar
     if not isinstance(size, int) or size < 1:
         raise ConfigError(f"size must be a positive integer, got {size!r}")
     arr = np.asarray(unit, dtype=np.float64)
+    require_finite_pixels(arr)
     if arr.ndim == 3 and arr.shape[-1] == 1:
         arr = arr[..., 0]
     if arr.ndim == 3 and arr.shape[-1] in (3, 4):
