@@ -41,7 +41,7 @@ from robustbench_med.registry import register_defense
 from robustbench_med.tasks import predict as task_predict
 from robustbench_med.tasks import two_class_logits
 from robustbench_med.threat import parse_eps
-from robustbench_med.victim import Victim
+from robustbench_med.victim import Victim, eval_mode
 
 _FIT_CACHE: "OrderedDict[tuple, FitData]" = OrderedDict()
 _FIT_CACHE_SIZE = 4
@@ -185,12 +185,8 @@ class FittedDetector(Detector):
             raise ConfigError(f"detector {self.name!r} is not fitted: call prepare(victim, train) first")
         if self._fitted_for != (victim.card.name, victim.card.weights_sha256):
             raise ConfigError(f"detector {self.name!r} was fitted for {self._fitted_for[0]!r}, not {victim.card.name!r}")
-        was_training = victim.training
-        victim.eval()
-        try:
+        with eval_mode(victim):
             s = self.raw_score(victim, x)
-        finally:
-            victim.train(was_training)
         return torch.as_tensor(np.asarray(s, dtype=np.float64), dtype=torch.float32, device=x.device)
 
     @abc.abstractmethod

@@ -3,7 +3,11 @@
 Public API (everything else is internal)::
 
     create_victim, list_victims, create_attack, list_attacks, create_defense, list_defenses,
-    create_dataset, list_datasets, Victim, Attack, Defense, ThreatModel, check_budget, run_grid
+    create_dataset, list_datasets, Victim, Attack, Defense, ThreatModel, check_budget,
+    wrap, build_model, benchmark, check_regression, allow_imports, run_grid, load_grid, summarize
+
+Your own model: ``rbm.wrap(net, task="classification", mean=..., std=...)`` gives a victim;
+``rbm.benchmark(net, task=..., eps="8/255")`` evaluates it and returns a DataFrame (see the README).
 """
 from __future__ import annotations
 
@@ -39,7 +43,22 @@ from robustbench_med.api import (  # noqa: E402
     list_victims,
 )
 
+from robustbench_med.plugins import allow_imports  # noqa: E402
+from robustbench_med.wrap import build_model, wrap  # noqa: E402
+
 __version__ = "0.1.0"
+
+_LAZY = {"benchmark": "robustbench_med.evaluation", "check_regression": "robustbench_med.gate",
+         "run_grid": "robustbench_med.runner", "load_grid": "robustbench_med.grid", "summarize": "robustbench_med.leaderboard"}
+
+
+def __getattr__(name: str):
+    """Heavier entry points (pandas, scipy, the runner) are imported on first use."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'robustbench_med' has no attribute {name!r}")
 
 __all__ = [
     "Attack",
@@ -57,7 +76,11 @@ __all__ = [
     "Victim",
     "VictimCard",
     "WeightsError",
+    "allow_imports",
+    "benchmark",
+    "build_model",
     "check_budget",
+    "check_regression",
     "create_attack",
     "create_dataset",
     "create_defense",
@@ -66,4 +89,8 @@ __all__ = [
     "list_datasets",
     "list_defenses",
     "list_victims",
+    "load_grid",
+    "run_grid",
+    "summarize",
+    "wrap",
 ]

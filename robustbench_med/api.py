@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from robustbench_med.errors import WeightsError
+from robustbench_med.errors import ConfigError, WeightsError
 from robustbench_med.registry import ATTACKS, DATASETS, DEFENSES, VICTIMS
 
 
@@ -51,9 +51,18 @@ def create_victim(
     from robustbench_med.weights import load_weights
 
     entry = VICTIMS.get(name)
-    victim = entry.factory(**kwargs)
+    user = "factory_ref" in entry.meta or "plugin" in entry.meta
+    if user:  # a user factory's random initialisation is seeded, so every process builds the same model
+        from robustbench_med.attack import derive_seed, seeded
+
+        with seeded(derive_seed("init", name, entry.meta.get("factory_ref", entry.meta.get("plugin")))):
+            victim = as_victim(entry.factory(**kwargs), name, entry.meta)
+    else:
+        victim = as_victim(entry.factory(**kwargs), name, entry.meta)
     hint = f"Rebuild it with `robustbench-med train {name} --force`." if entry.meta.get("recipe") else ""
     path = None
+    if weights == "auto" and user and not weights_path(name).exists():
+        weights = None  # a user factory's own weights (their sha256 is on the card, see robustbench_med.wrap)
     if weights == "auto":
         path = weights_path(name)
         if entry.meta.get("recipe") is None and not path.exists():
@@ -61,7 +70,7 @@ def create_victim(
         if train_if_missing and entry.meta.get("recipe") is not None:
             from robustbench_med.training import train_victim
 
-            train_victim(name, progress=progress)  # trains when missing or stale (other recipe, data or loop)
+            train_victim(name, progress=progress, device=device)  # trains when missing or stale (other recipe, data or loop)
         elif not path.exists():
             raise WeightsError(f"no trained weights for {name!r} at {path}. Train them with `robustbench-med train {name}`.")
     elif weights is not None:
@@ -74,9 +83,41 @@ def create_victim(
     return victim.eval()
 
 
+def as_victim(built: Any, name: str, meta: dict[str, Any]):
+    """A factory's result as a victim named ``name``: a :class:`Victim` as is, a plain ``nn.Module`` through
+    :func:`robustbench_med.wrap.wrap` with the registration's (or grid's) ``wrap`` arguments."""
+    from dataclasses import replace
+
+    from torch import nn
+
+    from robustbench_med.victim import Victim
+    from robustbench_med.wrap import wrap
+
+    if isinstance(built, Victim):
+        if built.card.name != name:
+            built.card = replace(built.card, name=name)
+        return built
+    if isinstance(built, nn.Module):
+        args = dict(meta.get("wrap") or {})
+        if "task" not in args:
+            raise ConfigError(f"victim {name!r}: its factory returned a {type(built).__name__}, not a Victim; say how to "
+                              "evaluate it with 'wrap: {task: ..., mean: ..., std: ...}' in the grid (see robustbench_med.wrap)")
+        return wrap(built, name=name, **args)
+    raise ConfigError(f"victim {name!r}: its factory returned {type(built).__name__}, not a Victim or an nn.Module")
+
+
 def create_attack(name: str, **params: Any):
-    """Build attack ``name`` with its threat-model parameters (validated before any work)."""
-    attack = ATTACKS.create(name, **params)
+    """Build attack ``name`` with its threat-model parameters (validated before any work: a ``norm`` that the name
+    fixes or that contradicts the registered norm, and an unknown parameter, raise :class:`ConfigError`)."""
+    from robustbench_med.attack import validate_attack_params
+    from robustbench_med.errors import ConfigError
+
+    entry = ATTACKS.get(name)
+    validate_attack_params(name, params, entry.meta.get("norm"))
+    try:
+        attack = entry.factory(**params)
+    except TypeError as e:
+        raise ConfigError(f"attack {name!r}: {e}") from None
     attack.name = name
     return attack
 

@@ -1,7 +1,7 @@
 """The attack interface: ``attack(victim, x, y) -> x_adv``, seeded, with an explicit threat model.
 
 Subclasses implement :meth:`Attack.perturb` only. The base validates the parameters at construction (before any
-work), checks the inputs and the task, puts the victim in eval mode, seeds all random number generators for the call
+work), checks the inputs and the task, runs the victim in eval mode (restoring every module's own training flag), seeds all random number generators for the call
 and restores them afterwards. It never clips or repairs the result: the harness checks every adversarial batch
 against the threat model with :func:`robustbench_med.threat.check_budget`.
 """
@@ -16,7 +16,7 @@ import torch
 
 from robustbench_med.errors import ConfigError, TaskNotSupportedError
 from robustbench_med.threat import ThreatModel
-from robustbench_med.victim import Victim, validate_images
+from robustbench_med.victim import Victim, eval_mode, validate_images
 
 
 def derive_seed(*parts: Any) -> int:
@@ -94,16 +94,10 @@ class Attack(abc.ABC):
         """Adversarial examples for ``(x, y)``. ``eps`` optionally gives one radius per sample."""
         self.check_task(victim)
         validate_images(x, victim.card.input_size)
-        if len(y) != len(x):
-            raise ConfigError(f"{len(x)} images but {len(y)} targets")
+        check_targets(victim, y, len(x))
         eps_t = self._eps_tensor(x, eps)
-        was_training = victim.training
-        victim.eval()
-        try:
-            with seeded(self.seed if seed is None else seed, x.device):
-                x_adv = self.perturb(victim, x.detach(), y, eps_t)
-        finally:
-            victim.train(was_training)
+        with eval_mode(victim), seeded(self.seed if seed is None else seed, x.device):
+            x_adv = self.perturb(victim, x.detach(), y, eps_t)
         return x_adv.detach()
 
     def _eps_tensor(self, x: torch.Tensor, eps: torch.Tensor | None) -> torch.Tensor:
@@ -131,3 +125,74 @@ class Attack(abc.ABC):
         for _ in range(self.eot - 1):
             total = total + victim.objective(x, y)
         return total / self.eot
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# validation where parameters and targets enter (one place for every attack; called by ``create_attack`` and the
+# runner)
+
+_NAME_NORMS = {"linf": "Linf", "l2": "L2", "l1": "L1"}
+
+
+def name_norm(name: str) -> str | None:
+    """The norm an attack's registry name fixes (``'pgd.linf'`` → ``'Linf'``, ``'cw.l2'`` → ``'L2'``), else None."""
+    tag = name.split(".", 1)[-1].lower()
+    last = tag.replace("-", "_").split("_")[-1]
+    return _NAME_NORMS.get(last)
+
+
+def validate_attack_params(name: str, params: dict[str, Any], declared_norm: str | None = None) -> None:
+    """Reject a ``norm`` parameter that an attack's name already fixes (``pgd.linf``, ``square.linf``,
+    ``fgsm.linf``, ``cw.l2`` …) or that contradicts the norm its registry entry declares (``declared_norm``);
+    an unknown norm spelling raises :class:`ThreatModelError` as well. Attacks with a free norm (``apgd.ce``,
+    ``noise.uniform`` …) take any valid norm."""
+    from robustbench_med.errors import ThreatModelError
+    from robustbench_med.threat import canonical_norm
+
+    if "norm" not in params:
+        return
+    given = canonical_norm(params["norm"])
+    fixed = name_norm(name)
+    if fixed is not None:
+        advice = "remove the 'norm' parameter" if given == fixed else f"use an attack named for {given}"
+        raise ThreatModelError(f"attack {name!r} fixes the norm {fixed} by its name; norm={params['norm']!r} "
+                               f"{'is redundant' if given == fixed else 'contradicts it'} ({advice})")
+    if declared_norm is not None and given != canonical_norm(declared_norm):
+        raise ThreatModelError(f"attack {name!r} is an {canonical_norm(declared_norm)} attack; norm={params['norm']!r} contradicts it")
+
+
+def check_targets(victim: Victim, y: Any, n: int | None = None, where: str = "targets") -> None:
+    """Raise :class:`ConfigError` unless ``y`` fits ``victim``'s task (see :mod:`robustbench_med.tasks`): one
+    integer class index per sample (classification, in range), 0/1 per sample (binary), [n, L] 0/1 (multi-label,
+    L = the victim's classes), a [n, H, W] class map of the input's size (segmentation), finite [n, L, 2] pixel
+    coordinates (landmarks); ``n`` samples when given."""
+    task, card = victim.task, victim.card
+    if not isinstance(y, torch.Tensor):
+        raise ConfigError(f"{where}: must be a torch.Tensor, got {type(y).__name__}")
+    if n is not None and (y.dim() == 0 or len(y) != n):
+        raise ConfigError(f"{where}: {n} images but {0 if y.dim() == 0 else len(y)} targets")
+    shape = tuple(y.shape)
+    want = {"classification": "[n]", "binary": "[n]", "multilabel": "[n, L]", "segmentation": "[n, H, W]",
+            "landmark": "[n, L, 2]"}.get(task)
+    dims = {"classification": 1, "binary": 1, "multilabel": 2, "segmentation": 3, "landmark": 3}.get(task)
+    if dims is None:  # vqa: answers are defined by the LVLM victims
+        return
+    if y.dim() != dims or (task == "landmark" and shape[-1] != 2):
+        raise ConfigError(f"{where}: a {task} victim ({card.name}) takes targets of shape {want}, got {list(shape)}")
+    if task in ("classification", "binary", "segmentation") and y.is_floating_point():
+        raise ConfigError(f"{where}: {task} targets must be integer class indices, got dtype {y.dtype}")
+    if y.is_floating_point() and not torch.isfinite(y).all():
+        raise ConfigError(f"{where}: targets contain NaN or infinite values")
+    if not y.numel():
+        return
+    lo, hi = float(y.min()), float(y.max())
+    if task == "classification" and card.classes and (lo < 0 or hi >= len(card.classes)):
+        raise ConfigError(f"{where}: class indices must lie in [0, {len(card.classes)}) for {card.name}, got [{lo:g}, {hi:g}]")
+    if task in ("binary", "multilabel") and not bool(((y == 0) | (y == 1)).all()):
+        raise ConfigError(f"{where}: {task} targets must be 0 or 1, got values in [{lo:g}, {hi:g}]")
+    if task == "multilabel" and card.classes and shape[1] != len(card.classes):
+        raise ConfigError(f"{where}: {card.name} has {len(card.classes)} labels, targets have {shape[1]}")
+    if task == "segmentation" and tuple(shape[1:]) != tuple(card.input_size[1:]):
+        raise ConfigError(f"{where}: class maps must be {list(card.input_size[1:])} like the input, got {list(shape[1:])}")
+    if task == "segmentation" and lo < 0:
+        raise ConfigError(f"{where}: class indices must be >= 0, got {lo:g}")

@@ -32,9 +32,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     out = Path(args.out or Path("runs") / grid.name)
     print(f"robustbench-med: grid '{grid.name}' ({len(grid.victims)} victims × {len(grid.attacks)} attack settings × "
           f"{len(grid.defenses)} defences, n={grid.n_examples}) → {out}", flush=True)
-    store = run_grid(grid, out, device=args.device, progress=not args.quiet)
+    store = run_grid(grid, out, device=args.device, progress=not args.quiet, shard=args.shard, fresh=args.fresh)
     if not process_context().is_main:
         return 0  # rank 0 renders the leaderboard once every rank has finished
+    if args.shard is not None and store.parent != out:  # a shard holds part of the grid: merge the shards first
+        print(f"shard {args.shard} written to {store}; when every shard is done: robustbench-med merge {out} {out}")
+        return 0
     paths = write_leaderboard(store, out)
     print(to_text(summarize(store)))
     print("written: " + ", ".join(str(p) for p in paths.values()))
@@ -83,6 +86,19 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_merge(args: argparse.Namespace) -> int:
+    from robustbench_med.leaderboard import summarize, to_text, write_leaderboard
+    from robustbench_med.merge import merge_stores
+
+    report = merge_stores(args.out, args.stores, allow_gaps=args.allow_gaps)
+    print(report.text())
+    if not report.gaps:
+        paths = write_leaderboard(report.out, report.out.parent)
+        print(to_text(summarize(report.out)))
+        print("written: " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="robustbench-med", description="Adversarial robustness and fairness under attack for medical imaging models.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -91,6 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", help="output directory (default: runs/<grid name>); re-running resumes")
     r.add_argument("--device", help="cpu, cuda, cuda:1 … (default: from the grid, else auto)")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
+    r.add_argument("--shard", metavar="K/N", help="run only the K-th of N parts of the grid (1 <= K <= N) into "
+                   "OUT/shard-K-of-N/; combine the shards with `robustbench-med merge OUT OUT`")
+    r.add_argument("--fresh", action="store_true", help="start over: move an existing (e.g. damaged) store aside "
+                   "as results.sqlite.damaged-<time> instead of resuming it")
     r.set_defaults(func=cmd_run)
     t = sub.add_parser("train", help="train registered victims on the phantom and cache their weights")
     t.add_argument("names", nargs="*", help="victim names (default: all trainable)")
@@ -106,13 +126,28 @@ def build_parser() -> argparse.ArgumentParser:
     lb.add_argument("store", help="results.sqlite or a run directory")
     lb.add_argument("--out", help="output directory (default: the store's directory)")
     lb.set_defaults(func=cmd_leaderboard)
+    mg = sub.add_parser("merge", help="combine result stores (the shards of a grid, or what is readable of a damaged "
+                        "store) into one; refuses other grids, weights or code versions, conflicting duplicates and gaps")
+    mg.add_argument("out", help="output directory (its results.sqlite is created or merged into) or .sqlite file")
+    mg.add_argument("stores", nargs="+", help="results.sqlite files or run directories (a directory's shard-K-of-N/ "
+                    "stores are all taken)")
+    mg.add_argument("--allow-gaps", action="store_true", help="write the merged store even if planned results are "
+                    "missing (resume it with `run GRID --out OUT` to compute them)")
+    mg.set_defaults(func=cmd_merge)
     from robustbench_med.cli_publish import add_subcommands; add_subcommands(sub)
+    for command in sub.choices.values():  # user code, on every command (it executes code: only when asked)
+        command.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                             help="import MODULE first (it may register victims, attacks, defences) and let grids name "
+                                  "factories in it as 'MODULE.sub:factory'; repeatable. This executes MODULE's code.")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        from robustbench_med.plugins import import_modules
+
+        import_modules(args.imports)
         return args.func(args)
     except RobustBenchMedError as e:
         print(f"robustbench-med: error: {e}", file=sys.stderr)

@@ -1,8 +1,8 @@
 """Command line for trusted leaderboards: ``robustbench-med verify|check|publish``.
 
 - ``verify ENTRY``: re-run a seeded sample of an entry's examples and compare with the stored numbers.
-- ``check --baseline ENTRY|DIR``: evaluate a new or changed model like the baseline; exit 1 on a regression of
-  robustness or of fairness under attack (usable in a model repository's CI).
+- ``check --baseline ENTRY|DIR``: evaluate a new or changed model like the baseline; exit 1 on a significant and
+  material regression of robustness or of fairness under attack (:mod:`robustbench_med.gate`; usable in CI).
 - ``publish [GRID ...]``: run grids, write their entries into ``<out>/<dataset>/<threat>/<victim>.json`` and render
   Markdown, LaTeX, CSV and HTML from all entries there. Without grid names it publishes every packaged study
   (:data:`PUBLISH_SETS`): the robustness leaderboard (zoo, default and LVLM grids) into ``<out>``, and the detector
@@ -38,13 +38,16 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     """``robustbench-med check --baseline ...``: exit 0 without regression, 1 with one."""
-    from robustbench_med.verify import check_regression
+    from robustbench_med.gate import check_regression, write_junit
 
-    if args.weights is not None and not Path(args.weights).is_file():
-        raise ConfigError(f"--weights {args.weights}: no such file")
-    report = check_regression(args.baseline, victim=args.victim, weights=args.weights, tolerance=args.tolerance,
-                              fairness_tolerance=args.fairness_tolerance, device=args.device, progress=not args.quiet)
+    if args.weights is not None and not Path(args.weights).exists():
+        raise ConfigError(f"--weights {args.weights}: no such file or folder")
+    report = check_regression(args.baseline, victim=args.victim, weights=args.weights, margin=args.margin,
+                              fairness_margin=args.fairness_margin, alpha=args.alpha, min_n=args.min_n,
+                              device=args.device, progress=not args.quiet)
     print(report.text(), end="")
+    if args.junit:
+        print(f"JUnit XML: {write_junit(report, args.junit)}")
     return 0 if report.ok else 1
 
 
@@ -139,7 +142,8 @@ def _kept_from_other_grid(path: Path, entry: dict, publishing: set[str]) -> bool
 
 def add_subcommands(sub: argparse._SubParsersAction) -> None:
     """Add ``verify``, ``check`` and ``publish`` to the ``robustbench-med`` sub-command parser ``sub``."""
-    from robustbench_med.verify import DEFAULT_CHECK_TOLERANCE, DEFAULT_VERIFY_TOLERANCE
+    from robustbench_med.gate import DEFAULT_ALPHA, DEFAULT_MARGIN, MIN_N
+    from robustbench_med.verify import DEFAULT_VERIFY_TOLERANCE
 
     v = sub.add_parser("verify", help="re-run a seeded sample of a leaderboard entry's examples and check its numbers")
     v.add_argument("entry", help="an entry file leaderboards/<dataset>/<threat>/<victim>.json")
@@ -152,14 +156,18 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--device", help="cpu, cuda … (default: auto)")
     v.add_argument("--quiet", action="store_true", help="no progress bars")
     v.set_defaults(func=cmd_verify)
-    c = sub.add_parser("check", help="evaluate a new or changed model like a baseline entry; exit 1 on a regression")
+    c = sub.add_parser("check", help="evaluate a candidate like a baseline entry; exit 1 on a significant, material regression")
     c.add_argument("--baseline", required=True, help="an entry file or a leaderboard directory")
     c.add_argument("--victim", help="registered victim to evaluate (default: the baseline's own)")
-    c.add_argument("--weights", help="weights file for the victim (safetensors or weights-only torch)")
-    c.add_argument("--tolerance", type=float, default=DEFAULT_CHECK_TOLERANCE,
-                   help=f"allowed drop of the robust metric, fraction (default: {DEFAULT_CHECK_TOLERANCE})")
-    c.add_argument("--fairness-tolerance", type=float, default=None,
-                   help="allowed drop of a worst-group robust metric / rise of a robust gap (default: --tolerance)")
+    c.add_argument("--weights", help="weights for the victim: safetensors, weights-only torch, or a save_pretrained folder")
+    c.add_argument("--margin", type=float, default=DEFAULT_MARGIN,
+                   help=f"smallest drop of a score that counts as a regression, fraction (default: {DEFAULT_MARGIN})")
+    c.add_argument("--fairness-margin", type=float, default=None,
+                   help="the same for robust group gaps and worst-group scores (default: --margin)")
+    c.add_argument("--alpha", type=float, default=DEFAULT_ALPHA,
+                   help=f"family-wise significance level of the Holm-adjusted paired tests (default: {DEFAULT_ALPHA})")
+    c.add_argument("--min-n", type=int, default=MIN_N, help=f"warn below this many examples (default: {MIN_N})")
+    c.add_argument("--junit", metavar="FILE", help="also write the comparison as JUnit XML")
     c.add_argument("--device", help="cpu, cuda … (default: auto)")
     c.add_argument("--quiet", action="store_true", help="no progress bars")
     c.set_defaults(func=cmd_check)

@@ -26,7 +26,7 @@ from robustbench_med import paths
 from robustbench_med.errors import ConfigError, TaskNotSupportedError
 from robustbench_med.registry import VICTIMS
 from robustbench_med.tasks import predict as task_predict
-from robustbench_med.victim import Victim
+from robustbench_med.victim import Victim, eval_mode
 from robustbench_med.weights import atomic_write_bytes
 
 STATS_VERSION = 1
@@ -90,16 +90,12 @@ def resolve_layers(victim: Victim, layers: Sequence[str] | None) -> list[str]:
 @torch.no_grad()
 def pooled_features(victim: Victim, x: torch.Tensor, layers: Sequence[str], batch_size: int = 128) -> dict[str, torch.Tensor]:
     """Global-average-pooled activations ``{layer: [n, C_l]}`` (float64, CPU) of ``victim`` on ``x`` (eval mode)."""
-    was_training = victim.training
-    victim.eval()
     out: dict[str, list[torch.Tensor]] = {l: [] for l in layers}
-    try:
+    with eval_mode(victim):
         for i in range(0, len(x), batch_size):
             feats = victim.features(x[i : i + batch_size].to(victim.device), layers)
             for l in layers:
                 out[l].append(global_pool(feats[l]).double().cpu())
-    finally:
-        victim.train(was_training)
     return {l: torch.cat(v) for l, v in out.items()}
 
 

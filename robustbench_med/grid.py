@@ -40,12 +40,13 @@ from typing import Any
 import yaml
 
 from robustbench_med.errors import ConfigError, RobustBenchMedError, UnknownNameError
-from robustbench_med.registry import ATTACKS, DATASETS, DEFENSES, VICTIMS
+from robustbench_med.registry import ATTACKS, DATASETS, DEFENSES, NAME_RE, VICTIMS
 
 TOP_KEYS = {"name", "dataset", "n_examples", "batch_size", "seed", "device", "victims", "attacks", "defenses", "save_adversarial", "attack_only_robust", "description"}
-VICTIM_KEYS = {"name", "weights", "target_field", "params", "defenses"}
-ATTACK_KEYS = {"name", "params", "victims", "defenses", "attack_through"}
-DEFENSE_KEYS = {"name", "params", "attack_through", "eot"}
+VICTIM_KEYS = {"name", "factory", "wrap", "weights", "target_field", "params", "defenses"}
+ATTACK_KEYS = {"name", "factory", "params", "victims", "defenses", "attack_through"}
+DEFENSE_KEYS = {"name", "factory", "params", "attack_through", "eot"}
+WRAP_KEYS = {"task", "input_size", "classes", "mean", "std", "output", "feature_layers", "target_field", "modality", "paper", "sdr_radius"}
 DATASET_KEYS = {"name", "split", "params"}
 ATTACK_THROUGH = ("adaptive", "transfer", "detach")
 
@@ -59,6 +60,8 @@ class VictimSpec:
     target_field: str | None = None
     params: dict[str, Any] = field(default_factory=dict)
     defenses: tuple[str, ...] = ()
+    factory: str | None = None  # user code, 'package.module:factory' (see robustbench_med.plugins)
+    wrap: dict[str, Any] = field(default_factory=dict)  # how to wrap a factory's plain nn.Module (robustbench_med.wrap)
 
     def pairs_with(self, defense: str) -> bool:
         return not self.defenses or defense in self.defenses
@@ -117,6 +120,8 @@ class Grid:
 
     def config_hash(self) -> str:
         payload = {k: v for k, v in self.as_dict().items() if k not in ("source", "device")}
+        # fields added after entries were published are hashed only when set, so older grids keep their hash
+        payload["victims"] = [{k: v for k, v in vs.items() if not (k in ("factory", "wrap") and not v)} for vs in payload["victims"]]
         return hashlib.sha256(canonical(payload).encode()).hexdigest()[:16]
 
     def as_dict(self) -> dict[str, Any]:
@@ -229,16 +234,49 @@ def _dataset(value: Any, where: _Where) -> tuple[str, str, dict[str, Any]]:
     return where.name(DATASETS, entry.get("name"), "dataset.name"), str(entry.get("split", "test")), entry["params"]
 
 
+def _user_component(registry, entry: dict[str, Any], where: _Where, field_: str, **meta: Any) -> tuple[str, str | None]:
+    """(registry name, factory reference) of a grid entry; a factory (``factory: pkg.mod:fn``, or a ``name`` that is
+    one) is registered under ``name`` (or a name derived from it) — only if its module is trusted (plugins)."""
+    from robustbench_med.plugins import derived_name, is_factory_ref
+    from robustbench_med.wrap import is_builder
+
+    name, ref = entry.get("name"), entry.get("factory")
+    if ref is None and isinstance(name, str) and ":" in name and (is_factory_ref(name) or is_builder(name)):
+        name, ref = derived_name(name), name
+    if ref is None:
+        return where.name(registry, name, f"{field_}.name"), None
+    if not (is_factory_ref(ref) or (registry is VICTIMS and is_builder(ref))):
+        raise where.fail(f"{field_}.factory", f"must be 'package.module:factory' (or for a victim 'timm:NAME', "
+                         f"'monai:CLASS', 'hf:FOLDER'), got {ref!r}")
+    name = name or derived_name(ref)
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise where.fail(f"{field_}.name", f"must be of the form 'family.tag' (lower case), got {name!r}")
+    try:
+        registry.add_user(name, ref, **meta)
+    except RobustBenchMedError as e:
+        raise where.fail(f"{field_}.factory", str(e)) from None
+    return name, ref
+
+
 def _victim(value: Any, i: int, where: _Where) -> VictimSpec:
     entry = where.entry(value, VICTIM_KEYS, f"victims[{i}]")
-    name = where.name(VICTIMS, entry.get("name"), f"victims[{i}].name")
+    wrap_args = entry.get("wrap") or {}
+    if not isinstance(wrap_args, dict):
+        raise where.fail(f"victims[{i}].wrap", f"must be a mapping, got {wrap_args!r}")
+    where.keys(wrap_args, WRAP_KEYS, f"victims[{i}].wrap")
+    name, ref = _user_component(VICTIMS, entry, where, f"victims[{i}]", **({"wrap": wrap_args} if wrap_args else {}))
+    if wrap_args and ref is None:
+        raise where.fail(f"victims[{i}].wrap", "only a victim given by a factory ('package.module:factory') is wrapped")
     only_d = tuple(where.name(DEFENSES, d, f"victims[{i}].defenses") for d in where.list_(entry.get("defenses", []), f"victims[{i}].defenses"))
-    return VictimSpec(name, entry.get("weights", "auto"), entry.get("target_field"), entry["params"], only_d)
+    weights = entry.get("weights", "auto")
+    if weights is not None and not isinstance(weights, str):
+        raise where.fail(f"victims[{i}].weights", f"must be 'auto', null or a path, got {weights!r}")
+    return VictimSpec(name, weights, entry.get("target_field"), entry["params"], only_d, ref, dict(wrap_args))
 
 
 def _attacks(value: Any, i: int, where: _Where) -> list[AttackSpec]:
     entry = where.entry(value, ATTACK_KEYS, f"attacks[{i}]")
-    name = where.name(ATTACKS, entry.get("name"), f"attacks[{i}].name")
+    name, _ = _user_component(ATTACKS, entry, where, f"attacks[{i}]")
     params = entry["params"]
     only_v = tuple(where.name(VICTIMS, v, f"attacks[{i}].victims") for v in where.list_(entry.get("victims", []), f"attacks[{i}].victims"))
     only_d = tuple(where.name(DEFENSES, d, f"attacks[{i}].defenses") for d in where.list_(entry.get("defenses", []), f"attacks[{i}].defenses"))
@@ -253,7 +291,7 @@ def _attacks(value: Any, i: int, where: _Where) -> list[AttackSpec]:
 
 def _defense(value: Any, i: int, where: _Where) -> DefenseSpec:
     entry = where.entry(value, DEFENSE_KEYS, f"defenses[{i}]")
-    name = where.name(DEFENSES, entry.get("name"), f"defenses[{i}].name")
+    name, _ = _user_component(DEFENSES, entry, where, f"defenses[{i}]")
     through = entry.get("attack_through", "adaptive")
     if through not in ATTACK_THROUGH:
         raise where.fail(f"defenses[{i}].attack_through", f"must be one of {ATTACK_THROUGH}, got {through!r}")

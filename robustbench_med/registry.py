@@ -64,11 +64,36 @@ class Registry(Generic[T]):
         del self._entries[name]
 
     def get(self, name: str) -> Entry[T]:
-        """The entry for ``name``; an unknown name raises :class:`UnknownNameError` listing close names."""
+        """The entry for ``name``; an unknown name raises :class:`UnknownNameError` listing close names (after
+        looking in the installed entry points, see :mod:`robustbench_med.plugins`)."""
+        if name not in self._entries:
+            self._load_plugins()
         try:
             return self._entries[name]
         except KeyError:
             raise UnknownNameError(self.unknown_message(name)) from None
+
+    def add_user(self, name: str, factory_ref: str, **meta: Any) -> None:
+        """Register the user factory ``factory_ref`` (``'package.module:factory'``, imported only when trusted: see
+        :mod:`robustbench_med.plugins`; or a library model ``'timm:NAME'`` / ``'monai:CLASS'`` / ``'hf:FOLDER'``, see
+        :func:`robustbench_med.wrap.build_model`) under ``name``; registering the same reference again is a no-op."""
+        from robustbench_med.plugins import resolve_factory
+        from robustbench_med.wrap import builder_factory, is_builder
+
+        meta = {**meta, "factory_ref": factory_ref}
+        if name in self._entries:
+            if self._entries[name].meta.get("factory_ref") == factory_ref and self._entries[name].meta == meta:
+                return
+            raise ConfigError(f"{self.kind} {name!r} is already registered"
+                              + (f" as {self._entries[name].meta['factory_ref']!r}" if "factory_ref" in self._entries[name].meta else "")
+                              + f"; give {factory_ref!r} another name")
+        task = (meta.get("wrap") or {}).get("task")
+        self.add(name, builder_factory(factory_ref, task) if is_builder(factory_ref) else resolve_factory(factory_ref), **meta)
+
+    def _load_plugins(self) -> None:
+        from robustbench_med.plugins import load_entry_points
+
+        load_entry_points(self.kind)
 
     def unknown_message(self, name: object) -> str:
         names = sorted(self._entries)
@@ -84,6 +109,7 @@ class Registry(Generic[T]):
 
     def list(self, pattern: str = "*", **meta_filter: Any) -> list[str]:
         """Sorted names matching the shell-style ``pattern`` and, optionally, metadata values."""
+        self._load_plugins()
         out = []
         for name, entry in self._entries.items():
             if not fnmatch.fnmatchcase(name, pattern):
@@ -94,6 +120,8 @@ class Registry(Generic[T]):
         return sorted(out)
 
     def __contains__(self, name: object) -> bool:
+        if name not in self._entries and isinstance(name, str):
+            self._load_plugins()
         return name in self._entries
 
     def __len__(self) -> int:
@@ -110,6 +138,13 @@ VICTIMS: Registry[Any] = Registry("victim")
 ATTACKS: Registry[Any] = Registry("attack")
 DEFENSES: Registry[Any] = Registry("defense")
 DATASETS: Registry[Any] = Registry("dataset")
+
+
+
+def registry_for(kind: str) -> Registry[Any]:
+    """The registry of component ``kind`` (``'victim'``, ``'attack'``, ``'defense'``, ``'dataset'``)."""
+    return {"victim": VICTIMS, "attack": ATTACKS, "defense": DEFENSES, "dataset": DATASETS}[kind]
+
 
 register_victim = VICTIMS.register
 register_attack = ATTACKS.register

@@ -9,10 +9,8 @@ compared with the stored per-sample score. The stored aggregate is also checked 
 a sampling-aware bound (binomial variance for 0/1 scores, the sample variance otherwise, with the finite-population
 correction; Cochran, *Sampling Techniques*, 1977, §2.6).
 
-``check_regression``: runs the evaluation of a baseline entry (or a directory of entries) on a new or changed model
-(``weights=PATH`` for the same registered victim, or another registered victim) and reports a regression when, for
-any defence, the headline robust metric or a worst-group robust metric drops, or a robust group gap widens, by more
-than the tolerance.
+The regression gate (``check``) that runs a baseline's evaluation on a candidate model lives in
+:mod:`robustbench_med.gate`; it reuses :func:`subgrid`.
 """
 from __future__ import annotations
 
@@ -22,26 +20,17 @@ import math
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
-from robustbench_med.entries import (
-    defense_key,
-    defense_label,
-    headline_rows,
-    is_worst_case,
-    load_entries,
-    load_entry,
-    validate_entry,
-)
+from robustbench_med.entries import defense_label, is_worst_case, load_entry, validate_entry
 from robustbench_med.errors import ConfigError
 from robustbench_med.grid import Grid, canonical, parse_grid
 from robustbench_med.store import Store
 
 Z99 = 2.5758293035489004
 DEFAULT_VERIFY_TOLERANCE = 0.05
-DEFAULT_CHECK_TOLERANCE = 0.02
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -49,11 +38,12 @@ DEFAULT_CHECK_TOLERANCE = 0.02
 
 
 def subgrid(entries: list[dict[str, Any]], *, victim: str | None = None, weights: str | None = None,
-            device: str | None = None) -> Grid:
+            device: str | None = None, own_weights: bool = False) -> Grid:
     """The entries' grid (from their manifest) restricted to their victim, defences and attack settings.
 
     Attack settings of the same eps sweep stay together (they share batches, hence seeds). ``victim`` / ``weights``
-    evaluate another registered victim or another weights file in place of the entries' own.
+    evaluate another registered victim or another weights file in place of the entries' own; ``own_weights``: the
+    other victim keeps the weights it was built with (an in-memory candidate model).
     """
     first = entries[0]
     if any(e["manifest"]["config_hash"] != first["manifest"]["config_hash"] or e["victim"] != first["victim"] for e in entries):
@@ -66,7 +56,7 @@ def subgrid(entries: list[dict[str, Any]], *, victim: str | None = None, weights
         "device": device or "auto", "save_adversarial": False,
         "attack_only_robust": g.get("attack_only_robust", False),  # entries made before the option attacked every sample
         "dataset": {"name": g["dataset"], "split": g["split"], "params": g.get("dataset_params") or {}},
-        "victims": [_victim_spec(g, first["victim"], new_name, weights)],
+        "victims": [_victim_spec(g, first["victim"], new_name, weights, own_weights)],
         "attacks": [_attack_spec(a, first["victim"], new_name) for a in g["attacks"] if _needed_attack(a, rows)],
         "defenses": _defense_specs(g["defenses"], rows),
     }
@@ -75,18 +65,22 @@ def subgrid(entries: list[dict[str, Any]], *, victim: str | None = None, weights
     return parse_grid(raw, source=f"manifest of grid {g['name']!r}")
 
 
-def _victim_spec(g: dict[str, Any], old: str, new: str, weights: str | None) -> dict[str, Any]:
-    """The victim of the manifest's grid, renamed / given other weights for a check."""
+def _victim_spec(g: dict[str, Any], old: str, new: str, weights: str | None, own_weights: bool = False) -> dict[str, Any]:
+    """The victim of the manifest's grid, renamed / given other weights for a check (a user victim's factory and
+    wrapping stay with the baseline's name)."""
     spec = next((dict(v) for v in g["victims"] if v["name"] == old), None)
     if spec is None:
         raise ConfigError(f"the manifest of grid {g['name']!r} has no victim {old!r}")
     if new != old:
         spec["params"] = {}
+        spec.pop("factory", None)
+        spec.pop("wrap", None)
+    spec = {k: v for k, v in spec.items() if not (k in ("factory", "wrap") and not v)}
     spec["name"] = new
     if weights is not None:
         spec["weights"] = str(weights)
     elif new != old:
-        spec["weights"] = "auto"
+        spec["weights"] = None if own_weights else "auto"
     return spec
 
 
@@ -331,158 +325,3 @@ def _comparison(row: dict[str, Any], adv: np.ndarray, clean: np.ndarray, idx: li
     params = " ".join(f"{k}={v}" for k, v in sorted(row["attack_params"].items()))
     attack = row["attack"] if is_worst_case(row) else f"{row['attack']} {params}"
     return Comparison(defense_label(row), attack, row["robust"], float(stored[idx].mean()), float(adv.mean()), mad, cmad, bound, ok)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# check (regression test for CI)
-
-
-@dataclass
-class Delta:
-    """One compared metric of :func:`check_regression` (``worse`` is positive when the new model is worse)."""
-
-    where: str
-    metric: str
-    baseline: float
-    new: float
-    worse: float
-    tolerance: float
-
-    @property
-    def regressed(self) -> bool:
-        return self.worse > self.tolerance + 1e-12
-
-
-@dataclass
-class CheckReport:
-    """The outcome of :func:`check_regression`."""
-
-    deltas: list[Delta] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    problems: list[str] = field(default_factory=list)
-
-    @property
-    def regressions(self) -> list[Delta]:
-        return [d for d in self.deltas if d.regressed]
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems and not self.regressions and bool(self.deltas)
-
-    def text(self) -> str:
-        """A table of what was compared, and the verdict."""
-        lines = [f"  {n}" for n in self.notes]
-        lines.append(f"  {'where':52s} {'metric':34s} {'baseline':>9s} {'new':>9s} {'worse by':>9s} {'tol':>6s}  result")
-        for d in self.deltas:
-            lines.append(f"  {d.where[:52]:52s} {d.metric[:34]:34s} {d.baseline:9.4f} {d.new:9.4f} {d.worse:9.4f} "
-                         f"{d.tolerance:6.3f}  {'REGRESSION' if d.regressed else 'ok'}")
-        lines += [f"  problem: {p}" for p in self.problems]
-        verdict = "OK" if self.ok else f"FAILED ({len(self.regressions)} regression(s), {len(self.problems)} problem(s))"
-        return "check against baseline\n" + "\n".join(lines) + f"\n  => {verdict}\n"
-
-
-def check_regression(baseline: str | Path | list[dict[str, Any]], *, victim: str | None = None, weights: str | Path | None = None,
-                     tolerance: float = DEFAULT_CHECK_TOLERANCE, fairness_tolerance: float | None = None,
-                     device: str | None = None, progress: bool = False) -> CheckReport:
-    """Evaluate a new or changed model like ``baseline`` (an entry file, a leaderboard directory or entries).
-
-    ``victim``: the registered victim to evaluate (default: the baseline's; with a directory holding several
-    victims it selects the baseline entries). ``weights``: a weights file for it. A regression is a drop of the
-    headline robust metric (worst case over attacks) of any defence by more than ``tolerance``, or a drop of a
-    worst-group robust metric / a rise of a robust group gap by more than ``fairness_tolerance`` (default:
-    ``tolerance``).
-    """
-    entries = baseline if isinstance(baseline, list) else load_entries(baseline)
-    for tol in (tolerance, fairness_tolerance):
-        if tol is not None and not 0 <= tol <= 1:
-            raise ConfigError(f"tolerances are fractions in [0, 1], got {tol}")
-    ftol = tolerance if fairness_tolerance is None else fairness_tolerance
-    chosen, new_name = _choose(entries, victim)
-    report = CheckReport()
-    for group in _by_run(chosen):
-        _check_group(group, new_name, weights, tolerance, ftol, device, progress, report)
-    if not report.deltas and not report.problems:
-        report.problems.append("the baseline has no finished result to compare with")
-    return report
-
-
-def _choose(entries: list[dict[str, Any]], victim: str | None) -> tuple[list[dict[str, Any]], str | None]:
-    """The baseline entries to check, and the victim to evaluate in their place (None: their own)."""
-    names = sorted({e["victim"] for e in entries})
-    if victim is None or victim in names:
-        return ([e for e in entries if victim is None or e["victim"] == victim], victim)
-    if len(names) == 1:
-        return entries, victim
-    raise ConfigError(f"the baseline holds entries for {names}; pass one entry file (or a directory of one victim) "
-                      f"to compare {victim!r} against")
-
-
-def _by_run(entries: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
-    """Baseline entries grouped by victim and grid configuration (one evaluation run each)."""
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for e in entries:
-        groups.setdefault((e["victim"], e["manifest"]["config_hash"]), []).append(e)
-    return list(groups.values())
-
-
-def _check_group(group, new_name, weights, tol, ftol, device, progress, report: CheckReport) -> None:
-    """Run one group's evaluation on the new model and compare it entry by entry."""
-    from robustbench_med.entries import build_entries
-    from robustbench_med.runner import run_grid
-
-    grid = subgrid(group, victim=new_name, weights=None if weights is None else str(weights), device=device)
-    label = f"{grid.victims[0].name}" + (f" (weights {weights})" if weights else "")
-    report.notes.append(f"baseline {group[0]['victim']} ({len(group)} entr{'y' if len(group) == 1 else 'ies'}, grid {grid.name!r}) "
-                        f"vs {label}: n = {grid.n_examples}, {len(grid.attacks)} attack settings, {len(grid.defenses)} defences")
-    with tempfile.TemporaryDirectory(prefix="rbm_check_") as tmp:
-        new = {(e["dataset"], e["threat"]["key"]): e for e in build_entries(run_grid(grid, tmp, device=device, progress=progress))}
-    for base in group:
-        other = new.get((base["dataset"], base["threat"]["key"]))
-        if other is None:
-            report.problems.append(f"{base['dataset']} {base['threat']['key']}: the new model produced no result")
-            continue
-        if other["task"] != base["task"] or other["metric"] != base["metric"]:
-            report.problems.append(f"{base['threat']['key']}: the new model's task {other['task']} ({other['metric']}) is not "
-                                   f"the baseline's {base['task']} ({base['metric']}); the numbers are not comparable")
-            continue
-        if other["weights_sha256"] == base["weights_sha256"] and other["victim"] == base["victim"]:
-            report.notes.append(f"{base['threat']['key']}: the evaluated weights are the baseline's own "
-                                f"(sha256 {str(base['weights_sha256'])[:12]}…)")
-        _compare_entries(base, other, tol, ftol, report)
-
-
-def compare_entries(base: dict[str, Any], new: dict[str, Any], *, tolerance: float = DEFAULT_CHECK_TOLERANCE,
-                    fairness_tolerance: float | None = None) -> CheckReport:
-    """Compare two entries of one threat model defence by defence (headline rows; see :func:`check_regression`)."""
-    report = CheckReport()
-    _compare_entries(base, new, tolerance, tolerance if fairness_tolerance is None else fairness_tolerance, report)
-    return report
-
-
-def _compare_entries(base: dict[str, Any], new: dict[str, Any], tol: float, ftol: float, report: CheckReport) -> None:
-    """Headline robust metric and group metrics of each defence, baseline vs new."""
-    theirs = {defense_key(r): r for r in headline_rows(new)}
-    for b in headline_rows(base):
-        where = f"{base['threat']['key']} {defense_label(b)}"
-        n = theirs.get(defense_key(b))
-        if b["status"] != "done":
-            continue
-        if n is None or n["status"] != "done":
-            report.problems.append(f"{where}: no valid result for the new model ({'missing' if n is None else n['reason']})")
-            continue
-        if set(n["flags"]) - set(b["flags"]):
-            report.notes.append(f"{where}: new reliability flag(s) {sorted(set(n['flags']) - set(b['flags']))}")
-        report.deltas.append(Delta(where, f"robust {base['metric']}", b["robust"], n["robust"], b["robust"] - n["robust"], tol))
-        report.deltas += list(_group_deltas(where, b["groups"], n["groups"], ftol))
-
-
-def _group_deltas(where: str, base: dict[str, Any], new: dict[str, Any], ftol: float) -> Iterable[Delta]:
-    """Worst-group robust metrics (a drop is worse) and robust gaps (a rise is worse)."""
-    for key, bv in sorted(base.items()):
-        nv = new.get(key)
-        if not isinstance(bv, (int, float)) or not isinstance(nv, (int, float)) or "ci95" in key:
-            continue
-        if key.startswith(("worst_group_robust_", "robust_worst_group_")):
-            yield Delta(where, key, float(bv), float(nv), float(bv) - float(nv), ftol)
-        elif key.startswith("robust_gap_"):
-            yield Delta(where, key, float(bv), float(nv), float(nv) - float(bv), ftol)

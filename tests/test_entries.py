@@ -30,7 +30,8 @@ from robustbench_med.grid import parse_grid
 from robustbench_med.registry import VICTIMS
 from robustbench_med.runner import run_grid
 from robustbench_med.testing import assert_no_regression
-from robustbench_med.verify import check_regression, compare_entries, verify_entry
+from robustbench_med.gate import check_regression, compare_entries
+from robustbench_med.verify import verify_entry
 from robustbench_med.victim import ModelVictim, VictimCard
 from robustbench_med.weights import save_weights
 
@@ -258,22 +259,40 @@ def test_check_passes_for_the_same_model_and_fails_on_a_regression(toy, capsys):
     same = check_regression(toy["board"])
     assert same.ok and same.deltas and all(d.worse == 0 for d in same.deltas), same.text()
     with pytest.raises(AssertionError) as err:
-        assert_no_regression(baseline=toy["board"], victim=TOY, weights=toy["fragile"], tolerance=0.05)
+        assert_no_regression(baseline=toy["board"], victim=TOY, weights=toy["fragile"], margin=0.05)
     regressed = [line for line in str(err.value).splitlines() if line.endswith("REGRESSION")]
-    assert any(" robust accuracy " in line for line in regressed) and any("worst_group_robust_sex" in line for line in regressed)
+    assert any(" robust accuracy " in line for line in regressed) and any("worst_group_accuracy[sex]" in line for line in regressed)
+    assert all(" clean accuracy " not in line for line in regressed), "the clean outcomes are the same"
     assert main(["check", "--baseline", str(toy["paths"][1]), "--weights", toy["fragile"], "--quiet"]) == 1
     assert "REGRESSION" in capsys.readouterr().out
     assert main(["check", "--baseline", str(toy["board"]), "--weights", str(toy["root"] / "missing.safetensors")]) == 2
 
 
-def test_compare_flags_fairness_regressions(entry):
+def test_compare_flags_fairness_regressions_from_per_sample_outcomes(entry):
+    """The gate reads the per-sample scores, not the summary numbers: breaking every robust example of one sex
+    widens the sex gap and lowers its worst group significantly; editing only the summary changes nothing."""
+    n = entry["n"]
+    wide = {k: list(v) for k, v in entry["attributes"].items()}
+    entry = copy.deepcopy(entry)
+    entry["n"] = 4 * n  # four copies of the 32 examples: enough samples for a paired test to see a real change
+    entry["attributes"] = {k: v * 4 for k, v in wide.items()}
+    for r in entry["results"]:
+        if r["per_sample"] is not None:
+            r["per_sample"] = {k: v * 4 for k, v in r["per_sample"].items()}
     new = copy.deepcopy(entry)
     head = next(r for r in headline_rows(new) if r["defense"] == "identity.none")
-    head["groups"]["worst_group_robust_sex"] -= 0.1
-    head["groups"]["robust_gap_age_group"] += 0.1
-    report = compare_entries(entry, new, tolerance=0.02, fairness_tolerance=0.05)
-    assert {d.metric for d in report.regressions} == {"worst_group_robust_sex", "robust_gap_age_group"}, report.text()
-    assert compare_entries(entry, new, tolerance=0.02, fairness_tolerance=0.2).ok
+    head["groups"]["robust_gap_age_group"] += 0.5  # summary only: ignored
+    assert compare_entries(entry, new).ok and not compare_entries(entry, new).regressions
+    sex = entry["attributes"]["sex"]
+    target = sex[0]
+    head["per_sample"]["adv"] = [0.0 if s == target else a for a, s in zip(head["per_sample"]["adv"], sex)]
+    report = compare_entries(entry, new, margin=0.5, fairness_margin=0.05)
+    metric = entry["metric"]
+    if sum(a for a, s in zip(headline_rows(entry)[0]["per_sample"]["adv"], sex) if s == target) == 0:
+        pytest.skip("the toy model has no robust example of that sex to break")
+    assert {d.metric for d in report.regressions} >= {f"worst_group_{metric}[sex]"}, report.text()
+    assert all(d.metric.endswith("[sex]") or d.metric.endswith("[age_group]") for d in report.regressions), report.text()
+    assert compare_entries(entry, new, margin=0.5, fairness_margin=0.9).ok
 
 
 def test_publish_writes_entries_and_tables_in_one_command(toy, tmp_path):
