@@ -18,7 +18,7 @@ from torch import nn
 
 from robustbench_med.errors import ConfigError
 from robustbench_med.registry import VICTIMS
-from robustbench_med.victim import Victim
+from robustbench_med.victim import Victim, restore_training_flags, training_flags
 
 ATTACK_SUITES = ("standard", "fast")
 BENCHMARK_NORMS = ("Linf", "L2")  # the norms every task has a packaged attack suite for
@@ -53,7 +53,7 @@ def registered(victim: Victim, name: str) -> Iterator[str]:
     modules' training flags and its device are restored afterwards."""
     if name in VICTIMS:
         raise ConfigError(f"victim name {name!r} is already registered; pass name='family.tag' to choose another")
-    modes = [(m, m.training) for m in victim.modules()]
+    flags = training_flags(victim)
     device = victim.device
     VICTIMS.add(name, lambda **_: victim, card=victim.card, user=True)
     try:
@@ -61,8 +61,7 @@ def registered(victim: Victim, name: str) -> Iterator[str]:
     finally:
         VICTIMS.remove(name)
         victim.to(device)
-        for m, flag in modes:
-            m.training = flag
+        restore_training_flags(flags)
 
 
 def as_user_victim(model: nn.Module | str | Victim, task: str | None, input_size: Sequence[int] | None, name: str | None,

@@ -78,13 +78,22 @@ def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
     eval-mode backbone inside a wrapper left in training mode), so each flag is saved and put back individually.
     In eval mode BatchNorm uses (and never updates) its running statistics and dropout is off.
     """
-    modes = [(m, m.training) for m in module.modules()]
+    flags = training_flags(module)
     module.eval()
     try:
         yield module
     finally:
-        for m, flag in modes:
-            m.training = flag
+        restore_training_flags(flags)
+
+
+def training_flags(module: nn.Module) -> list[tuple[nn.Module, bool]]:
+    """Every submodule's own training flag (``module.train(flag)`` would overwrite them all with one value)."""
+    return [(m, m.training) for m in module.modules()]
+
+
+def restore_training_flags(flags: list[tuple[nn.Module, bool]]) -> None:
+    for m, flag in flags:
+        m.training = flag
 
 
 class Victim(nn.Module, abc.ABC):
