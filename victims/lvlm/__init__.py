@@ -7,7 +7,7 @@ Registered names:
 | ``blip2.tiny``, ``instructblip.tiny``, ``llava.tiny`` | tiny models of the real ``transformers`` classes, trained by the project on the phantom VQA bank (``robustbench-med train <name>``) |
 | ``blip2.tiny_s1``, ``instructblip.tiny_s1``, ``llava.tiny_s1`` | the same, trained with seed 1: surrogates of the transfer attacks |
 | ``blip2.hf``, ``instructblip.hf``, ``llava.hf`` | real checkpoints: ``create_victim('llava.hf', weights=None, path=DIR_OR_HUB_NAME)`` |
-| ``clip_zs.tiny`` | open_clip CLIP zero-shot lesion-type classifier with CARZero-style per-class prompts |
+| ``clip_zs.tiny`` | open_clip CLIP zero-shot lesion-type classifier with per-class prompt ensembles (cosine; not CARZero) |
 
 The VQA victims take keyword arguments of the "phantom VQA m+n" protocol (``n_eval``, ``eval_pool``,
 ``eval_questions``, ``eval_seed``) and ``max_new_tokens``; see :class:`~robustbench_med.victims.lvlm.models.LVLMVictim`.

