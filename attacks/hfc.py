@@ -34,7 +34,8 @@ import torch
 from robustbench_med.attack import Attack
 from robustbench_med.attacks.pgd import _view, l2_normalize, project, random_start
 from robustbench_med.errors import ConfigError
-from robustbench_med.feature_stats import FeatureStats, base_victim, fit_feature_stats, victim_fingerprint
+from robustbench_med.feature_stats import (HIERARCHIES, FeatureStats, base_victim, fit_feature_stats, module_activations,
+                                           victim_fingerprint)
 from robustbench_med.registry import register_attack
 from robustbench_med.tasks import two_class_logits
 from robustbench_med.victim import Victim
@@ -48,7 +49,9 @@ class HFCAttack(Attack):
 
     Args:
         lam: λ, weight of the feature constraint (0 = the base attack).
-        layers: feature layers of the undefended victim to constrain (default: all of them).
+        layers: feature layers of the undefended victim to constrain (default: the ``hierarchy``).
+        hierarchy: ``'blocks'`` (default: the victim's 3–4 block or stage outputs) or ``'conv'`` (every convolution
+            module, as the released code constrains every conv feature map of VGG16 / ResNet-50).
         n_components: K, mixture components per class and layer.
         stats_seed: seed of the mixture fit (independent of the attack's per-batch ``seed``).
         stats_dataset, stats_split, stats_n, stats_target_field: the data the statistics are fitted on. By default
@@ -75,6 +78,7 @@ class HFCAttack(Attack):
         *,
         lam: float = 1.0,
         layers: Sequence[str] | None = None,
+        hierarchy: str = "blocks",
         n_components: int = 2,
         stats_seed: int = 0,
         stats_dataset: str | None = None,
@@ -96,6 +100,8 @@ class HFCAttack(Attack):
         self.lam = _nonneg_float(lam, "lam")
         self.kappa = _nonneg_float(kappa, "kappa")
         self.momentum = self.default_momentum if momentum is None else _nonneg_float(momentum, "momentum")
+        if hierarchy not in HIERARCHIES:
+            raise ConfigError(f"hierarchy must be one of {HIERARCHIES}, got {hierarchy!r}")
         if target not in TARGET_RULES:
             raise ConfigError(f"target must be one of {TARGET_RULES}, got {target!r}")
         if layers is not None and (isinstance(layers, str) or not layers or not all(isinstance(l, str) for l in layers)):
@@ -119,7 +125,7 @@ class HFCAttack(Attack):
         self.stats_dataset = stats_dataset
         self.stats_kw: dict[str, Any] = {
             "split": stats_split, "n": stats_n, "target_field": stats_target_field,
-            "layers": list(layers) if layers is not None else None, "n_components": n_components, "seed": stats_seed,
+            "layers": list(layers) if layers is not None else None, "hierarchy": hierarchy, "n_components": n_components, "seed": stats_seed,
             "max_channels": max_channels, "reg_covar": reg_covar,
         }
         self._stats: dict[tuple[str, str], FeatureStats] = {}
@@ -173,7 +179,7 @@ class HFCAttack(Attack):
         names = [prefix + l for l in stats.layers] if stats is not None else []
         total = None
         for _ in range(self.eot):
-            out, feats = forward_with_features(victim, x, names)
+            out, feats = module_activations(victim, x, names)
             loss = self.base_term(victim, out, t)
             if stats is not None:
                 loss = loss + self.lam * stats.hfc_term(feats, t, prefix)
@@ -201,29 +207,58 @@ class HFCAttack(Attack):
         return x_adv.detach()
 
 
-def forward_with_features(victim: Victim, x: torch.Tensor, names: Sequence[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The victim's output and the raw activations of ``names`` from one forward pass (gradients flow)."""
-    if not names:
-        return victim(x), {}
-    modules = victim.feature_modules()
-    missing = [n for n in names if n not in modules]
-    if missing:
-        raise ConfigError(f"victim {victim.card.name!r} has no feature layers {missing}; available: {list(modules)}")
-    feats: dict[str, torch.Tensor] = {}
+LAMBDA_CANDIDATES = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
 
-    def hook(name: str):
-        def store(_m: Any, _inp: Any, output: Any) -> None:
-            feats[name] = output[0] if isinstance(output, (tuple, list)) else output
 
-        return store
+def select_lambda(victim: Victim, train: Any, val: Any, *, attack: str = "hfc.pgd", params: dict[str, Any] | None = None,
+                  candidates: Sequence[float] = LAMBDA_CANDIDATES, tolerance: float = 0.02, n: int = 256,
+                  batch_size: int = 128, seed: int = 0) -> tuple[float, list[dict[str, float]]]:
+    """λ chosen on a validation split by a rule fixed in advance (no detector is consulted).
 
-    handles = [modules[n].register_forward_hook(hook(n)) for n in names]
-    try:
-        out = victim(x)
-    finally:
-        for h in handles:
-            h.remove()
-    return out, feats
+    Rule: the **largest** candidate λ whose attack success rate on ``val`` (among the first ``n`` images the victim
+    classifies correctly) is at least the base attack's (λ = 0: the same optimiser, budget, start and target) minus
+    ``tolerance``. The constraint exists to pull features into the target class's clean distribution, so the attacker
+    takes the strongest pull that does not cost success; detectors stay unseen, as the attacker does not know which
+    one is deployed. If no candidate qualifies, the smallest is returned. The released code has no rule (``--lamda``
+    defaults to 1).
+
+    Returns the chosen λ and one row per λ (0 first): ``lam``, ``asr``, ``hfc_term`` (the mean Σ_l ℒ_HFC,l of the
+    adversarial examples under the target class's mixtures: lower = better camouflaged) and ``n_correct``.
+    """
+    from robustbench_med.api import create_attack
+    from robustbench_med.feature_stats import stats_target_field
+    from robustbench_med.tasks import predict as task_predict
+
+    if not candidates or any(isinstance(c, bool) or not isinstance(c, (int, float)) or c <= 0 for c in candidates):
+        raise ConfigError(f"candidates must be numbers > 0, got {candidates!r}")
+    params = {k: v for k, v in (params or {}).items() if k != "lam"}
+    base, _ = base_victim(victim)
+    field_name = stats_target_field(base, params.get("stats_target_field"))
+    x_all, y_all = val.images(list(range(min(n, len(val))))), val.targets(field_name).long()[: min(n, len(val))]
+    with torch.no_grad():
+        pred = torch.cat([task_predict(victim.task, victim(x_all[i : i + batch_size].to(victim.device))).cpu()
+                          for i in range(0, len(x_all), batch_size)])
+    keep = (pred.view(-1) == y_all.view(-1)).nonzero().flatten()
+    x, y = x_all[keep], y_all[keep]
+    probe = create_attack(attack, **params, lam=float(min(candidates)))
+    probe.prepare(victim, train)
+    stats = probe.statistics(victim)
+    rows = []
+    for lam in (0.0, *sorted(float(c) for c in candidates)):
+        atk = create_attack(attack, **params, lam=lam)
+        atk.prepare(victim, train)  # cached statistics: no refit
+        fooled, term = 0, 0.0
+        for i in range(0, len(x), batch_size):
+            xb, yb = x[i : i + batch_size].to(victim.device), y[i : i + batch_size].to(victim.device)
+            adv = atk(victim, xb, yb, seed=seed + i)
+            with torch.no_grad():
+                out, feats = module_activations(victim, adv, list(stats.layers))
+                fooled += int((task_predict(victim.task, out).view(-1) != yb.view(-1)).sum())
+                term += float(stats.hfc_term(feats, atk.target_labels(victim, xb, yb)).sum())
+        rows.append({"lam": lam, "asr": fooled / max(len(x), 1), "hfc_term": term / max(len(x), 1), "n_correct": float(len(x))})
+    floor = rows[0]["asr"] - tolerance
+    ok = [r["lam"] for r in rows[1:] if r["asr"] >= floor]
+    return (max(ok) if ok else min(float(c) for c in candidates)), rows
 
 
 def _stats_key(base: Victim) -> tuple[str, str]:

@@ -9,6 +9,12 @@ a seeded permutation (:class:`FitData`):
   (real noise, not clean copies) as negatives, and adversarial examples of a base attack (default ``pgd.linf`` at
   8/255) as positives (only the successful ones when there are any).
 
+**One- and two-sided scores.** Every detector scores one-sided, as published: higher = more adversarial, so an attack
+that pushes the score *below* the clean scores (HFC with a strong constraint makes features more typical than clean
+ones) gets an AUROC under 0.5. Each fitted detector also keeps the median and scaled MAD of its scores on the clean fit
+images, and the harness stores the two-sided score |s − median| / (1.4826·MAD)
+(:meth:`robustbench_med.defense.Detector.two_sided`): a deployer who flags both tails catches such an overshoot.
+
 Class labels are the victim's predictions, so no target field is needed. Features are global-average-pooled
 activations of the victim's feature layers (:func:`robustbench_med.feature_stats.pooled_features`).
 
@@ -111,6 +117,16 @@ def build_fit_data(victim: Victim, train: Any, attack: str, attack_params: dict[
     return data
 
 
+def robust_location_scale(scores: np.ndarray) -> tuple[float, float]:
+    """(median, 1.4826·MAD) of ``scores``, the clean reference of the two-sided score; the scale falls back to the
+    standard deviation, then to 1, when the scores are (nearly) constant."""
+    centre = float(np.median(scores))
+    scale = 1.4826 * float(np.median(np.abs(scores - centre)))
+    if not scale > 1e-12:
+        scale = float(np.std(scores))
+    return centre, scale if scale > 1e-12 else 1.0
+
+
 def _positive_int(v: Any, name: str, minimum: int = 1) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
         raise ConfigError(f"{name} must be an integer >= {minimum}, got {v!r}")
@@ -178,6 +194,8 @@ class FittedDetector(Detector):
         data = build_fit_data(victim, train, self.attack, self.attack_params, self.n_ref, self.n_fit, self.seed, self.batch_size)
         with seeded(self.seed):
             self.fit(victim, data)
+            with eval_mode(victim):
+                self.clean_reference = robust_location_scale(np.asarray(self.raw_score(victim, data.x_clean), dtype=np.float64))
         self._fitted_for = (victim.card.name, victim.card.weights_sha256)
 
     def score(self, victim: Victim, x: torch.Tensor) -> torch.Tensor:

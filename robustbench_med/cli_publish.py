@@ -23,7 +23,7 @@ from pathlib import Path
 from robustbench_med.errors import ConfigError
 
 DEFAULT_GRIDS = ("zoo", "default", "lvlm")
-PUBLISH_SETS: dict[str, tuple[str, ...]] = {"": DEFAULT_GRIDS, "detectors": ("hfc",), "fairness": ("fairness",), "f3": ("f3",)}
+PUBLISH_SETS: dict[str, tuple[str, ...]] = {"": DEFAULT_GRIDS, "detectors": ("hfc", "hfc_paper"), "fairness": ("fairness", "fairness_shortcut", "fairness_shortcut_control"), "f3": ("f3",)}
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -121,8 +121,22 @@ def _publish_study(out: Path, grid_paths: list[Path], args: argparse.Namespace) 
     if not (out.is_dir() and any(out.glob("*/*/*.json"))):
         return False
     paths = write_rendered(load_entries(out), out)
+    _append_defense_comparisons(paths["markdown"], grid_paths, args)
     print("written: " + ", ".join(str(p) for p in paths.values()))
     return True
+
+
+def _append_defense_comparisons(readme: Path, grid_paths: list[Path], args: argparse.Namespace) -> None:
+    """Append the paired APPLE-vs-none comparisons of the grids' stores (``<runs>/<grid>``) to the rendered README
+    (nothing for grids without APPLE cells; :func:`robustbench_med.fairness.append_defense_comparisons`)."""
+    from robustbench_med.fairness import append_defense_comparisons
+    from robustbench_med.grid import load_grid
+
+    grids = [load_grid(p) for p in grid_paths]
+    if not any(d.name == "apple.latent" for g in grids for d in g.defenses):
+        return
+    append_defense_comparisons(readme, [(f"grid `{g.name}` ({g.dataset}, {g.split}, n={g.n_examples})", Path(args.runs) / g.name)
+                                        for g in grids])
 
 
 def _kept_from_other_grid(path: Path, entry: dict, publishing: set[str]) -> bool:

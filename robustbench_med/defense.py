@@ -75,6 +75,12 @@ class DetectorVictim(Victim):
     def detect(self, x: torch.Tensor) -> torch.Tensor:
         return self.detector.score(self.victim, x)
 
+    def detection_scores(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``detector_score`` (one-sided) and, when the detector has a clean reference, ``detector_score_two_sided``."""
+        s = self.detect(x)
+        two = self.detector.two_sided(s)
+        return {"detector_score": s} if two is None else {"detector_score": s, "detector_score_two_sided": two}
+
     def feature_modules(self):
         return {f"victim.{k}": v for k, v in self.victim.feature_modules().items()}
 
@@ -84,9 +90,22 @@ class Detector(Defense):
 
     kind: ClassVar[str] = "detector"
 
+    clean_reference: tuple[float, float] | None = None  # (centre, scale) of the clean fitting scores, if known
+
     @abc.abstractmethod
     def score(self, victim: Victim, x: torch.Tensor) -> torch.Tensor:
         """Per-sample detection score of ``x`` for ``victim`` (higher = more likely adversarial)."""
+
+    def two_sided(self, scores: torch.Tensor) -> torch.Tensor | None:
+        """The two-sided score |s − m| / d of one-sided ``scores``: distance from the clean distribution in either
+        direction, with m the median and d the scaled median absolute deviation (1.4826·MAD) of the detector's scores
+        on its clean fitting images (:attr:`clean_reference`). An input scored far *below* clean inputs (an attack
+        that overshoots into "more typical than clean") is flagged as surely as one scored far above. ``None`` when
+        the detector has no clean reference."""
+        if self.clean_reference is None:
+            return None
+        centre, scale = self.clean_reference
+        return (scores - centre).abs() / scale
 
     def wrap(self, victim: Victim) -> DetectorVictim:
         return DetectorVictim(victim, self)

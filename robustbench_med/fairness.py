@@ -388,7 +388,8 @@ def compare_groups(
     Rows are matched on ``sample_idx``; ``attrs`` is indexed by ``sample_idx``. Returns the overall means and gaps
     (max_g − min_g of the group means of ``score``) of both, ``gap_diff = gap_other − gap_base``,
     ``overall_diff = mean_other − mean_base`` and their paired stratified-bootstrap 95% intervals (one resample of the
-    sample indices, within groups, serves both cells).
+    sample indices, within groups, serves both cells), and the same resamples' intervals of each cell's own gap
+    (``gap_base_ci95_*``, ``gap_other_ci95_*``).
     """
     a = base.set_index("sample_idx")[score]
     b = other.set_index("sample_idx")[score]
@@ -408,7 +409,7 @@ def compare_groups(
         return float(max(m) - min(m))
 
     rng = np.random.default_rng(seed)
-    reps = np.empty((n_boot, 2))
+    reps = np.empty((n_boot, 4))
     draws = [np.flatnonzero(codes == c) for c in range(len(levels))]
     draws = [idx[rng.integers(0, len(idx), size=(n_boot, len(idx)))] for idx in draws]
     for r in range(n_boot):
@@ -416,12 +417,14 @@ def compare_groups(
         ca = codes[ix]
         ga = [va[ix][ca == c].mean() for c in range(len(levels))]
         gb = [vb[ix][ca == c].mean() for c in range(len(levels))]
-        reps[r] = (max(gb) - min(gb)) - (max(ga) - min(ga)), vb[ix].mean() - va[ix].mean()
+        reps[r] = (max(gb) - min(gb)) - (max(ga) - min(ga)), vb[ix].mean() - va[ix].mean(), max(ga) - min(ga), max(gb) - min(gb)
     q = np.quantile(reps, [0.025, 0.975], axis=0)
     return {"n": float(len(common)), "overall_base": float(va.mean()), "overall_other": float(vb.mean()),
             "gap_base": gap(va), "gap_other": gap(vb), "gap_diff": gap(vb) - gap(va), "gap_diff_ci95_low": float(q[0, 0]),
             "gap_diff_ci95_high": float(q[1, 0]), "overall_diff": float(vb.mean() - va.mean()),
-            "overall_diff_ci95_low": float(q[0, 1]), "overall_diff_ci95_high": float(q[1, 1])}
+            "overall_diff_ci95_low": float(q[0, 1]), "overall_diff_ci95_high": float(q[1, 1]),
+            "gap_base_ci95_low": float(q[0, 2]), "gap_base_ci95_high": float(q[1, 2]),
+            "gap_other_ci95_low": float(q[0, 3]), "gap_other_ci95_high": float(q[1, 3])}
 
 
 def _store_frames(store: Any) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
@@ -549,9 +552,126 @@ def plot_group_gaps(df: pd.DataFrame, path: str | Path, attribute: str = "sex") 
     return path
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# attribute probes and per-split group summaries (the APPLE shortcut study)
+
+
+def mask_area_features(masks: Any, n_classes: int = 6) -> np.ndarray:
+    """Per-image pixel count of every mask class (``[n, n_classes]``, float): what a probe on the anatomy reads."""
+    m = np.asarray(masks.detach().cpu() if hasattr(masks, "detach") else masks)
+    return np.stack([(m == c).reshape(len(m), -1).sum(1) for c in range(n_classes)], 1).astype(float)
+
+
+def linear_probe(x_train: np.ndarray, y_train: Iterable[Any], x_test: np.ndarray, y_test: Iterable[Any], *,
+                 c: float = 1.0) -> float:
+    """Held-out accuracy of a standardised L2 logistic regression (scikit-learn, ``C=c``) trained on ``x_train``:
+    how well a linear read-out recovers a label (e.g. sex) from features (mask class areas, pixels)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    clf = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=2000))
+    clf.fit(np.asarray(x_train, dtype=float), np.asarray(list(y_train)))
+    return float(clf.score(np.asarray(x_test, dtype=float), np.asarray(list(y_test))))
+
+
+def data_attribute_probes(train: Any, test: Any, attribute: str = "sex", n_train: int = 1000,
+                          n_test: int = 400) -> dict[str, float]:
+    """How much a dataset's ground truth and images say about ``attribute``: held-out accuracy of :func:`linear_probe`
+    on the mask class areas (``mask_probe``) and on the raw pixels (``image_probe``, ``C`` = 0.01), trained on the
+    first ``n_train`` of ``train`` and scored on the first ``n_test`` of ``test``; ``majority`` = the test split's
+    majority-class rate (the chance level)."""
+    tr, te = list(range(min(n_train, len(train)))), list(range(min(n_test, len(test))))
+    a_tr, a_te = train.attributes(tr)[attribute], test.attributes(te)[attribute]
+    mask = linear_probe(mask_area_features(train.targets("mask", tr)), a_tr, mask_area_features(test.targets("mask", te)), a_te)
+    image = linear_probe(train.images(tr).flatten(1).numpy(), a_tr, test.images(te).flatten(1).numpy(), a_te, c=0.01)
+    majority = max(pd.Series(a_te).value_counts(normalize=True))
+    return {"mask_probe": mask, "image_probe": image, "majority": float(majority)}
+
+
+def split_group_summary(victim: Any, data: Any, attribute: str = "sex", n: int | None = None,
+                        target_field: str = "mask", batch_size: int = 64) -> dict[str, Any]:
+    """Clean primary score of ``victim`` (e.g. ``dice_fg``) on the first ``n`` samples of ``data``: ``overall`` mean,
+    ``groups`` (mean per level of ``attribute``), ``gap`` (max − min of the group means, as in
+    :func:`fairness_columns`) and the per-sample ``scores`` and ``labels``."""
+    import torch
+
+    from robustbench_med.victim import eval_mode
+
+    idx = list(range(len(data) if n is None else min(n, len(data))))
+    labels = np.asarray(data.attributes(idx)[attribute])
+    scores = []
+    with eval_mode(victim), torch.no_grad():
+        for i in range(0, len(idx), batch_size):
+            rows = idx[i : i + batch_size]
+            x = data.images(rows).to(victim.device)
+            y = data.targets(target_field, rows).to(victim.device)
+            scores.append(next(iter(victim.metrics(victim(x), y).values())).float().cpu())
+    s = torch.cat(scores).numpy().astype(float)
+    groups = {str(g): float(s[labels == g].mean()) for g in sorted(set(labels))}
+    return {"overall": float(s.mean()), "groups": groups, "gap": float(max(groups.values()) - min(groups.values())),
+            "scores": s, "labels": labels}
+
+
+APPLE_SECTION = "## APPLE vs undefended: paired comparisons"
+
+
+def _setting_label(params: Any) -> str:
+    """A short label of an APPLE setting from a ``defense_params`` JSON string (attribute, latent, β, λ)."""
+    try:
+        p = json.loads(params) if isinstance(params, str) else dict(params or {})
+    except (TypeError, ValueError):
+        return str(params)
+    return f"{p.get('attribute', '?')} / {p.get('latent', '?')} / β={p.get('beta', '?')}, λ={p.get('penalty', '?')}"
+
+
+def defense_comparison_markdown(store: Any, title: str, *, base: str = "identity.none", other: str = "apple.latent",
+                                n_boot: int = 1000, seed: int = 0) -> str:
+    """A Markdown table of :func:`compare_defenses` for the attribute each APPLE setting hides (clean inputs and every
+    attack): the undefended and defended overall score and group gap, and the paired changes with their stratified
+    bootstrap 95% intervals. Empty when the store holds no pair of ``base`` and ``other`` cells."""
+    df = compare_defenses(store, base, other, n_boot=n_boot, seed=seed)
+    if df.empty:
+        return ""
+    hidden = [json.loads(p).get("attribute") if isinstance(p, str) else None for p in df.defense_params]
+    df = df[[a == h for a, h in zip(df.attribute, hidden)]]
+    lines = [f"### {title}", "",
+             "| model | APPLE (attribute / latent / β, λ) | input | n | Dice none | Dice APPLE | ΔDice [95% CI] | "
+             "gap none [95% CI] | gap APPLE [95% CI] | Δgap [95% CI] |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for _, r in df.iterrows():
+        what = "clean" if r.attack == "clean" else f"{r.attack} (eps {r.eps * 255:.3g}/255)"
+        lines.append(
+            f"| {r.victim} | {_setting_label(r.defense_params)} | {what} | {int(r.n)} | {r.overall_base:.3f} | "
+            f"{r.overall_other:.3f} | {r.overall_diff:+.3f} [{r.overall_diff_ci95_low:+.3f}, {r.overall_diff_ci95_high:+.3f}] | "
+            f"{r.gap_base:.3f} [{r.gap_base_ci95_low:.3f}, {r.gap_base_ci95_high:.3f}] | "
+            f"{r.gap_other:.3f} [{r.gap_other_ci95_low:.3f}, {r.gap_other_ci95_high:.3f}] | "
+            f"{r.gap_diff:+.3f} [{r.gap_diff_ci95_low:+.3f}, {r.gap_diff_ci95_high:+.3f}] |")
+    return "\n".join(lines) + "\n"
+
+
+def append_defense_comparisons(readme: str | Path, stores: Iterable[tuple[str, Any]]) -> bool:
+    """Append :data:`APPLE_SECTION` with one :func:`defense_comparison_markdown` table per ``(title, store path)``
+    (stores that do not exist or hold no APPLE pair are left out) to a rendered ``README.md``. Returns whether
+    anything was appended."""
+    from robustbench_med.entries import atomic_write_text
+
+    tables = [t for title, path in stores if Path(path, "results.sqlite").exists()
+              and (t := defense_comparison_markdown(Path(path, "results.sqlite"), title))]
+    readme = Path(readme)
+    if not tables or not readme.exists():
+        return False
+    intro = ("Paired comparisons of each APPLE setting with the undefended model on the same samples "
+             "(`robustbench_med.fairness.compare_defenses`): Dice = mean `dice_fg`; gap = max − min of the group means "
+             "of the attribute APPLE hides; Δ = APPLE − none, with a stratified paired bootstrap 95% interval "
+             "(1,000 resamples within groups). A Δgap interval below 0 means APPLE narrowed the gap.")
+    atomic_write_text(readme, readme.read_text().rstrip("\n") + "\n\n" + "\n\n".join([APPLE_SECTION, intro, *tables]))
+    return True
+
+
 __all__: list[str] = [
     "fairness_columns", "fairness_table", "group_table", "group_table_from_store", "plot_group_gaps", "compare_groups",
     "compare_defenses",
     "es_fairseg", "es_fairmedfm", "demographic_parity_difference", "equalized_odds_difference",
-    "expected_calibration_error", "bootstrap_group_stats", "group_columns",
+    "expected_calibration_error", "bootstrap_group_stats", "group_columns", "linear_probe", "mask_area_features",
+    "data_attribute_probes", "split_group_summary", "defense_comparison_markdown", "append_defense_comparisons",
 ]

@@ -6,6 +6,11 @@ full-covariance components is fitted to the global-average-pooled activations f_
 images of class c. A component k stores its mean μ_k, the Cholesky factor L_k of its precision (Σ_k⁻¹ = L_k L_kᵀ) and
 its weight π_k.
 
+**Which layers (the hierarchy).** ``hierarchy='blocks'`` (default) uses the victim's feature layers (its 3–4 block
+or stage outputs, ``Victim.feature_modules``); ``hierarchy='conv'`` uses the output of every convolution module, in
+definition order, as the released code does on its CNNs (VGG16: 13 conv feature maps; ResNet-50: 48; ``network.py``).
+An explicit ``layers`` list may name any of both.
+
 Layers with more than ``max_channels`` channels are skipped (the released code skips C_l > 512). Fits are
 deterministic under ``seed`` and cached as ``.npz`` (``allow_pickle=False``) plus a JSON sidecar under
 ``<home>/feature_stats/``, keyed by victim name, weights sha256, layers, K, seed, data fingerprint and fit options.
@@ -26,11 +31,14 @@ from robustbench_med import paths
 from robustbench_med.errors import ConfigError, TaskNotSupportedError
 from robustbench_med.registry import VICTIMS
 from robustbench_med.tasks import predict as task_predict
+from torch import nn
+
 from robustbench_med.victim import Victim, eval_mode
 from robustbench_med.weights import atomic_write_bytes
 
 STATS_VERSION = 1
 CLASSIFIER_TASKS = ("binary", "classification")
+HIERARCHIES = ("blocks", "conv")
 
 
 def global_pool(t: torch.Tensor) -> torch.Tensor:
@@ -72,13 +80,28 @@ def num_classes(victim: Victim) -> int:
     return 2 if victim.task == "binary" else len(victim.card.classes)
 
 
-def resolve_layers(victim: Victim, layers: Sequence[str] | None) -> list[str]:
-    """Validated layer names of ``victim`` (default: all its feature layers)."""
-    available = list(victim.feature_modules())
-    if not available:
-        raise ConfigError(f"victim {victim.card.name!r} exposes no feature layers (feature_modules() is empty)")
+def conv_modules(victim: Victim) -> dict[str, nn.Module]:
+    """Every convolution module of ``victim`` (``nn.Conv1d/2d/3d`` and transposed), by name, in definition order."""
+    return {name: m for name, m in victim.named_modules() if isinstance(m, nn.modules.conv._ConvNd)}
+
+
+def layer_modules(victim: Victim) -> dict[str, nn.Module]:
+    """The modules a feature constraint or detector may read: the feature layers, then every convolution."""
+    return {**victim.feature_modules(), **{n: m for n, m in conv_modules(victim).items() if n not in victim.feature_modules()}}
+
+
+def resolve_layers(victim: Victim, layers: Sequence[str] | None, hierarchy: str = "blocks") -> list[str]:
+    """Validated layer names of ``victim``: ``layers`` when given, else the ``hierarchy`` (``'blocks'``: the
+    feature layers; ``'conv'``: every convolution, see the module docstring)."""
+    if hierarchy not in HIERARCHIES:
+        raise ConfigError(f"hierarchy must be one of {HIERARCHIES}, got {hierarchy!r}")
+    available = list(layer_modules(victim))
+    default = list(victim.feature_modules()) if hierarchy == "blocks" else list(conv_modules(victim))
     if layers is None:
-        return available
+        if not default:
+            what = "feature layers (feature_modules() is empty)" if hierarchy == "blocks" else "convolution modules"
+            raise ConfigError(f"victim {victim.card.name!r} exposes no {what}")
+        return default
     if isinstance(layers, str) or not len(layers):
         raise ConfigError(f"layers must be a non-empty list of layer names, got {layers!r}; available: {available}")
     unknown = [l for l in layers if l not in available]
@@ -87,13 +110,39 @@ def resolve_layers(victim: Victim, layers: Sequence[str] | None) -> list[str]:
     return list(layers)
 
 
+def module_activations(victim: Victim, x: torch.Tensor, names: Sequence[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The victim's output and the raw activations of the modules ``names`` (feature layers or convolutions, see
+    :func:`layer_modules`) from one forward pass; gradients flow."""
+    if not names:
+        return victim(x), {}
+    modules = layer_modules(victim)
+    missing = [n for n in names if n not in modules]
+    if missing:
+        raise ConfigError(f"victim {victim.card.name!r} has no layers {missing}; available: {list(modules)}")
+    feats: dict[str, torch.Tensor] = {}
+
+    def hook(name: str):
+        def store(_m: Any, _inp: Any, output: Any) -> None:
+            feats[name] = output[0] if isinstance(output, (tuple, list)) else output
+
+        return store
+
+    handles = [modules[n].register_forward_hook(hook(n)) for n in names]
+    try:
+        out = victim(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return out, feats
+
+
 @torch.no_grad()
 def pooled_features(victim: Victim, x: torch.Tensor, layers: Sequence[str], batch_size: int = 128) -> dict[str, torch.Tensor]:
     """Global-average-pooled activations ``{layer: [n, C_l]}`` (float64, CPU) of ``victim`` on ``x`` (eval mode)."""
     out: dict[str, list[torch.Tensor]] = {l: [] for l in layers}
     with eval_mode(victim):
         for i in range(0, len(x), batch_size):
-            feats = victim.features(x[i : i + batch_size].to(victim.device), layers)
+            _, feats = module_activations(victim, x[i : i + batch_size].to(victim.device), layers)
             for l in layers:
                 out[l].append(global_pool(feats[l]).double().cpu())
     return {l: torch.cat(v) for l, v in out.items()}
@@ -251,6 +300,7 @@ def fit_feature_stats(
     n: int | None = None,
     target_field: str | None = None,
     layers: Sequence[str] | None = None,
+    hierarchy: str = "blocks",
     n_components: int = 2,
     seed: int = 0,
     max_channels: int = 512,
@@ -265,7 +315,8 @@ def fit_feature_stats(
             ``images()``, ``targets(field)`` and ``fingerprint()``.
         target_field: the label field (default: the victim's training recipe field); ``'predicted'`` uses the
             victim's own predictions as class labels.
-        layers: feature layer names of the undefended victim (default: all of them).
+        layers: feature layer names of the undefended victim (default: those of ``hierarchy``).
+        hierarchy: ``'blocks'`` (the victim's feature layers) or ``'conv'`` (every convolution; the release).
         n_components: K, the number of mixture components per class and layer.
         max_channels: layers with more channels are skipped (the released HFC code uses 512).
         reg_covar: added to every covariance diagonal (keeps dead ReLU channels from giving infinite precision).
@@ -273,7 +324,7 @@ def fit_feature_stats(
     base, _ = base_victim(victim)
     k_classes = num_classes(base)
     _check_fit_params(n_components, max_channels, reg_covar, n)
-    layers = resolve_layers(base, layers)
+    layers = resolve_layers(base, layers, hierarchy)
     field_name = stats_target_field(base, target_field)
     if not field_name:
         raise ConfigError(f"victim {base.card.name!r}: pass target_field (no training recipe names one)")

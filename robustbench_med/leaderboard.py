@@ -13,7 +13,9 @@ Columns (names say what they compute):
 - ``robust_gap_<attr>`` / ``worst_group_robust_<attr>`` / ``gap_change_<attr>``: max − min and min of the per-group
   robust metric, and robust gap − clean gap, for ``sex`` and ``age_group`` (fairness under attack; every column of
   :func:`robustbench_med.fairness.fairness_columns`, with bootstrap CIs and the intersection, is included too).
-- ``detector_auroc`` / ``detector_tpr_at_90tnr``: for cells behind a detector defence (threshold from clean scores).
+- ``detector_auroc`` / ``detector_tpr_at_90tnr``: for cells behind a detector defence (threshold from clean scores);
+  ``_two_sided`` versions from the two-sided scores, and ``detector_auroc_overshoot`` (1 when the one-sided AUROC is
+  significantly below 0.5; :mod:`robustbench_med.detection`).
 - ``attack_seconds``: wall-clock time spent attacking the cell (batched cells share their batches' time).
 - ``flags``: reliability flags: masked gradients (zero input gradients), randomised outputs, black-box beats
   white-box at the same budget (gradient masking), invalid budget.
@@ -246,7 +248,8 @@ DISPLAY = [("victim", "victim"), ("defense", "defense"), ("attack", "attack"), (
            ("attack_success_rate", "ASR"), ("robust_gap_sex", "gap(sex)"), ("worst_group_robust_sex", "worst(sex)"),
            ("gap_change_sex", "Δgap(sex)"), ("robust_gap_age_group", "gap(age)"), ("n", "n"), ("mean_linf", "mean L∞"),
            ("mean_l2", "mean L2"), ("flags", "flags")]
-DETECTION_DISPLAY = [("detector_auroc", "det. AUROC"), ("detector_tpr_at_90tnr", "TPR@90%TNR")]
+DETECTION_DISPLAY = [("detector_auroc", "det. AUROC"), ("detector_tpr_at_90tnr", "TPR@90%TNR"),
+                     ("detector_auroc_two_sided", "det. AUROC (2-sided)"), ("detector_tpr_at_90tnr_two_sided", "TPR@90%TNR (2-sided)")]
 VQA_DISPLAY = [("robust_vqa_accuracy_first", "robust (attacked q)"), ("robust_vqa_accuracy_others", "robust (other q)")]
 
 

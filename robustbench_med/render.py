@@ -90,6 +90,8 @@ def display_group_columns(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
 
 
 METRIC_COLUMNS = [("detector_auroc", "det. AUROC"), ("detector_tpr_at_90tnr", "TPR@90%TNR"),
+                  ("detector_auroc_two_sided", "det. AUROC (two-sided)"),
+                  ("detector_tpr_at_90tnr_two_sided", "TPR@90%TNR (two-sided)"),
                   ("robust_vqa_accuracy_first", "robust (attacked q)"), ("robust_vqa_accuracy_others", "robust (other q)")]
 
 
@@ -101,6 +103,14 @@ def display_metric_columns(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
 
 def _f(v: Any) -> str:
     return "–" if v is None else f"{v:.3f}"
+
+
+def _metric_cell(r: dict[str, Any], key: str) -> str:
+    """A per-attack metric; a one-sided detector AUROC significantly below 0.5 reads ``0.042 (overshoot)``."""
+    text = _f(r["metrics"].get(key))
+    if key == "detector_auroc" and r["metrics"].get("detector_auroc_overshoot") == 1.0:
+        text += " (overshoot)"
+    return text
 
 
 def _ci(r: dict[str, Any]) -> str:
@@ -166,7 +176,7 @@ def _metric_table(rows: list[dict[str, Any]]) -> list[str]:
     lines = ["Per attack:", "", "| " + " | ".join(md_escape(h) for h in head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in sorted((r for r in rows if not r["attack"].startswith("worst-case")), key=lambda r: (r["model"], r["defense"], r["attack"])):
         cells = [r["model"], r["defense"], r["attack"], _f(r["clean"]), _f(r["robust"]), _f(r["asr"])]
-        cells += [_f(r["metrics"].get(k)) for k, _ in metrics] + [str(r["n"])]
+        cells += [_metric_cell(r, k) for k, _ in metrics] + [str(r["n"])]
         lines.append("| " + " | ".join(md_escape(c) for c in cells) + " |")
     return lines + [""]
 
@@ -406,7 +416,8 @@ def _html_cell(r: dict[str, Any], key: str, typ: str) -> str:
         return f'<td title="{_e(sha)}"><code>{_e(sha[:12])}</code></td>'
     value = r["groups"].get(key[2:]) if key.startswith("g:") else r["metrics"].get(key[2:]) if key.startswith("m:") else r.get(key)
     if typ == "num":
-        shown = "INVALID" if key == "robust" and r["status"] == "invalid" else (str(value) if key == "n" else _f(value))
+        shown = ("INVALID" if key == "robust" and r["status"] == "invalid" else str(value) if key == "n"
+                 else _metric_cell(r, key[2:]) if key.startswith("m:") else _f(value))
         return f'<td class="num" data-value="{_e("" if value is None else value)}">{_e(shown)}</td>'
     return f"<td>{_e(value if value is not None else '')}</td>"
 

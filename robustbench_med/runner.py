@@ -132,7 +132,7 @@ def evaluate_batch(victim: Victim, x: torch.Tensor, y: torch.Tensor) -> tuple[di
             pred = pred.cpu().tolist() if pred[0].numel() <= 64 else None
     if isinstance(victim, DetectorVictim):
         with torch.enable_grad():  # some detectors (LID, Mahalanobis input pre-processing) need gradients
-            metrics = {**metrics, "detector_score": victim.detect(x).detach()}
+            metrics = {**metrics, **{k: v.detach() for k, v in victim.detection_scores(x).items()}}
     return metrics, pred
 
 

@@ -258,23 +258,30 @@ def test_age_reaches_the_decoder_around_the_bottleneck(age_leakage):
 @pytest.mark.parametrize("variant", ["uniform", "adversarial"])
 def test_apple_hides_age_from_all_features_on_the_phantom(phantom32, age_leakage, variant):
     """APPLE on bottleneck + skips, segmentor untouched, Dice kept. ``'uniform'``: a fresh probe of D_p's architecture
-    (trained on perturbed train latents, scored on held-out val latents) decodes age clearly worse (measured over APPLE
-    seeds 0–4: 0.64 → 0.34–0.47). ``'adversarial'``: D_p itself is fooled on held-out latents (0.31–0.52 over seeds
-    0–2), but a fresh probe is not reliably (0.34 / 0.51 / 0.73), so only the former is asserted."""
+    (trained on perturbed train latents, scored on held-out val latents) decodes age clearly worse, judged on the
+    median over APPLE seeds 0–4 because single seeds vary with the CPU's floating-point paths (measured: 0.64 →
+    0.34–0.47 on one machine; 0.59 → 0.55 / 0.60 / 0.43 / 0.35 / 0.44 on an AMD EPYC). ``'adversarial'``: D_p itself
+    is fooled on held-out latents (0.31–0.52 over seeds 0–2), but a fresh probe is not reliably (0.34 / 0.51 / 0.73),
+    so only the former is asserted."""
     victim, before, train, val = phantom32
-    defense = APPLE(attribute="age_group", latent="all", variant=variant, beta=5.0, penalty=0.1, epochs=8, d_steps=5,
-                    hidden=16, lr=3e-3, n_train=256, seed=0, cache=False)
-    defense.prepare(victim, train)
-    assert state_hash(victim) == before, "the segmentor's weights must never change"
     unperturbed = age_leakage["all"]
-    if variant == "uniform":
-        assert attribute_probe(victim, defense.perturber, train, val, "age_group", **PROBE) < unperturbed - 0.1
-    else:
-        assert defense.evaluate_latents(victim, val)["disc_acc"] < unperturbed - 0.05
+    seeds = range(5) if variant == "uniform" else range(1)
     xv, yv = val.images(), val.targets("mask")
-    with torch.no_grad():
-        base, wrapped = float(victim.score(xv, yv).mean()), float(defense.wrap(victim).score(xv, yv).mean())
-    assert wrapped > base - 0.03
+    probes = []
+    for seed in seeds:
+        defense = APPLE(attribute="age_group", latent="all", variant=variant, beta=5.0, penalty=0.1, epochs=8, d_steps=5,
+                        hidden=16, lr=3e-3, n_train=256, seed=seed, cache=False)
+        defense.prepare(victim, train)
+        assert state_hash(victim) == before, "the segmentor's weights must never change"
+        if variant == "uniform":
+            probes.append(attribute_probe(victim, defense.perturber, train, val, "age_group", **PROBE))
+        else:
+            assert defense.evaluate_latents(victim, val)["disc_acc"] < unperturbed - 0.05
+        with torch.no_grad():
+            base, wrapped = float(victim.score(xv, yv).mean()), float(defense.wrap(victim).score(xv, yv).mean())
+        assert wrapped > base - 0.03
+    if probes:
+        assert sorted(probes)[len(probes) // 2] < unperturbed - 0.1, probes
 
 
 def test_gradients_reach_the_input_and_attacks_run(trained):
@@ -340,3 +347,40 @@ def test_unet_phantom_integration(latent):
     wrapped.objective(xg, y).sum().backward()
     assert xg.grad.abs().sum() > 0
     assert set(d.evaluate_latents(victim, train, n=8)) == {"rel_norm", "disc_acc"}
+
+
+def _row(c, victim, d_dice, d_gap):
+    return {"candidate": c, "victim": victim, "d_dice": d_dice, "d_gap": d_gap}
+
+
+def test_choose_setting_follows_its_rule():
+    from robustbench_med.defenses.apple import choose_setting
+
+    rows = [_row(0, "a", -0.005, -0.01), _row(0, "b", 0.0, -0.01),   # qualifies, mean dGap -0.01
+            _row(1, "a", -0.020, -0.20), _row(1, "b", 0.0, -0.20),   # the best gap, but Dice drops 2 points on a
+            _row(2, "a", 0.004, -0.03), _row(2, "b", -0.01, +0.01)]  # qualifies (drop exactly 0.01), mean dGap -0.01
+    assert choose_setting(rows) == 0  # tie on the mean gap change: the earlier candidate
+    rows[5]["d_gap"] = -0.02
+    assert choose_setting(rows) == 2
+    assert choose_setting(rows, max_dice_drop=0.05) == 1
+    failing = [_row(0, "a", -0.3, -0.1), _row(1, "a", -0.05, 0.1), _row(2, "a", -0.2, -0.3)]
+    assert choose_setting(failing) == 1  # none qualifies: the smallest worst-victim Dice drop
+    with pytest.raises(ConfigError):
+        choose_setting([])
+
+
+def test_select_setting_measures_every_candidate_on_val(trained):
+    from robustbench_med.defenses.apple import select_setting
+
+    victim, _defense, before, train, test = trained
+    base = {"epochs": 2, "hidden": 16, "lr": 3e-3, "n_train": 128, "cache": False}
+    chosen, rows = select_setting([victim], train, test, [{"beta": 1.0, "penalty": 1.0}, {"beta": 1.0, "penalty": 1e4}],
+                                  base=base, n_val=64, probe_train=128)
+    assert [r["candidate"] for r in rows] == [0, 1] and all(r["victim"] == "toy.seg" for r in rows)
+    assert all(0.0 <= r["probe"] <= 1.0 and r["rel_norm"] >= 0 for r in rows)
+    # a huge norm penalty keeps the perturbation (and so Dice and the gap) close to the undefended model's
+    assert rows[1]["rel_norm"] < rows[0]["rel_norm"] and abs(rows[1]["d_dice"]) < 0.01
+    from robustbench_med.defenses.apple import choose_setting
+
+    assert chosen == rows[choose_setting(rows)]["params"] and chosen["penalty"] in (1.0, 1e4)
+    assert chosen["attribute"] == "sex" and state_hash(victim) == before  # the segmentor is never trained

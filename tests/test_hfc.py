@@ -5,10 +5,10 @@ import torch
 
 from robustbench_med import paths
 from robustbench_med.api import create_attack, create_dataset, create_defense
-from robustbench_med.attacks.hfc import forward_with_features
-from robustbench_med.detection import auroc, detection_metrics, detection_metrics_from_rows, tpr_at_tnr
+from robustbench_med.detection import auroc, detection_metrics, detection_metrics_from_rows, overshoot, tpr_at_tnr
 from robustbench_med.errors import ConfigError, TaskNotSupportedError
-from robustbench_med.feature_stats import fit_feature_stats, global_pool
+from robustbench_med.feature_stats import conv_modules, fit_feature_stats, global_pool, resolve_layers
+from robustbench_med.feature_stats import module_activations as forward_with_features
 from robustbench_med.registry import ATTACKS, DEFENSES
 from robustbench_med.threat import check_budget
 from robustbench_med.victim import ModelVictim, VictimCard
@@ -127,14 +127,17 @@ def test_hfc_respects_budget_and_range(name, binary_victim, test_batch, train):
     assert torch.equal(x_adv, again), "HFC must be deterministic under its seed"
 
 
-def test_hfc_features_closer_to_target_than_base(binary_victim, test_batch, train):
-    """HFC's pooled features lie closer (in the mixtures' Mahalanobis distance) to the target class than BIM's."""
+@pytest.mark.parametrize("hierarchy", ["blocks", "conv"])
+def test_hfc_features_closer_to_target_than_base(binary_victim, test_batch, train, hierarchy):
+    """HFC's pooled features lie closer (in the mixtures' Mahalanobis distance) to the target class than BIM's, with
+    the block hierarchy and with every convolution constrained (the release)."""
     x, y = test_batch
     base = create_attack("hfc.bim", eps=EPS, steps=10, lam=0, **STATS)
-    hfc = create_attack("hfc.bim", eps=EPS, steps=10, lam=1, **STATS)
+    hfc = create_attack("hfc.bim", eps=EPS, steps=10, lam=1, hierarchy=hierarchy, **STATS)
     hfc.prepare(binary_victim, train)
     x_base, x_hfc = base(binary_victim, x, y), hfc(binary_victim, x, y)
     stats = hfc.statistics(binary_victim)
+    assert list(stats.layers) == resolve_layers(binary_victim, None, hierarchy)
     target = 1 - y
     with torch.no_grad():
         d_base = stats.hfc_term(forward_with_features(binary_victim, x_base, [f"{l}" for l in stats.layers])[1], target)
@@ -143,6 +146,32 @@ def test_hfc_features_closer_to_target_than_base(binary_victim, test_batch, trai
         fooled_hfc = (binary_victim.predict(x_hfc) != y).float().mean()
     assert d_hfc.mean() < 0.5 * d_base.mean(), (d_hfc.mean(), d_base.mean())
     assert fooled_base > 0.9 and fooled_hfc > 0.6, (fooled_base, fooled_hfc)
+
+
+def test_conv_hierarchy_is_every_convolution(binary_victim):
+    convs = resolve_layers(binary_victim, None, "conv")
+    assert convs == [n for n, m in binary_victim.named_modules() if isinstance(m, torch.nn.Conv2d)] == list(conv_modules(binary_victim))
+    assert len(convs) == 6 and resolve_layers(binary_victim, None) == ["net.block1", "net.block2", "net.block3"]
+    _, feats = forward_with_features(binary_victim, torch.rand(2, 1, 64, 64), convs + ["net.block2"])
+    assert set(feats) == set(convs) | {"net.block2"} and all(f.dim() == 4 for f in feats.values())
+    with pytest.raises(ConfigError, match="hierarchy"):
+        create_attack("hfc.pgd", hierarchy="every")
+
+
+def test_select_lambda_follows_its_rule(binary_victim, train):
+    """The largest λ whose validation ASR is within the tolerance of the base attack's; the feature term falls with λ."""
+    from robustbench_med.attacks.hfc import select_lambda
+
+    val = create_dataset("phantom.ct", split="val", n=40)
+    params = {"eps": "8/255", "steps": 5, **STATS}
+    lam, rows = select_lambda(binary_victim, train, val, params=params, candidates=(0.1, 30.0), tolerance=0.05, n=40)
+    assert [r["lam"] for r in rows] == [0.0, 0.1, 30.0]
+    ok = [r["lam"] for r in rows[1:] if r["asr"] >= rows[0]["asr"] - 0.05]
+    assert lam == (max(ok) if ok else 0.1)
+    assert rows[1]["hfc_term"] < rows[0]["hfc_term"] and rows[2]["hfc_term"] <= rows[1]["hfc_term"] * 1.05
+    assert rows[2]["asr"] < rows[0]["asr"], "a 300x stronger constraint must cost some success on 5 steps"
+    with pytest.raises(ConfigError):
+        select_lambda(binary_victim, train, val, params=params, candidates=(0,))
 
 
 def test_named_stats_dataset_matches_prepare(binary_victim, train):
@@ -201,6 +230,36 @@ def test_detectors_flag_base_attack(fitted_detectors, binary_victim, test_batch)
         assert clean.shape == (len(x),) and torch.isfinite(clean).all()
         aurocs[name] = detection_metrics(clean, adv)["detector_auroc"]
     assert all(a > 0.8 for a in aurocs.values()), aurocs
+
+
+def test_two_sided_scores_flag_both_tails(fitted_detectors, binary_victim, test_batch):
+    x, _ = test_batch
+    for name, det in fitted_detectors.items():
+        centre, scale = det.clean_reference
+        assert np.isfinite(centre) and scale > 0, name
+        scores = det.wrap(binary_victim).detection_scores(x)
+        assert set(scores) == {"detector_score", "detector_score_two_sided"}, name
+        assert torch.allclose(scores["detector_score_two_sided"], (scores["detector_score"] - centre).abs() / scale)
+        far = det.two_sided(torch.tensor([centre - 10 * scale, centre, centre + 10 * scale], dtype=torch.float64))
+        assert far.tolist() == pytest.approx([10.0, 0.0, 10.0], abs=1e-6), name
+
+
+def test_overshoot_and_two_sided_metrics_from_rows():
+    """Adversarial scores below every clean score: one-sided AUROC 0 (an overshoot), two-sided AUROC 1."""
+    rng = np.random.default_rng(0)
+    clean, adv = rng.normal(0, 1, 200), rng.normal(-6, 1, 150)
+    rows = [{"metrics": {"clean_detector_score": c, "detector_score": a, "clean_detector_score_two_sided": abs(c),
+                         "detector_score_two_sided": abs(a)}, "clean_correct": 1, "adv_correct": 0} for c, a in zip(clean, adv)]
+    m = detection_metrics_from_rows(rows)
+    assert m["detector_auroc"] < 0.01 and m["detector_auroc_overshoot"] == 1.0
+    assert m["detector_auroc_two_sided"] > 0.99 and m["detector_tpr_at_90tnr_two_sided"] > 0.95
+    assert not overshoot(0.49, 256, 240) and overshoot(0.40, 256, 240) and not overshoot(float("nan"), 10, 10)
+    old = [{"metrics": {"clean_detector_score": 0.0, "detector_score": 1.0}, "clean_correct": 1, "adv_correct": 0}]
+    assert "detector_auroc_two_sided" not in detection_metrics_from_rows(old)  # stores without two-sided scores
+    from robustbench_med.render import _metric_cell
+
+    assert _metric_cell({"metrics": m}, "detector_auroc").endswith("(overshoot)")
+    assert "overshoot" not in _metric_cell({"metrics": m}, "detector_auroc_two_sided")
 
 
 def test_detector_fit_uses_real_noise(binary_victim, train):
@@ -282,7 +341,26 @@ def test_grid_runner_prepares_hfc_and_reports_detection(binary_victim, tmp_path)
     cells = df[df.cell_id != ""].set_index("attack")
     assert set(cells.status) == {"done"}, cells.reason.tolist()
     for attack in ("pgd.linf", "hfc.pgd"):
-        assert 0 <= cells.loc[attack, "detector_auroc"] <= 1 and 0 <= cells.loc[attack, "detector_tpr_at_90tnr"] <= 1
+        for key in ("detector_auroc", "detector_tpr_at_90tnr", "detector_auroc_two_sided", "detector_tpr_at_90tnr_two_sided"):
+            assert 0 <= cells.loc[attack, key] <= 1, key
         assert cells.loc[attack, "attack_success_rate"] > 0.5
     head = to_text(df).splitlines()[0]
-    assert head.index("ASR") < head.index("det. AUROC") < head.index("TPR@90%TNR")
+    assert head.index("ASR") < head.index("det. AUROC") < head.index("TPR@90%TNR") < head.index("det. AUROC (2-sided)")
+
+
+def test_packaged_hfc_grids_cover_the_paper_setting():
+    """The detectors study holds the paper's ε = 1/256 (α = 1/2560, 20 steps) with detectors fitted at that budget,
+    and the every-conv hierarchy beside the block one at 8/255."""
+    from robustbench_med.cli_publish import PUBLISH_SETS
+    from robustbench_med.cli import default_grid_path
+    from robustbench_med.grid import load_grid
+    from robustbench_med.threat import parse_eps
+
+    assert {"hfc", "hfc_paper"} <= set(PUBLISH_SETS["detectors"])
+    paper, main = load_grid(default_grid_path("hfc_paper")), load_grid(default_grid_path("hfc"))
+    for a in paper.attacks:
+        assert parse_eps(a.params["eps"]) == 1 / 256 and parse_eps(a.params["step_size"]) == 1 / 2560 and a.params["steps"] == 20
+    for d in paper.defenses:
+        assert parse_eps(d.params["attack_params"]["eps"]) == 1 / 256, d.name
+    assert {a.params.get("hierarchy", "blocks") for a in main.attacks if a.name == "hfc.pgd"} == {"blocks", "conv"}
+    assert {a.params.get("hierarchy", "blocks") for a in paper.attacks if a.name == "hfc.pgd"} == {"blocks", "conv"}

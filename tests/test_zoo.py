@@ -10,7 +10,8 @@ from robustbench_med.victims.zoo.routing import RoutingAttention
 
 ZOO = [n for n in rbm.list_victims() if VICTIMS.get(n).factory.__module__.startswith("robustbench_med.victims.zoo")]
 TINY = [n for n in ZOO if n.endswith(".tiny")]
-FULL = [n for n in ZOO if not n.endswith(".tiny")]
+SHORTCUT = [n for n in ZOO if n.endswith(".shortcut")]  # tiny architectures trained for the APPLE shortcut study
+FULL = [n for n in ZOO if not n.endswith((".tiny", ".shortcut"))]
 SEGMENTORS = [n for n in TINY if VICTIMS.get(n).meta["card"].task == "segmentation"]
 
 # Reference parameter counts measured on the released definitions (shared/reference/models.md).
@@ -158,7 +159,7 @@ def test_medformer_with_imagenet_head_matches_the_reference(size):
     assert abs(n - ref) / ref < 0.02
 
 
-@pytest.mark.parametrize("name", FULL + TINY)
+@pytest.mark.parametrize("name", FULL + TINY + SHORTCUT)
 def test_cards_record_measured_costs(name):
     v = _meta_victim(name)
     assert v.card.params == count_parameters(v.net) and v.card.flops > 0 and v.card.notes

@@ -2,3 +2,4 @@
 from robustbench_med.victims import basic as _basic  # noqa: F401
 from robustbench_med.victims import zoo as _zoo  # noqa: F401
 from robustbench_med.victims import lvlm as _lvlm  # noqa: F401
+from robustbench_med.victims import shortcut as _shortcut  # noqa: F401

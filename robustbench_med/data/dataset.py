@@ -4,7 +4,10 @@ Images are stored as uint8 ``Array3D((H, W, C))`` and returned by :meth:`Medical
 [0, 1] (the victim input contract). Targets and patient attributes are columns. The phantom (``phantom.ct``) is
 generated once per (config, split, n) and cached with ``save_to_disk`` under
 ``<home>/datasets/phantom-<config hash>/<split>-<n>``: written to a temporary directory and renamed, so a crash never
-leaves a half cache, and a cache that fails to load or to validate is regenerated.
+leaves a half cache, and a cache that fails to load or to validate is regenerated. ``phantom.shortcut`` and
+``phantom.shortcut_balanced`` are the APPLE shortcut scenario (sex in the appearance, not the anatomy; see
+:mod:`robustbench_med.data.phantom`), cached the same way under their own config hash; the default world's hash does
+not change.
 """
 from __future__ import annotations
 
@@ -218,26 +221,69 @@ def phantom_config(seed: int = 0, size: int = 64, **overrides: Any) -> P.Phantom
         raise ConfigError(f"phantom.ct: bad setting: {e}") from None
 
 
-@register_dataset("phantom.ct", task="all", paper="robustbench_med procedural CT phantom (this suite)")
-def phantom_ct(split: str = "test", n: int | None = None, seed: int = 0, size: int = 64,
-               cache_dir: str | os.PathLike[str] | None = None, **config_overrides: Any) -> MedicalDataset:
-    """The procedural CT phantom (see :mod:`robustbench_med.data.phantom`); ``n=None`` → the split's default size
-    (train 2000, val 400, test 500); ``config_overrides`` are :class:`PhantomConfig` fields (``disparity`` may be
-    a dict of :class:`Disparity` fields)."""
+def _phantom(name: str, split: str, n: int | None, config: P.PhantomConfig,
+             cache_dir: str | os.PathLike[str] | None) -> MedicalDataset:
+    """A phantom split generated with ``config`` (cached under ``phantom-<config hash>/<split>-<n>``)."""
     if split not in P.SPLIT_CODES:
-        raise ConfigError(f"phantom.ct: unknown split {split!r}; choose one of {tuple(P.SPLIT_CODES)}")
+        raise ConfigError(f"{name}: unknown split {split!r}; choose one of {tuple(P.SPLIT_CODES)}")
     n = DEFAULT_SIZES[split] if n is None else n
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n <= 0:
-        raise ConfigError(f"phantom.ct: n must be a positive integer, got {n!r}")
+        raise ConfigError(f"{name}: n must be a positive integer, got {n!r}")
     n = int(n)
-    config = phantom_config(seed, size, **config_overrides)
     root = Path(cache_dir) if cache_dir else paths.datasets_dir()
     cache = root / f"phantom-{config.config_hash()}" / f"{split}-{n}"
 
     def build() -> Any:
         from datasets import Dataset
 
-        return Dataset.from_dict(P.generate(split, n, config), features=phantom_features(size))
+        return Dataset.from_dict(P.generate(split, n, config), features=phantom_features(config.size))
 
     hf = cached_build(cache, n, build)
-    return MedicalDataset(hf, "phantom.ct", split, tuple(TARGET_DTYPES), ("sex", "age_group"))
+    return MedicalDataset(hf, name, split, tuple(TARGET_DTYPES), ("sex", "age_group"))
+
+
+@register_dataset("phantom.ct", task="all", paper="robustbench_med procedural CT phantom (this suite)")
+def phantom_ct(split: str = "test", n: int | None = None, seed: int = 0, size: int = 64,
+               cache_dir: str | os.PathLike[str] | None = None, **config_overrides: Any) -> MedicalDataset:
+    """The procedural CT phantom (see :mod:`robustbench_med.data.phantom`); ``n=None`` → the split's default size
+    (train 2000, val 400, test 500); ``config_overrides`` are :class:`PhantomConfig` fields (``disparity`` may be
+    a dict of :class:`Disparity` fields)."""
+    return _phantom("phantom.ct", split, n, phantom_config(seed, size, **config_overrides), cache_dir)
+
+
+def shortcut_config(seed: int = 0, size: int = 64, train_unannotated_f: float = 1.0, cue_amplitude: float = 0.05,
+                    cue_period: float = 4.0, **overrides: Any) -> P.PhantomConfig:
+    """The shortcut scenario's :class:`PhantomConfig`: sex-neutral anatomy (:meth:`Disparity.sex_neutral`) and the
+    sex cue; in the train split, F patients' lesions go unannotated with probability ``train_unannotated_f``."""
+    shortcut = P.Shortcut(cue_amplitude, cue_period, {"F": float(train_unannotated_f), "M": 0.0})
+    overrides.setdefault("disparity", P.Disparity.sex_neutral())
+    return phantom_config(seed, size, shortcut=shortcut, **overrides)
+
+
+@register_dataset("phantom.shortcut", task="all",
+                  paper="robustbench_med procedural CT phantom, shortcut scenario (sex in appearance, not anatomy)")
+def phantom_shortcut(split: str = "test", n: int | None = None, seed: int = 0, size: int = 64,
+                     cache_dir: str | os.PathLike[str] | None = None, train_unannotated_f: float = 1.0,
+                     **config_overrides: Any) -> MedicalDataset:
+    """The shortcut scenario (module docstring of :mod:`robustbench_med.data.phantom`): masks independent of sex, a
+    sex-specific grating in the image, and in the **train split** F patients' lesions unannotated with probability
+    ``train_unannotated_f`` (1.0: the positive control's biased training distribution). Val and test are unbiased
+    and byte-identical for every ``train_unannotated_f``."""
+    return _shortcut("phantom.shortcut", split, n, seed, size, cache_dir, train_unannotated_f, config_overrides)
+
+
+def _shortcut(name: str, split: str, n: int | None, seed: int, size: int, cache_dir: Any, train_unannotated_f: float,
+              overrides: dict[str, Any]) -> MedicalDataset:
+    try:
+        config = shortcut_config(seed, size, train_unannotated_f, **overrides)
+    except (TypeError, ValueError, ConfigError) as e:
+        raise ConfigError(f"{name}: bad setting: {str(e).removeprefix('phantom.ct: bad setting: ')}") from None
+    return _phantom(name, split, n, config, cache_dir)
+
+
+@register_dataset("phantom.shortcut_balanced", task="all",
+                  paper="robustbench_med procedural CT phantom, shortcut scenario without the annotation bias")
+def phantom_shortcut_balanced(split: str = "test", n: int | None = None, seed: int = 0, size: int = 64,
+                              cache_dir: str | os.PathLike[str] | None = None, **config_overrides: Any) -> MedicalDataset:
+    """``phantom.shortcut`` with an unbiased train split (``train_unannotated_f = 0``): the control's training data."""
+    return _shortcut("phantom.shortcut_balanced", split, n, seed, size, cache_dir, 0.0, config_overrides)

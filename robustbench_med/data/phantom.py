@@ -47,6 +47,25 @@ middle 0.801 / old 0.762.
 2 liver, 3 kidneys, 4 spine, 5 lesion), ``landmarks`` ((x, y) px of the vertebra centre, the liver centroid, the
 image-left and the image-right kidney centroids), ``vqa`` (the answer id of every question in :data:`QUESTIONS`;
 answers index :data:`ANSWERS`). VQA location is "upper" / "lower" after the largest lesion's centre (image half).
+
+**The shortcut scenario** (:class:`Shortcut`, ``PhantomConfig(shortcut=Shortcut(), disparity=Disparity.sex_neutral())``;
+the dataset ``phantom.shortcut``). The default world builds sex into the anatomy (body scale) and the lesion contrast,
+so the ground-truth masks themselves predict sex and hiding sex from a segmentor must cost Dice. The shortcut scenario
+is APPLE's setting instead (a model *uses* the attribute as a shortcut): the anatomy, lesion sizes, lesion contrast
+and prevalence do not depend on sex (:meth:`Disparity.sex_neutral`; :class:`PhantomConfig` refuses a shortcut world
+whose sex tables differ), while the *appearance* carries sex: a fixed-phase sinusoidal grating of amplitude
+``cue_amplitude`` and period ``cue_period`` px is added inside the body after the blur (like the noise), with
+horizontal stripes (varying along y) for F and vertical stripes (along x) for M. The cue draws no random numbers and
+never touches the masks, so a patient's anatomy, lesions, noise and mask are the bytes of the same sample without
+the cue. The positive control's training distribution is an annotation bias that the sex cue can stand in for: in the
+**train split only**, each image of a patient of sex g has its lesions left unannotated with probability
+``train_unannotated[g]`` (lesion pixels labelled with their organ in ``mask``; a separate random stream
+``[seed, split, index, 1]``, so nothing else changes; ``label``, ``n_lesions``, ``findings`` and ``vqa`` still
+describe the true lesions). The val and test splits are unbiased. A segmentor trained on the biased train split can
+learn "F stripes → no lesion": a group gap that comes from the shortcut. ``phantom.shortcut`` uses amplitude 0.05,
+period 4 px and ``train_unannotated`` F 1.0 / M 0.0; measured (logistic regression, 1,000 train → 400 test slices),
+the mask class areas predict sex at 0.54 (majority rate 0.55; the default world: 0.93) and the pixels at 1.00. The
+study built on it: ``robustbench_med/grids/fairness_shortcut.yaml``.
 """
 from __future__ import annotations
 
@@ -87,6 +106,17 @@ class Disparity:
         return cls({"F": 0.725, "M": 0.725}, {"F": 0.96, "M": 0.96}, dict.fromkeys(AGE_GROUPS, 0.5),
                    dict.fromkeys(AGE_GROUPS, 0.048))
 
+    @classmethod
+    def sex_neutral(cls) -> "Disparity":
+        """Anatomy and lesions independent of sex (the shortcut scenario): every patient gets the default world's
+        "M" lesion contrast (×1.0) and body scale (×1.0); the age effects (prevalence, noise) of the defaults stay,
+        and age is drawn independently of sex."""
+        return cls({"F": 1.0, "M": 1.0}, {"F": 1.0, "M": 1.0})
+
+    def sex_independent(self) -> bool:
+        """Whether no sex table differs between the sexes."""
+        return all(len(set(getattr(self, t).values())) == 1 for t in ("lesion_contrast", "body_scale"))
+
     def __post_init__(self) -> None:
         for name, keys in (("lesion_contrast", SEXES), ("body_scale", SEXES), ("prevalence", AGE_GROUPS),
                            ("noise_sigma", AGE_GROUPS)):
@@ -95,6 +125,27 @@ class Disparity:
                 raise ValueError(f"Disparity.{name} needs exactly the keys {keys}, got {tuple(table)}")
         if not all(0.0 <= p <= 1.0 for p in self.prevalence.values()):
             raise ValueError(f"Disparity.prevalence values must lie in [0, 1], got {self.prevalence}")
+
+
+@dataclass(frozen=True)
+class Shortcut:
+    """The shortcut scenario's sex cue and training annotation bias (see the module docstring).
+
+    ``cue_amplitude`` (intensity, 0–1 scale) and ``cue_period`` (px) of the sex-specific grating; ``train_unannotated``
+    = P(an image's lesions are left unannotated in the train split | sex).
+    """
+
+    cue_amplitude: float = 0.05
+    cue_period: float = 4.0
+    train_unannotated: dict[str, float] = field(default_factory=lambda: {"F": 1.0, "M": 0.0})
+
+    def __post_init__(self) -> None:
+        if set(self.train_unannotated) != set(SEXES):
+            raise ValueError(f"Shortcut.train_unannotated needs exactly the keys {SEXES}, got {tuple(self.train_unannotated)}")
+        if not all(0.0 <= p <= 1.0 for p in self.train_unannotated.values()):
+            raise ValueError(f"Shortcut.train_unannotated values must lie in [0, 1], got {self.train_unannotated}")
+        if not self.cue_amplitude >= 0 or not self.cue_period >= 2:
+            raise ValueError(f"Shortcut needs cue_amplitude >= 0 and cue_period >= 2 px, got {self.cue_amplitude}, {self.cue_period}")
 
 
 @dataclass(frozen=True)
@@ -109,16 +160,26 @@ class PhantomConfig:
     second_lesion_prob: float = 0.25
     kidney_lesion_prob: float = 0.15
     blur_sigma: float = 0.6
+    shortcut: Shortcut | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.size, int) or self.size < 16:
             raise ValueError(f"size must be an integer ≥ 16, got {self.size!r}")
         if isinstance(self.disparity, dict):
             object.__setattr__(self, "disparity", Disparity(**self.disparity))
+        if isinstance(self.shortcut, dict):
+            object.__setattr__(self, "shortcut", Shortcut(**self.shortcut))
+        if self.shortcut is not None and not self.disparity.sex_independent():
+            raise ValueError("the shortcut scenario needs anatomy independent of sex: give a disparity whose "
+                             "lesion_contrast and body_scale are equal for F and M (e.g. Disparity.sex_neutral())")
 
     def config_hash(self) -> str:
-        """12 hex digits of sha256 over the settings and :data:`GENERATOR_VERSION` (stable across runs)."""
-        blob = json.dumps({"v": GENERATOR_VERSION, **asdict(self)}, sort_keys=True)
+        """12 hex digits of sha256 over the settings and :data:`GENERATOR_VERSION` (stable across runs). Without a
+        shortcut the ``shortcut`` field is left out, so the default world's hash (and cache) predates the field."""
+        settings = asdict(self)
+        if settings["shortcut"] is None:
+            del settings["shortcut"]
+        blob = json.dumps({"v": GENERATOR_VERSION, **settings}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -323,14 +384,31 @@ def _draw_lesions(rng: np.random.Generator, config: PhantomConfig, a: dict[str, 
     return lesions
 
 
+def sex_cue(sex: str, body: np.ndarray, shortcut: Shortcut) -> np.ndarray:
+    """The shortcut scenario's appearance cue: ``A·sin(2π·t / period)`` inside ``body`` (a bool [H, W] mask), with
+    t the row index for F (horizontal stripes) and the column index for M (vertical stripes); 0 outside the body."""
+    size = body.shape[0]
+    t = np.arange(size, dtype=np.float32)
+    wave = shortcut.cue_amplitude * np.sin(2 * np.pi * t / shortcut.cue_period)
+    pattern = np.broadcast_to(wave[:, None] if sex == "F" else wave[None, :], body.shape)
+    return np.where(body, pattern, 0.0).astype(np.float32)
+
+
 def generate_sample(index: int, split: str, config: PhantomConfig) -> dict[str, Any]:
     """One phantom sample (image uint8 [H, W, 1] and all targets), deterministic in (seed, split, index)."""
     rng = np.random.default_rng([config.seed, SPLIT_CODES[split], index])
     sex, age = SEXES[int(rng.integers(2))], AGE_GROUPS[int(rng.integers(3))]
     a = _anatomy(rng, config, sex)
+    organs = a["mask"].copy() if config.shortcut is not None else None
     lesions = _draw_lesions(rng, config, a, sex, age)
     noise = rng.normal(0.0, config.disparity.noise_sigma[age], a["img"].shape)
     img = gaussian_filter(a["img"], config.blur_sigma) + noise
+    if config.shortcut is not None:
+        img = img + sex_cue(sex, a["mask"] > 0, config.shortcut)
+        bias = config.shortcut.train_unannotated[sex] if split == "train" else 0.0
+        if lesions and bias > 0 and np.random.default_rng([config.seed, SPLIT_CODES[split], index, 1]).random() < bias:
+            lesion = a["mask"] == 5
+            a["mask"][lesion] = organs[lesion]  # the lesions are there, only their annotation is missing
     main = max(lesions, key=lambda les: les["area"]) if lesions else None
     return {
         "image": (np.clip(img, 0.0, 1.0) * 255.0).round().astype(np.uint8)[..., None],
