@@ -139,6 +139,21 @@ def connect(path: str | Path, timeout: float = 60) -> GuardedConnection:
     return conn
 
 
+def _set_wal(conn: sqlite3.Connection, timeout: float = 60.0) -> None:
+    """Switch ``conn``'s database to write-ahead logging. Several processes opening a new store at once (ranks of one
+    run) race for the exclusive lock this takes, and SQLite answers "database is locked" at once instead of calling
+    its busy handler, so the switch is retried for up to ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 class Store:
     """A SQLite result store at ``path`` (created on first use)."""
 
@@ -147,7 +162,7 @@ class Store:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.conn = connect(self.path)
         try:
-            self.conn.execute("PRAGMA journal_mode=WAL")
+            _set_wal(self.conn)
             self.conn.execute("PRAGMA synchronous=NORMAL")
             self.conn.executescript(SCHEMA)
         except BaseException:
