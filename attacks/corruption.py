@@ -324,11 +324,12 @@ class Corruption(Attack):
         severity: 0–5 (the grid's swept parameter; a list in a grid is one cell per severity). Per-sample severities
             may also be passed as ``eps`` to ``attack(victim, x, y, eps=...)``.
         seed: seed of the per-sample draws (with each image's own bytes; see :func:`sample_seed`).
-        eot: accepted for interface compatibility (a corruption never queries the victim).
+        eot: must stay 1 (a corruption never queries the victim, so there is nothing to average).
     """
 
     tasks: ClassVar[frozenset[str]] = ALL_IMAGE_TASKS
     knowledge: ClassVar[str] = "none"
+    uses_eot: ClassVar[bool] = False
     supports_eps_batch: ClassVar[bool] = True
     default_norm: ClassVar[str] = CORRUPTION
 

@@ -159,7 +159,7 @@ class HFCAttack(Attack):
         if self.target_rule == "next":
             return (y.long() + 1) % len(victim.card.classes)
         with torch.no_grad():
-            logits = victim(x).clone()
+            logits = self.expectation(victim, x).clone()  # the most likely wrong class of a randomised victim
         logits[torch.arange(len(y), device=y.device), y.long()] = -math.inf
         return logits.argmax(1)
 
@@ -177,14 +177,13 @@ class HFCAttack(Attack):
         """Per-sample ℒ = base + λ·Σ_l ℒ_HFC,l, averaged over ``eot`` forward passes."""
         _, prefix = base_victim(victim)
         names = [prefix + l for l in stats.layers] if stats is not None else []
-        total = None
-        for _ in range(self.eot):
-            out, feats = module_activations(victim, x, names)
+
+        def once(z: torch.Tensor) -> torch.Tensor:
+            out, feats = module_activations(victim, z, names)
             loss = self.base_term(victim, out, t)
-            if stats is not None:
-                loss = loss + self.lam * stats.hfc_term(feats, t, prefix)
-            total = loss if total is None else total + loss
-        return total / self.eot
+            return loss + self.lam * stats.hfc_term(feats, t, prefix) if stats is not None else loss
+
+        return self.expectation(once, x)
 
     # optimiser ---------------------------------------------------------------------------------------------
     def _alpha(self, eps: torch.Tensor) -> torch.Tensor:

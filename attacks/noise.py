@@ -21,6 +21,7 @@ class UniformNoise(Attack):
 
     tasks: ClassVar[frozenset[str]] = ALL_IMAGE_TASKS
     knowledge: ClassVar[str] = "none"
+    uses_eot: ClassVar[bool] = False
     supports_eps_batch: ClassVar[bool] = True
 
     def perturb(self, victim: Victim, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:

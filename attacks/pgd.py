@@ -90,8 +90,7 @@ class PGD(Attack):
     def objective(self, victim: Victim, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.loss_name == "default":
             return super().objective(victim, x, y)
-        total = sum(soft_dice_loss(victim(x), y) for _ in range(self.eot))
-        return total / self.eot
+        return self.expectation(lambda z: soft_dice_loss(victim(z), y), x)
 
     def _alpha(self, eps: torch.Tensor) -> torch.Tensor:
         if self.threat.step_size is not None:

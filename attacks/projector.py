@@ -89,8 +89,9 @@ class ProjectorOnly(LVLMAttack):
     def perturb(self, victim: Victim, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         core, transform = lvlm_core(victim)
         with torch.no_grad():
-            clean = core.visual_features(transform(x), None, self.layer)
-        return self.run_pgd(lambda z: feature_distance(core.visual_features(transform(z), None, self.layer), clean, self.distance), x, eps)
+            clean = self.expectation(lambda w: core.visual_features(transform(w), None, self.layer), x)  # E over the defence
+        return self.run_pgd(lambda z: self.expectation(
+            lambda w: feature_distance(core.visual_features(transform(w), None, self.layer), clean, self.distance), z), x, eps)
 
 
 class SurrogateTransfer(LVLMAttack):
@@ -104,6 +105,7 @@ class SurrogateTransfer(LVLMAttack):
     """
 
     knowledge: ClassVar[str] = "black-box"
+    uses_eot: ClassVar[bool] = False  # the victim (and its randomised defence) is never queried
 
     def __init__(self, *, surrogate: str | Victim | None = None, surrogate_loss: str = "lm", questions: str = "disjoint", **kw: Any) -> None:
         super().__init__(**kw)

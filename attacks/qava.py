@@ -82,8 +82,8 @@ class QAVA(LVLMAttack):
             return core.visual_features(transform(z), q, self.layer)
 
         with torch.no_grad():
-            clean = features(x)
-        return self.run_pgd(lambda z: feature_distance(features(z), clean, self.distance), x, eps)
+            clean = self.expectation(features, x)  # the clean reference, averaged over a randomised defence as well
+        return self.run_pgd(lambda z: self.expectation(lambda w: feature_distance(features(w), clean, self.distance), z), x, eps)
 
 
 @register_attack("qava.projector", norm="Linf", knowledge="white-box", tasks=("vqa",),

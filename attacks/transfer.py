@@ -33,6 +33,7 @@ class TransferPGD(PGD):
     """
 
     knowledge = "transfer"
+    uses_eot = False  # the victim (and its randomised defence) is never queried
 
     def __init__(self, *, surrogate: str, surrogate_weights: str | None = "auto",
                  surrogate_params: dict[str, Any] | None = None, **kw: Any) -> None:

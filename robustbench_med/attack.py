@@ -10,7 +10,7 @@ from __future__ import annotations
 import abc
 import hashlib
 from contextlib import contextmanager
-from typing import Any, ClassVar, Iterator
+from typing import Any, Callable, ClassVar, Iterator
 
 import torch
 
@@ -44,6 +44,9 @@ class Attack(abc.ABC):
 
     Class attributes:
         tasks: the victim tasks the attack supports.
+        uses_eot: whether the attack queries the attacked model at all. Every attack that does averages each of its
+            objective evaluations over ``eot`` passes (:meth:`expectation`); one that does not (noise, corruptions,
+            transfer from a surrogate) refuses ``eot > 1`` instead of ignoring it.
         knowledge: ``'white-box'``, ``'black-box'``, ``'transfer'`` or ``'none'``.
         supports_eps_batch: whether :meth:`perturb` accepts a different eps per sample (eps sweeps in one batch).
     """
@@ -53,6 +56,7 @@ class Attack(abc.ABC):
     supports_eps_batch: ClassVar[bool] = False
     default_norm: ClassVar[str] = "Linf"
     default_steps: ClassVar[int] = 1
+    uses_eot: ClassVar[bool] = True
     name: str = "attack"
 
     def __init__(
@@ -78,6 +82,9 @@ class Attack(abc.ABC):
         )
         if isinstance(eot, bool) or not isinstance(eot, int) or eot < 1:
             raise ConfigError(f"eot must be an integer >= 1, got {eot!r}")
+        if eot > 1 and not self.uses_eot:
+            raise ConfigError(f"{type(self).__name__} never queries the attacked model ({self.knowledge}), so eot={eot} "
+                              "would have nothing to average; leave eot at 1")
         self.seed = int(seed)
         self.eot = eot
 
@@ -121,9 +128,15 @@ class Attack(abc.ABC):
 
     def objective(self, victim: Victim, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Per-sample objective to maximise, averaged over ``eot`` forward passes (EOT for randomised victims)."""
-        total = victim.objective(x, y)
+        return self.expectation(lambda z: victim.objective(z, y), x)
+
+    def expectation(self, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """``fn(x)`` averaged over ``eot`` independent evaluations: Expectation over Transformation (Athalye et al.,
+        ICML 2018), so a randomised defence inside ``fn`` is sampled ``eot`` times per gradient. Every objective an
+        attack differentiates goes through here (or averages ``eot`` passes itself, as the torchattacks views do)."""
+        total = fn(x)
         for _ in range(self.eot - 1):
-            total = total + victim.objective(x, y)
+            total = total + fn(x)
         return total / self.eot
 
 

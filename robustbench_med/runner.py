@@ -375,9 +375,10 @@ class GridRunner:
             if not spec.applies_to(vspec.name, dspec.name, dspec.attack_through):
                 continue
             params = dict(spec.params)
-            if eot > 1 and "eot" not in params:
-                params["eot"] = eot
             attack = create_attack(spec.name, **params)
+            if eot > 1 and "eot" not in params and attack.uses_eot:  # noise / transfer never see the defence's draws
+                params["eot"] = eot
+                attack = create_attack(spec.name, **params)
             cell_id = short_hash(group_key, spec.key, eot)
             cell = {
                 "cell_id": cell_id, "grid": self.grid.name, "victim": vspec.name, "task": victim.task, "metric": victim.spec.metric,
