@@ -1,20 +1,33 @@
 """QAVA-style query-agnostic visual attack (unverified re-implementation).
 
 Zhang et al., "QAVA: Query-Agnostic Visual Attack to Large Vision-Language Models", NAACL 2025 (arXiv 2504.11038).
-The paper's loss, attacked feature and hyper-parameters are not publicly documented (``methods.md`` §1); this follows
-the reference sketch there and is labelled "QAVA-style (unverified)":
+
+**Verified** (abstract and dataset description, ``methods.md`` §1): the goal is an adversarial image that makes the
+model answer *unspecified, unknown* questions wrongly, with effectiveness "comparable to attacks on known target
+questions"; the evaluation is VQA v2 "m+n" (m images × n questions each; the release: 32 × 50).
+**Inferred, not verified** (the paper's loss, attacked feature, N and step settings are not in any source this project
+could read; the authors' code was not reviewable): the form below, from the reference sketch and the same authors'
+PIP code (L∞ PGD, random start, step ε/4, 20 steps):
 
     max_{‖δ‖∞ ≤ ε} (1/N) Σ_{q ∈ Q_r} d(F(x + δ, q), F(x, q))
 
-where Q_r holds N questions sampled (per image, seeded) from a pool *disjoint from the evaluation pool* (the "seen"
-pool when the victim evaluates on "unseen"), F is the question-conditioned projector output (Q-Former output for
-BLIP-2 / InstructBLIP, projected visual tokens for LLaVA; ``layer`` selects another one) and d a distance
-(``'l2'``, ``'cosine'`` or ``'l1'``). ``qava.lm`` maximises the LM loss of the reference answers of Q_r instead.
-Optimisation as in PIP (the same authors' earlier code): L∞ PGD, random start, step ε/4, 20 steps.
+with Q_r N questions sampled per image (seeded) from a pool *disjoint from the evaluation pool*, d a distance
+(``'l2'``, ``'cosine'`` or ``'l1'``) and F a **question-conditioned** representation of the image. Three variants:
+
+- ``qava.projector``: F = the Q-Former output under the instruction q. Only InstructBLIP's Q-Former reads the question;
+  on BLIP-2 and LLaVA this F does not depend on q, so the objective would be exactly ``projector.projector_only``'s,
+  and the attack refuses those victims (:class:`TaskNotSupportedError`, a skipped cell) instead of posing as QAVA.
+- ``qava.hidden`` (every family): F = the LM's last-layer hidden states at the prompt positions after the visual
+  tokens (:meth:`LVLMVictim.question_states`): in a causal LM the first states that depend on both image and question.
+- ``qava.lm``: the LM loss of the reference answers of Q_r (so it uses the answers to the sampled questions).
 
 The attack never sees an evaluation question: the sampled questions are checked against the victim's evaluation
 questions of every image and a :class:`~robustbench_med.errors.ConfigError` is raised on any overlap (the sampled
-set of the last call is kept in ``last_questions``).
+set of the last call is kept in ``last_questions``). The pools of the phantom's question bank hold other phrasings
+of the same question types as the evaluation questions, so with ``pool='auto'`` every variant is a
+*known-question-type* attack; ``pool='unrelated'`` draws from probe questions of other types
+(:data:`~robustbench_med.data.phantom.UNRELATED_QUESTIONS`), the protocol "QAVA from unrelated questions, scored on
+the evaluated types".
 """
 from __future__ import annotations
 
@@ -24,35 +37,59 @@ import torch
 
 from robustbench_med.attacks.lvlm_pgd import LVLMAttack, lvlm_core, only_questions
 from robustbench_med.attacks.projector import DISTANCES, disjoint_pool, feature_distance
-from robustbench_med.errors import ConfigError
+from robustbench_med.errors import ConfigError, TaskNotSupportedError
 from robustbench_med.registry import register_attack
 from robustbench_med.victim import Victim
-from robustbench_med.victims.lvlm.models import LAYERS, POOLS, pool_question_ids
+from robustbench_med.victims.lvlm.models import ATTACK_POOLS, LAYERS, pool_question_ids
+
+LOSSES = ("projector", "hidden", "lm")
+CONDITIONED = ("instructblip",)  # families whose projector reads the question
 
 
 class QAVA(LVLMAttack):
     """Query-agnostic attack (see the module docstring).
 
     Args:
-        loss: ``'projector'`` (feature disruption) or ``'lm'`` (LM loss of the sampled questions' answers).
+        loss: ``'projector'`` (the question-conditioned Q-Former output; InstructBLIP only), ``'hidden'`` (the LM's
+            hidden states at the question's positions; every family) or ``'lm'`` (LM loss of the sampled questions'
+            answers).
         n_questions: N, questions sampled per image (at most the pool size).
-        pool: ``'auto'`` (the pool disjoint from the victim's evaluation pool), ``'seen'`` or ``'unseen'``.
-        distance, layer: the feature distance and the layer of the ``'projector'`` loss.
+        pool: ``'auto'`` (the phrasing pool disjoint from the victim's evaluation pool: the evaluated question *types*
+            in other words), ``'seen'``, ``'unseen'`` or ``'unrelated'`` (probe questions about the organs, of no
+            evaluated type: the truly query-agnostic protocol; feature losses only, as they have no answers).
+        distance: the feature distance of the ``'projector'`` and ``'hidden'`` losses.
+        layer: the layer of the ``'projector'`` loss: ``'projector'`` or ``'lm_input'`` (``'vision'`` never sees the
+            question).
     """
 
     def __init__(self, *, loss: str = "projector", n_questions: int = 8, pool: str = "auto", distance: str = "l2",
                  layer: str = "projector", **kw: Any) -> None:
         super().__init__(**kw)
-        if loss not in ("projector", "lm"):
-            raise ConfigError(f"QAVA loss must be 'projector' or 'lm', got {loss!r}")
-        if pool != "auto" and pool not in POOLS:
-            raise ConfigError(f"pool must be 'auto' or one of {POOLS}, got {pool!r}")
+        if loss not in LOSSES:
+            raise ConfigError(f"QAVA loss must be one of {LOSSES}, got {loss!r}")
+        if pool != "auto" and pool not in ATTACK_POOLS:
+            raise ConfigError(f"pool must be 'auto' or one of {ATTACK_POOLS}, got {pool!r}")
+        if pool == "unrelated" and loss == "lm":
+            raise ConfigError("qava.lm needs the answers of its questions; the 'unrelated' pool has none "
+                              "(use qava.hidden or qava.projector with pool='unrelated')")
         if distance not in DISTANCES or layer not in LAYERS:
             raise ConfigError(f"distance must be one of {DISTANCES} and layer one of {LAYERS}")
+        if loss == "projector" and layer == "vision":
+            raise ConfigError("qava.projector at layer 'vision' would not see the question (the objective of "
+                              "projector.projector_only); use layer 'projector' or 'lm_input', or qava.hidden")
         if isinstance(n_questions, bool) or not isinstance(n_questions, int) or n_questions < 1:
             raise ConfigError(f"n_questions must be an integer >= 1, got {n_questions!r}")
         self.loss, self.n_questions, self.pool, self.distance, self.layer = loss, n_questions, pool, distance, layer
         self.last_questions: torch.Tensor | None = None
+
+    def check_task(self, victim: Victim) -> None:
+        super().check_task(victim)
+        if self.loss == "projector":
+            family = lvlm_core(victim)[0].family
+            if family not in CONDITIONED:
+                raise TaskNotSupportedError(
+                    f"qava.projector needs a projector that reads the question ({', '.join(CONDITIONED)}); {family}'s "
+                    "does not, so its objective would be projector.projector_only's: use qava.hidden")
 
     def sample_questions(self, victim: Victim, y: torch.Tensor) -> torch.Tensor:
         """N questions per image [B, N] from the attack pool, checked disjoint from the evaluation questions."""
@@ -75,26 +112,54 @@ class QAVA(LVLMAttack):
             y_known = only_questions(y, questions)
             return self.run_pgd(lambda z: self.objective(victim, z, y_known), x, eps)
         core, transform = lvlm_core(victim)
-        conditioned = core.family == "instructblip" and self.layer != "vision"
-        q = questions if conditioned else None  # BLIP-2 / LLaVA projector outputs do not depend on the question
+        if self.loss == "projector":
+            def distance(z: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
+                return feature_distance(core.visual_features(transform(z), questions, self.layer), clean, self.distance)
 
-        def features(z: torch.Tensor) -> torch.Tensor:
-            return core.visual_features(transform(z), q, self.layer)
+            with torch.no_grad():
+                clean = self.expectation(lambda w: core.visual_features(transform(w), questions, self.layer), x)
+        else:
+            def distance(z: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
+                states, weights = core.question_states(transform(z), questions)
+                return masked_distance(states, clean, weights, self.distance)
 
-        with torch.no_grad():
-            clean = self.expectation(features, x)  # the clean reference, averaged over a randomised defence as well
-        return self.run_pgd(lambda z: self.expectation(lambda w: feature_distance(features(w), clean, self.distance), z), x, eps)
+            with torch.no_grad():
+                clean = self.expectation(lambda w: core.question_states(transform(w), questions)[0], x)
+        return self.run_pgd(lambda z: self.expectation(lambda w: distance(w, clean), z), x, eps)
 
 
-@register_attack("qava.projector", norm="Linf", knowledge="white-box", tasks=("vqa",),
-                 paper="Zhang et al., QAVA, NAACL 2025 (QAVA-style, unverified)")
+def masked_distance(adv: torch.Tensor, clean: torch.Tensor, weights: torch.Tensor, distance: str) -> torch.Tensor:
+    """Per-image distance between hidden states [B, n, L, D] averaged over the positions with weight 1 ([B, n, L])
+    and the n questions: mean squared error (``'l2'``), mean absolute error (``'l1'``) or 1 − cosine similarity."""
+    if distance == "l2":
+        per_pos = (adv - clean).pow(2).mean(-1)
+    elif distance == "l1":
+        per_pos = (adv - clean).abs().mean(-1)
+    elif distance == "cosine":
+        per_pos = 1 - torch.nn.functional.cosine_similarity(adv, clean, dim=-1)
+    else:
+        raise ConfigError(f"distance must be one of {DISTANCES}, got {distance!r}")
+    return ((per_pos * weights).sum(-1) / weights.sum(-1).clamp_min(1)).mean(1)
+
+
+_PAPER = "Zhang et al., QAVA, NAACL 2025 (QAVA-style, unverified)"
+
+
+@register_attack("qava.projector", norm="Linf", knowledge="white-box", tasks=("vqa",), paper=_PAPER)
 def qava_projector(**kw: Any) -> QAVA:
-    """QAVA-style attack disrupting the question-conditioned projector output over sampled non-evaluation questions."""
+    """QAVA-style attack disrupting the question-conditioned Q-Former output over sampled non-evaluation questions
+    (InstructBLIP; other families refuse it)."""
     return QAVA(loss="projector", **kw)
 
 
-@register_attack("qava.lm", norm="Linf", knowledge="white-box", tasks=("vqa",),
-                 paper="Zhang et al., QAVA, NAACL 2025 (QAVA-style, unverified)")
+@register_attack("qava.hidden", norm="Linf", knowledge="white-box", tasks=("vqa",), paper=_PAPER)
+def qava_hidden(**kw: Any) -> QAVA:
+    """QAVA-style attack disrupting the LM's question-conditioned hidden states over sampled non-evaluation questions
+    (every family)."""
+    return QAVA(loss="hidden", **kw)
+
+
+@register_attack("qava.lm", norm="Linf", knowledge="white-box", tasks=("vqa",), paper=_PAPER)
 def qava_lm(**kw: Any) -> QAVA:
     """QAVA-style attack maximising the LM loss over sampled non-evaluation questions."""
     return QAVA(loss="lm", **kw)

@@ -13,7 +13,7 @@ from robustbench_med.weights import read_sidecar
 from robustbench_med.vqa import exact_match, normalize_answer, official_vqa_accuracy, soft_vqa_accuracy
 
 FAMILIES = ("blip2", "instructblip", "llava")
-ATTACKS = ("lvlm_pgd.question", "qava.projector", "qava.lm", "projector.whitebox", "projector.projector_only", "projector.transfer")
+ATTACKS = ("lvlm_pgd.question", "qava.projector", "qava.hidden", "qava.lm", "projector.whitebox", "projector.projector_only", "projector.transfer")
 EPS = 8 / 255
 
 
@@ -157,10 +157,11 @@ def test_qava_never_sees_evaluation_questions(phantom, monkeypatch):
     x, y = phantom[0][:4], phantom[1][:4]
     evaluation = victim.evaluation_questions(y)
     seen_targets, seen_questions = [], []
-    objective, features = victim.objective, victim.visual_features
+    objective, features, states = victim.objective, victim.visual_features, victim.question_states
     monkeypatch.setattr(victim, "objective", lambda z, t: seen_targets.append(t) or objective(z, t))
     monkeypatch.setattr(victim, "visual_features", lambda z, q=None, layer="projector": seen_questions.append(q) or features(z, q, layer))
-    for name in ("qava.lm", "qava.projector"):
+    monkeypatch.setattr(victim, "question_states", lambda z, q: seen_questions.append(q) or states(z, q))
+    for name in ("qava.lm", "qava.projector", "qava.hidden"):
         attack = rbm.create_attack(name, eps=EPS, steps=2, n_questions=5)
         attack(victim, x, y)
         assert attack.last_questions.shape == (4, 5)
@@ -186,7 +187,7 @@ def test_attacks_lower_the_accuracy_of_a_trained_victim(trained):
     assert len(x) >= 4
     clean = victim.score(x, y).mean()
     assert clean == 1.0
-    for name in ("lvlm_pgd.question", "qava.projector", "projector.whitebox"):
+    for name in ("lvlm_pgd.question", "qava.hidden", "projector.whitebox"):
         x_adv = rbm.create_attack(name, eps=16 / 255, steps=10)(victim, x, y)
         assert check_budget(x, x_adv, "Linf", 16 / 255).valid
         assert victim.score(x_adv, y).mean() < clean - 0.1, name
@@ -308,9 +309,103 @@ def test_claims_read_off_a_grid_store(tmp_path):
     from robustbench_med.victims.lvlm.claims import claims_from_store
 
     attacks = [{"name": n, "params": {"eps": "8/255", "steps": 1}} for n in ("lvlm_pgd.question", "qava.lm", "projector.projector_only")]
+    attacks.append({"name": "qava.hidden", "params": {"eps": "8/255", "steps": 1, "n_questions": 2, "pool": "unrelated"}})
     grid = parse_grid({"name": "claims-small", "n_examples": 3, "batch_size": 3, "attacks": attacks,
                        "victims": [{"name": "llava.tiny", "weights": None}]})
     rows = claims_from_store(run_grid(grid, tmp_path, progress=False))
     assert len(rows) == 1 and rows[0]["victim"] == "llava.tiny" and rows[0]["eps"] == 8.0
-    assert {"clean", "question_own", "question_others", "qava_lm", "projector_only_drop"} <= set(rows[0])
+    assert {"clean", "question_own", "question_others", "qava_lm", "qava_hidden_unrelated", "projector_only_drop"} <= set(rows[0])
     assert all(0 <= rows[0][k] <= 1 for k in ("clean", "question_own", "question_others", "qava_lm"))
+
+
+# -------------------------------------------------------------------------------- distinct objectives
+def _objectives(victim, x, y, monkeypatch):
+    """Each registered LVLM attack's objective on ``victim``, as a function of the image: the loss an LVLMAttack hands
+    its PGD (captured), and ``pgd.linf``'s EOT objective. Attacks that refuse the victim are left out."""
+    from robustbench_med.attacks.lvlm_pgd import LVLMAttack
+    from robustbench_med.errors import TaskNotSupportedError
+
+    captured = {}
+    monkeypatch.setattr(LVLMAttack, "run_pgd", lambda self, loss_fn, x0, eps: captured.setdefault("fn", loss_fn) is not None and x0)
+    out = {}
+    for name in rbm.list_attacks():
+        if name.startswith(("corruption.", "noise.", "transfer.", "projector.transfer", "lvlm_autoattack.")):
+            continue  # no objective on the victim (never queried), or AutoAttack's own losses on first-token logits
+        attack = rbm.create_attack(name, eps=EPS, steps=1)
+        if "vqa" not in attack.tasks:
+            continue
+        try:
+            attack.check_task(victim)
+        except TaskNotSupportedError:
+            continue
+        if isinstance(attack, LVLMAttack):
+            captured.clear()
+            attack(victim, x, y, seed=0)
+            out[name] = captured["fn"]
+        else:
+            out[name] = lambda z, a=attack: a.objective(victim, z, y)
+        out[name].norm = attack.threat.norm
+    return out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_no_two_attacks_optimise_the_same_objective(family, phantom, monkeypatch):
+    """Every pair of registered attacks with the same threat norm differs in its gradient at a common random point near
+    the image (an attack that silently optimised another's objective, as qava.projector did on BLIP-2 and LLaVA, fails
+    here; pgd.linf and pgd.l2 share the LM loss but not the threat model)."""
+    torch.manual_seed(0)
+    victim = rbm.create_victim(f"{family}.tiny", weights=None)
+    x, y = phantom[0][:2], phantom[1][:2]
+    objectives = _objectives(victim, x, y, monkeypatch)
+    assert {"qava.hidden", "qava.lm", "projector.projector_only"} <= set(objectives)
+    assert ("qava.projector" in objectives) == (family == "instructblip")
+    z = (x + (torch.rand(x.shape, generator=torch.Generator().manual_seed(3)) * 2 - 1) * EPS).clamp(0, 1)
+    grads = {}
+    for name, fn in objectives.items():
+        zz = z.clone().requires_grad_(True)
+        grads[name] = torch.autograd.grad(fn(zz).sum(), zz)[0].flatten()
+    names = sorted(grads)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            if objectives[a].norm != objectives[b].norm:
+                continue
+            cos = torch.nn.functional.cosine_similarity(grads[a], grads[b], dim=0)
+            assert cos < 0.999, f"{a} and {b} optimise the same objective on {family} (gradient cosine {cos:.4f})"
+
+
+def test_qava_hidden_states_depend_on_image_and_question(phantom):
+    torch.manual_seed(0)
+    victim = rbm.create_victim("blip2.tiny", weights=None)
+    x = phantom[0][:2]
+    states, weights = victim.question_states(x, torch.tensor([[0, 5], [0, 5]]))
+    assert states.shape[:2] == (2, 2) and weights.shape == states.shape[:3]
+    assert ((weights == 0) | (weights == 1)).all() and (weights.sum(-1) > 0).all()
+    on = weights[0, 0].bool() & weights[0, 1].bool()
+    assert not torch.allclose(states[0, 0][on], states[0, 1][on])  # another question, another state
+    assert not torch.allclose(states[0, 0][on], states[1, 0][on])  # another image, another state
+
+
+def test_unrelated_pool_is_of_other_types_and_answerless(phantom):
+    """The 'unrelated' pool: probe questions about the organs (no evaluated lesion type), every word known to the
+    tiny LVLMs, numbered after the bank, usable by the feature-loss QAVA variants and refused where answers are needed."""
+    from robustbench_med.data.phantom import QUESTIONS, UNRELATED_QUESTIONS
+    from robustbench_med.victims.lvlm.tokenizer import build_word_tokenizer
+
+    tok = build_word_tokenizer()
+    assert all(tok.unk_token_id not in tok(q).input_ids for q in UNRELATED_QUESTIONS)
+    assert not {q.lower() for q in UNRELATED_QUESTIONS} & {q.text.lower() for q in QUESTIONS}
+    assert all("lesion" not in q.lower() for q in UNRELATED_QUESTIONS)  # every evaluated type asks about the lesion
+    ids = pool_question_ids("unrelated")
+    assert ids == list(range(len(QUESTIONS), len(QUESTIONS) + len(UNRELATED_QUESTIONS)))
+    with pytest.raises(rbm.ConfigError, match="answers"):
+        rbm.create_attack("qava.lm", pool="unrelated")
+    with pytest.raises(rbm.ConfigError, match="eval_pool"):
+        rbm.create_victim("blip2.tiny", weights=None, eval_pool="unrelated")
+    torch.manual_seed(0)
+    victim = rbm.create_victim("instructblip.tiny", weights=None)
+    x, y = phantom[0][:2], phantom[1][:2]
+    attack = rbm.create_attack("qava.hidden", eps=EPS, steps=2, n_questions=4, pool="unrelated")
+    x_adv = attack(victim, x, y)
+    assert set(attack.last_questions.flatten().tolist()) <= set(ids) and check_budget(x, x_adv, "Linf", EPS).valid
+    with pytest.raises(rbm.ConfigError, match="no reference answers"):
+        victim.lm_loss(x, y, torch.tensor([[ids[0]], [ids[1]]]))

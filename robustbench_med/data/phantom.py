@@ -220,6 +220,15 @@ QUESTIONS: tuple[Question, ...] = tuple(
         for text in texts
     )
 )
+# Probe questions about the image that share no type with the bank's six (all about *the lesion*): they ask about the
+# organs. They have no reference answers (nothing is trained or scored on them) and use only words of the tiny LVLMs'
+# closed vocabulary. A query-agnostic attack built from them never sees a question of an evaluated type
+# (``pool='unrelated'`` of the QAVA attacks).
+UNRELATED_QUESTIONS: tuple[str, ...] = (
+    "Is there a liver?", "Is the liver visible?", "How large is the liver?", "Where is the liver located?",
+    "Which part of the image contains the liver?", "Describe the liver size.", "Can you see the kidney?",
+    "Is the kidney small or large?", "Where can the kidney be found?", "Which organ is in the upper part of the image?",
+)
 ANSWERS: tuple[str, ...] = ("no", "yes", "0", "1", "2", "upper", "lower", "none", "liver", "kidney", "small", "large",
                             "cyst", "tumour")
 _ANSWER_ID = {a: i for i, a in enumerate(ANSWERS)}

@@ -28,12 +28,19 @@ from robustbench_med.threat import check_budget, parse_eps
 ATTACKS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("lvlm_pgd.question", {}),
     ("qava.projector", {"n_questions": 8}),
+    ("qava.hidden", {"n_questions": 8}),
+    ("qava.hidden", {"n_questions": 8, "pool": "unrelated"}),
     ("qava.lm", {"n_questions": 8}),
     ("projector.projector_only", {}),
     ("projector.whitebox", {}),
     ("projector.transfer", {}),
 )
 KEYS = ("vqa_accuracy", "vqa_accuracy_first", "vqa_accuracy_others", "first_token_accuracy")
+
+
+def _label(name: str, params: Any) -> str:
+    """An attack's row label: its name, with ``@unrelated`` when its questions come from the unrelated pool."""
+    return f"{name}@unrelated" if isinstance(params, dict) and params.get("pool") == "unrelated" else name
 
 
 def _means(scores: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -53,10 +60,16 @@ def run_claims(families: tuple[str, ...] = ("blip2", "instructblip", "llava"), n
         rows.append({"victim": victim.card.name, "attack": "clean", **_means(victim.evaluate(x, y))})
         for name, params in ATTACKS:
             start = time.perf_counter()
-            x_adv = rbm.create_attack(name, eps=eps, steps=steps, seed=seed, **params)(victim, x, y)
+            attack = rbm.create_attack(name, eps=eps, steps=steps, seed=seed, **params)
+            try:
+                attack.check_task(victim)
+            except rbm.TaskNotSupportedError as e:  # qava.projector on a projector that never reads the question
+                rows.append({"victim": victim.card.name, "attack": _label(name, params), "skipped": str(e)})
+                continue
+            x_adv = attack(victim, x, y)
             if not check_budget(x, x_adv, "Linf", eps).valid:
                 raise rbm.BudgetViolationError(f"{name} on {fam} left the threat model")
-            rows.append({"victim": victim.card.name, "attack": name, **_means(victim.evaluate(x_adv, y)),
+            rows.append({"victim": victim.card.name, "attack": _label(name, params), **_means(victim.evaluate(x_adv, y)),
                          "seconds": round(time.perf_counter() - start, 1)})
     return rows
 
@@ -65,7 +78,8 @@ def claims_from_store(store: Any) -> list[dict[str, Any]]:
     """The two claims per VQA victim and eps, from a store of the ``lvlm`` grid (identity.none cells):
 
     ``question_own`` / ``question_others``: question PGD's accuracy on its own (first) question / the other evaluation
-    questions; ``qava_projector`` / ``qava_lm``: QAVA's accuracy on the (unseen) evaluation questions;
+    questions; ``qava_projector`` / ``qava_hidden`` / ``qava_lm``: QAVA's accuracy on the (unseen) evaluation questions
+    (``qava_hidden_unrelated``: qava.hidden from the unrelated pool, of no evaluated type);
     ``projector_only_drop``: clean − robust accuracy under the projector-only attack.
     """
     from robustbench_med.leaderboard import summarize
@@ -74,13 +88,15 @@ def claims_from_store(store: Any) -> list[dict[str, Any]]:
     df = df[(df.task == "vqa") & (df.defense == "identity.none") & (df.status == "done")]
     rows = []
     for (victim, eps), g in df.groupby(["victim", "eps"]):
-        by = {a: r for a, r in zip(g.attack, g.itertuples())}
+        by = {_label(a, p if isinstance(p, dict) else json.loads(p) if isinstance(p, str) and p else {}): r
+              for a, p, r in zip(g.attack, g.attack_params, g.itertuples())}
         if "lvlm_pgd.question" not in by:
             continue
         q = by["lvlm_pgd.question"]
         row = {"victim": victim, "eps": round(float(eps) * 255, 3), "clean": round(float(q.clean), 4),
                "question_own": round(float(q.robust_vqa_accuracy_first), 4), "question_others": round(float(q.robust_vqa_accuracy_others), 4)}
-        for name, key in (("qava.projector", "qava_projector"), ("qava.lm", "qava_lm")):
+        for name, key in (("qava.projector", "qava_projector"), ("qava.hidden", "qava_hidden"),
+                          ("qava.hidden@unrelated", "qava_hidden_unrelated"), ("qava.lm", "qava_lm")):
             if name in by:
                 row[key] = round(float(by[name].robust), 4)
         if "projector.projector_only" in by:

@@ -39,7 +39,8 @@ from robustbench_med.victims.lvlm.templates import TEMPLATES
 from robustbench_med.vqa import normalize_answer
 
 FAMILIES = ("blip2", "instructblip", "llava")
-POOLS = ("seen", "unseen")
+POOLS = ("seen", "unseen")  # phrasings of the six evaluated question types (both have answers)
+ATTACK_POOLS = (*POOLS, "unrelated")  # + probe questions of other types, without answers (attack side only)
 IGNORE = -1
 LAYERS = ("vision", "projector", "lm_input")
 
@@ -52,10 +53,21 @@ def vqa_bank() -> tuple[tuple[Any, ...], tuple[str, ...]]:
 
 
 def pool_question_ids(pool: str) -> list[int]:
-    """Ids of the bank's questions in ``pool`` ('seen' / 'unseen')."""
-    if pool not in POOLS:
-        raise ConfigError(f"question pool must be one of {POOLS}, got {pool!r}")
-    return [q.id for q in vqa_bank()[0] if q.pool == pool]
+    """Ids of the questions in ``pool``: the bank's 'seen' / 'unseen' phrasings, or the 'unrelated' probe questions
+    (:data:`~robustbench_med.data.phantom.UNRELATED_QUESTIONS`, numbered after the bank)."""
+    if pool not in ATTACK_POOLS:
+        raise ConfigError(f"question pool must be one of {ATTACK_POOLS}, got {pool!r}")
+    bank = vqa_bank()[0]
+    if pool == "unrelated":
+        return list(range(len(bank), len(bank) + len(unrelated_questions())))
+    return [q.id for q in bank if q.pool == pool]
+
+
+def unrelated_questions() -> tuple[str, ...]:
+    """The probe questions of the 'unrelated' pool (no answers; see the phantom module)."""
+    from robustbench_med.data.phantom import UNRELATED_QUESTIONS
+
+    return UNRELATED_QUESTIONS
 
 
 def _left_pad(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,6 +144,8 @@ class LVLMVictim(Victim):
     # ----------------------------------------------------------------------------------------------- set-up
     def _set_eval_protocol(self, n_eval: int, pool: str, questions: Sequence[int] | None, seed: int) -> None:
         bank = vqa_bank()[0]
+        if pool not in POOLS:
+            raise ConfigError(f"eval_pool must be one of {POOLS} (questions with answers), got {pool!r}")
         if questions is not None:
             questions = tuple(int(q) for q in questions)
             if not questions or any(q < 0 or q >= len(bank) for q in questions):
@@ -176,8 +190,8 @@ class LVLMVictim(Victim):
         self.eos_id = tok.eos_token_id
         prompts = [self._prompt_tokens(q.text) for q in questions]
         answer_tokens = [self._answer_tokens(a) for a in answers]
-        ids, mask = _left_pad(prompts, self.pad_id)
-        self.register_buffer("_prompt_ids", ids, persistent=False)
+        ids, mask = _left_pad(prompts + [self._prompt_tokens(t) for t in unrelated_questions()], self.pad_id)
+        self.register_buffer("_prompt_ids", ids, persistent=False)  # the bank, then the unrelated probe questions
         self.register_buffer("_prompt_mask", mask, persistent=False)
         full = [p + a for p in prompts for a in answer_tokens]
         labels = [[-100] * len(p) + a for p in prompts for a in answer_tokens]
@@ -194,7 +208,8 @@ class LVLMVictim(Victim):
             qtok = self.processor.qformer_tokenizer
             qpad = qtok.pad_token_id if qtok.pad_token_id is not None else 0
             # one row per question, then the empty instruction (used when no question is given)
-            qf = [list(qtok(self.template.render(q.text)).input_ids) for q in questions] + [list(qtok("").input_ids)]
+            texts = [q.text for q in questions] + list(unrelated_questions())
+            qf = [list(qtok(self.template.render(t)).input_ids) for t in texts] + [list(qtok("").input_ids)]
             width = max(len(r) for r in qf)
             qids = torch.tensor([r + [qpad] * (width - len(r)) for r in qf])
             qmask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in qf])
@@ -240,7 +255,8 @@ class LVLMVictim(Victim):
             q = q.view(1, -1).expand(batch, -1)
         elif q.dim() == 1:
             q = q.view(-1, 1)
-        if q.dim() != 2 or q.shape[0] != batch or (q >= len(vqa_bank()[0])).any() or (q < IGNORE).any():
+        n_ids = len(vqa_bank()[0]) + len(unrelated_questions())
+        if q.dim() != 2 or q.shape[0] != batch or (q >= n_ids).any() or (q < IGNORE).any():
             raise ConfigError(f"question_ids must be ids [B, n] (or a list for all images), got shape {tuple(q.shape)}")
         return q
 
@@ -308,19 +324,42 @@ class LVLMVictim(Victim):
         return self.visual_features(z, None, "lm_input")
 
     # -------------------------------------------------------------------------------------------- LM side
-    def _lm_logits(self, tokens: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, keep: int) -> torch.Tensor:
-        """Logits [N, keep, V] of the last ``keep`` positions, the visual tokens scattered into the placeholders."""
+    def _lm_forward(self, tokens: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, **kw: Any) -> Any:
+        """The LM's output on ``ids`` with the visual ``tokens`` scattered into the image placeholders."""
         embeds = self.model.get_input_embeddings()(ids)
         slots = (ids == self.image_token_id).unsqueeze(-1)
         embeds = embeds.masked_scatter(slots, tokens.to(embeds.dtype))
         pos = (mask.cumsum(-1) - 1).clamp_min(0)
         lm = self.model if self.family == "llava" else self.model.language_model
-        return lm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, logits_to_keep=keep).logits
+        return lm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, **kw)
+
+    def _lm_logits(self, tokens: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, keep: int) -> torch.Tensor:
+        """Logits [N, keep, V] of the last ``keep`` positions, the visual tokens scattered into the placeholders."""
+        return self._lm_forward(tokens, ids, mask, logits_to_keep=keep).logits
+
+    def question_states(self, x: torch.Tensor, question_ids: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """The LM's last-layer hidden states of each image under each of its questions, at the prompt positions after
+        the visual tokens: ``(states [B, n, L, D], weights [B, n, L])`` for question ids [B, n], the weights 1 at those
+        positions and 0 elsewhere (padding, the visual tokens, text before them). In a causal LM these are the first
+        positions whose state depends on both the image and the question, so they are a question-conditioned
+        representation of the image for every family, including those whose projector never reads the question
+        (BLIP-2, LLaVA). Used by ``qava.hidden``."""
+        q = self._question_matrix(question_ids, len(x), x.device).clamp_min(0)
+        b, n = q.shape
+        rows, qids = torch.arange(b, device=x.device).repeat_interleave(n), q.flatten()
+        mask, ids = _trim_left(self._prompt_mask[qids], self._prompt_ids[qids])
+        out = self._lm_forward(self._visual(x, rows, qids, "lm_input"), ids, mask, output_hidden_states=True, logits_to_keep=1)
+        states = out.hidden_states[-1]
+        image = ids == self.image_token_id
+        after = (image.long().cumsum(-1) >= self.n_visual_tokens) & ~image & mask.bool()
+        return states.view(b, n, *states.shape[1:]), after.to(states.dtype).view(b, n, -1)
 
     def _flat(self, x: torch.Tensor, y: torch.Tensor | None, question_ids: Any) -> tuple[torch.Tensor, ...]:
         q = self._question_matrix(question_ids, len(x), x.device)
         valid = q >= 0
         answers = None
+        if y is not None and (q >= y.shape[1]).any():
+            raise ConfigError("the 'unrelated' probe questions have no reference answers: they cannot enter an LM loss")
         if y is not None:
             answers = self._check_target(y).to(x.device).gather(1, q.clamp_min(0))
             valid = valid & (answers >= 0)
