@@ -31,16 +31,22 @@ DISTANCES = ("l2", "cosine", "l1")
 QUESTION_SETS = ("disjoint", "all", "seen", "unseen")
 
 
-def feature_distance(adv: torch.Tensor, clean: torch.Tensor, distance: str) -> torch.Tensor:
+def feature_distance(adv: torch.Tensor, clean: torch.Tensor, distance: str, weights: torch.Tensor | None = None) -> torch.Tensor:
     """Per-sample distance between feature tensors [B, ..., D]: mean squared error (``'l2'``), mean absolute error
-    (``'l1'``) or mean (1 − cosine similarity) over the tokens (``'cosine'``)."""
+    (``'l1'``) or mean (1 − cosine similarity) over the tokens (``'cosine'``). With ``weights`` (0/1 per token, the
+    shape of the features without D, e.g. [B, n, L]) the mean runs over the weighted tokens of each row of the last
+    token axis, then over the rows (e.g. the hidden states of n questions, each at its own positions)."""
     if distance == "l2":
-        return (adv - clean).pow(2).flatten(1).mean(1)
-    if distance == "l1":
-        return (adv - clean).abs().flatten(1).mean(1)
-    if distance == "cosine":
-        return (1 - torch.nn.functional.cosine_similarity(adv, clean, dim=-1)).flatten(1).mean(1)
-    raise ConfigError(f"distance must be one of {DISTANCES}, got {distance!r}")
+        per_token = (adv - clean).pow(2).mean(-1)
+    elif distance == "l1":
+        per_token = (adv - clean).abs().mean(-1)
+    elif distance == "cosine":
+        per_token = 1 - torch.nn.functional.cosine_similarity(adv, clean, dim=-1)
+    else:
+        raise ConfigError(f"distance must be one of {DISTANCES}, got {distance!r}")
+    if weights is None:
+        return per_token.flatten(1).mean(1)
+    return ((per_token * weights).sum(-1) / weights.sum(-1).clamp_min(1)).flatten(1).mean(1)
 
 
 def disjoint_pool(victim: Victim) -> str:

@@ -112,34 +112,19 @@ class QAVA(LVLMAttack):
             y_known = only_questions(y, questions)
             return self.run_pgd(lambda z: self.objective(victim, z, y_known), x, eps)
         core, transform = lvlm_core(victim)
-        if self.loss == "projector":
-            def distance(z: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
-                return feature_distance(core.visual_features(transform(z), questions, self.layer), clean, self.distance)
 
-            with torch.no_grad():
-                clean = self.expectation(lambda w: core.visual_features(transform(w), questions, self.layer), x)
-        else:
-            def distance(z: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
-                states, weights = core.question_states(transform(z), questions)
-                return masked_distance(states, clean, weights, self.distance)
+        def features(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+            if self.loss == "projector":
+                return core.visual_features(transform(z), questions, self.layer), None
+            return core.question_states(transform(z), questions)  # states and their 0/1 position weights
 
-            with torch.no_grad():
-                clean = self.expectation(lambda w: core.question_states(transform(w), questions)[0], x)
-        return self.run_pgd(lambda z: self.expectation(lambda w: distance(w, clean), z), x, eps)
+        def distance(z: torch.Tensor) -> torch.Tensor:
+            feats, weights = features(z)
+            return feature_distance(feats, clean, self.distance, weights)
 
-
-def masked_distance(adv: torch.Tensor, clean: torch.Tensor, weights: torch.Tensor, distance: str) -> torch.Tensor:
-    """Per-image distance between hidden states [B, n, L, D] averaged over the positions with weight 1 ([B, n, L])
-    and the n questions: mean squared error (``'l2'``), mean absolute error (``'l1'``) or 1 − cosine similarity."""
-    if distance == "l2":
-        per_pos = (adv - clean).pow(2).mean(-1)
-    elif distance == "l1":
-        per_pos = (adv - clean).abs().mean(-1)
-    elif distance == "cosine":
-        per_pos = 1 - torch.nn.functional.cosine_similarity(adv, clean, dim=-1)
-    else:
-        raise ConfigError(f"distance must be one of {DISTANCES}, got {distance!r}")
-    return ((per_pos * weights).sum(-1) / weights.sum(-1).clamp_min(1)).mean(1)
+        with torch.no_grad():
+            clean = self.expectation(lambda w: features(w)[0], x)  # the clean reference, over a randomised defence too
+        return self.run_pgd(lambda z: self.expectation(distance, z), x, eps)
 
 
 _PAPER = "Zhang et al., QAVA, NAACL 2025 (QAVA-style, unverified)"

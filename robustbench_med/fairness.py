@@ -606,7 +606,7 @@ def split_group_summary(victim: Any, data: Any, attribute: str = "sex", n: int |
             rows = idx[i : i + batch_size]
             x = data.images(rows).to(victim.device)
             y = data.targets(target_field, rows).to(victim.device)
-            scores.append(next(iter(victim.metrics(victim(x), y).values())).float().cpu())
+            scores.append(victim.metrics(victim(x), y)[victim.spec.metric].float().cpu())
     s = torch.cat(scores).numpy().astype(float)
     groups = {str(g): float(s[labels == g].mean()) for g in sorted(set(labels))}
     return {"overall": float(s.mean()), "groups": groups, "gap": float(max(groups.values()) - min(groups.values())),

@@ -213,12 +213,13 @@ def cached_build(cache: Path, n: int, build: Callable[[], Any]) -> Any:
     return load_from_disk(str(cache))
 
 
-def phantom_config(seed: int = 0, size: int = 64, **overrides: Any) -> P.PhantomConfig:
-    """A :class:`~robustbench_med.data.phantom.PhantomConfig`; bad settings raise :class:`ConfigError`."""
+def phantom_config(seed: int = 0, size: int = 64, *, dataset: str = "phantom.ct", **overrides: Any) -> P.PhantomConfig:
+    """A :class:`~robustbench_med.data.phantom.PhantomConfig`; bad settings raise :class:`ConfigError` naming
+    ``dataset``."""
     try:
         return P.PhantomConfig(size=size, seed=seed, **overrides)
     except (TypeError, ValueError) as e:
-        raise ConfigError(f"phantom.ct: bad setting: {e}") from None
+        raise ConfigError(f"{dataset}: bad setting: {e}") from None
 
 
 def _phantom(name: str, split: str, n: int | None, config: P.PhantomConfig,
@@ -252,12 +253,15 @@ def phantom_ct(split: str = "test", n: int | None = None, seed: int = 0, size: i
 
 
 def shortcut_config(seed: int = 0, size: int = 64, train_unannotated_f: float = 1.0, cue_amplitude: float = 0.05,
-                    cue_period: float = 4.0, **overrides: Any) -> P.PhantomConfig:
+                    cue_period: float = 4.0, *, dataset: str = "phantom.shortcut", **overrides: Any) -> P.PhantomConfig:
     """The shortcut scenario's :class:`PhantomConfig`: sex-neutral anatomy (:meth:`Disparity.sex_neutral`) and the
     sex cue; in the train split, F patients' lesions go unannotated with probability ``train_unannotated_f``."""
-    shortcut = P.Shortcut(cue_amplitude, cue_period, {"F": float(train_unannotated_f), "M": 0.0})
+    try:
+        shortcut = P.Shortcut(cue_amplitude, cue_period, {"F": float(train_unannotated_f), "M": 0.0})
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{dataset}: bad setting: {e}") from None
     overrides.setdefault("disparity", P.Disparity.sex_neutral())
-    return phantom_config(seed, size, shortcut=shortcut, **overrides)
+    return phantom_config(seed, size, dataset=dataset, shortcut=shortcut, **overrides)
 
 
 @register_dataset("phantom.shortcut", task="all",
@@ -274,11 +278,7 @@ def phantom_shortcut(split: str = "test", n: int | None = None, seed: int = 0, s
 
 def _shortcut(name: str, split: str, n: int | None, seed: int, size: int, cache_dir: Any, train_unannotated_f: float,
               overrides: dict[str, Any]) -> MedicalDataset:
-    try:
-        config = shortcut_config(seed, size, train_unannotated_f, **overrides)
-    except (TypeError, ValueError, ConfigError) as e:
-        raise ConfigError(f"{name}: bad setting: {str(e).removeprefix('phantom.ct: bad setting: ')}") from None
-    return _phantom(name, split, n, config, cache_dir)
+    return _phantom(name, split, n, shortcut_config(seed, size, train_unannotated_f, dataset=name, **overrides), cache_dir)
 
 
 @register_dataset("phantom.shortcut_balanced", task="all",
