@@ -329,6 +329,7 @@ class Corruption(Attack):
 
     tasks: ClassVar[frozenset[str]] = ALL_IMAGE_TASKS
     knowledge: ClassVar[str] = "none"
+    sample_independent: ClassVar[bool] = True  # each image's draws are seeded by its own bytes
     uses_eot: ClassVar[bool] = False
     supports_eps_batch: ClassVar[bool] = True
     default_norm: ClassVar[str] = CORRUPTION

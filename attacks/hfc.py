@@ -68,6 +68,7 @@ class HFCAttack(Attack):
 
     tasks: ClassVar[frozenset[str]] = frozenset({"binary", "classification"})
     supports_eps_batch: ClassVar[bool] = True
+    sample_independent: ClassVar[bool] = True  # per-sample targets, losses, normalised momentum and starts
     default_steps: ClassVar[int] = 20
     base_loss: ClassVar[str] = "ce"
     default_momentum: ClassVar[float] = 0.0
@@ -195,7 +196,7 @@ class HFCAttack(Attack):
         stats = self.statistics(victim) if self.lam > 0 else None
         t = self.target_labels(victim, x, y)
         alpha = _view(self._alpha(eps), x)
-        x_adv = random_start(x, eps, "Linf") if self.starts_random else x.clone()
+        x_adv = random_start(x, eps, "Linf", self.rng) if self.starts_random else x.clone()
         g = torch.zeros_like(x)
         for _ in range(self.threat.steps):
             x_adv.requires_grad_(True)

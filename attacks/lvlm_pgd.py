@@ -19,7 +19,7 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import nn
 
-from robustbench_med.attack import Attack
+from robustbench_med.attack import Attack, SampleRNG
 from robustbench_med.attacks.pgd import _view, project, random_start
 from robustbench_med.errors import ConfigError, TaskNotSupportedError
 from robustbench_med.registry import register_attack
@@ -59,10 +59,11 @@ def only_questions(y: torch.Tensor, question_ids: torch.Tensor) -> torch.Tensor:
 
 
 def linf_pgd(loss_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, eps: torch.Tensor, steps: int,
-             step_size: torch.Tensor, start: bool = True) -> torch.Tensor:
-    """L∞ PGD ascent on a per-sample ``loss_fn`` from a uniform random start (Madry et al., ICLR 2018); the iterate
-    is projected onto the ε-ball around ``x`` and onto [0, 1] after every step."""
-    x_adv = random_start(x, eps, "Linf") if start else x.clone()
+             step_size: torch.Tensor, rng: SampleRNG | None = None) -> torch.Tensor:
+    """L∞ PGD ascent on a per-sample ``loss_fn`` from a uniform random start drawn from ``rng`` (None: start at
+    ``x``; Madry et al., ICLR 2018); the iterate is projected onto the ε-ball around ``x`` and onto [0, 1] after
+    every step."""
+    x_adv = random_start(x, eps, "Linf", rng) if rng is not None else x.clone()
     alpha = _view(step_size, x)
     for _ in range(steps):
         x_adv.requires_grad_(True)
@@ -88,7 +89,7 @@ class LVLMAttack(Attack):
         return torch.full_like(eps, self.threat.step_size) if self.threat.step_size is not None else eps / 4
 
     def run_pgd(self, loss_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        return linf_pgd(loss_fn, x, eps, self.threat.steps, self.step_size(eps), self.random_start)
+        return linf_pgd(loss_fn, x, eps, self.threat.steps, self.step_size(eps), self.rng if self.random_start else None)
 
 
 class QuestionPGD(LVLMAttack):

@@ -23,12 +23,13 @@ class UniformNoise(Attack):
     knowledge: ClassVar[str] = "none"
     uses_eot: ClassVar[bool] = False
     supports_eps_batch: ClassVar[bool] = True
+    sample_independent: ClassVar[bool] = True
 
     def perturb(self, victim: Victim, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         if self.threat.norm == "Linf":
-            delta = (torch.rand_like(x) * 2 - 1) * _view(eps, x)
+            delta = (self.rng.rand_like(x) * 2 - 1) * _view(eps, x)
         else:
-            delta = l2_normalize(torch.randn_like(x)) * _view(eps, x)
+            delta = l2_normalize(self.rng.randn_like(x)) * _view(eps, x)
         return project(x, x + delta, eps, self.threat.norm)
 
 

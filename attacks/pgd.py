@@ -11,7 +11,7 @@ from typing import ClassVar
 
 import torch
 
-from robustbench_med.attack import Attack
+from robustbench_med.attack import Attack, SampleRNG
 from robustbench_med.errors import ConfigError
 from robustbench_med.registry import register_attack
 from robustbench_med.tasks import soft_dice_loss
@@ -53,13 +53,14 @@ def project(x: torch.Tensor, x_adv: torch.Tensor, eps: torch.Tensor, norm: str) 
     return (x + delta).clamp(0, 1)
 
 
-def random_start(x: torch.Tensor, eps: torch.Tensor, norm: str) -> torch.Tensor:
-    """A uniform random point of the ``norm`` ball (L∞: uniform per pixel; L2: uniform direction and radius)."""
+def random_start(x: torch.Tensor, eps: torch.Tensor, norm: str, rng: SampleRNG) -> torch.Tensor:
+    """A uniform random point of the ``norm`` ball (L∞: uniform per pixel; L2: uniform direction and radius), each
+    sample drawn from its own stream of ``rng`` (so the start does not depend on the batch it is in)."""
     if norm == "Linf":
-        delta = (torch.rand_like(x) * 2 - 1) * _view(eps, x)
+        delta = (rng.rand_like(x) * 2 - 1) * _view(eps, x)
     else:
-        direction = l2_normalize(torch.randn_like(x))
-        radius = torch.rand(len(x), device=x.device, dtype=x.dtype) ** (1.0 / x[0].numel()) * eps
+        direction = l2_normalize(rng.randn_like(x))
+        radius = rng.rand(x) ** (1.0 / x[0].numel()) * eps
         delta = direction * _view(radius, x)
     return (x + delta).clamp(0, 1)
 
@@ -76,6 +77,7 @@ class PGD(Attack):
 
     tasks: ClassVar[frozenset[str]] = ALL_IMAGE_TASKS
     supports_eps_batch: ClassVar[bool] = True
+    sample_independent: ClassVar[bool] = True  # per-sample starts, steps and restart choices
     default_steps: ClassVar[int] = 10
 
     def __init__(self, *, loss: str = "default", random_start: bool = True, **kw) -> None:
@@ -100,7 +102,7 @@ class PGD(Attack):
     def _run(self, victim: Victim, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         norm, sign = self.threat.norm, (-1.0 if self.threat.targeted else 1.0)
         alpha = _view(self._alpha(eps), x)
-        x_adv = random_start(x, eps, norm) if self.random_start else x.clone()
+        x_adv = random_start(x, eps, norm, self.rng) if self.random_start else x.clone()
         for _ in range(self.threat.steps):
             x_adv.requires_grad_(True)
             loss = self.objective(victim, x_adv, y).sum() * sign

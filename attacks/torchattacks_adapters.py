@@ -82,6 +82,8 @@ class TorchattacksAttack(Attack):
 class FGSM(TorchattacksAttack):
     """Fast Gradient Sign Method (Goodfellow et al., ICLR 2015), one L∞ step of size eps."""
 
+    sample_independent: ClassVar[bool] = True  # one signed gradient step, no randomness
+
     def build(self, model, victim, eps):
         return _torchattacks().FGSM(model, eps=eps)
 

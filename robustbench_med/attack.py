@@ -10,7 +10,7 @@ from __future__ import annotations
 import abc
 import hashlib
 from contextlib import contextmanager
-from typing import Any, Callable, ClassVar, Iterator
+from typing import Any, Callable, ClassVar, Iterator, Sequence
 
 import torch
 
@@ -34,6 +34,48 @@ def seeded(seed: int, device: torch.device | None = None) -> Iterator[None]:
         yield
 
 
+class SampleRNG:
+    """One random stream per sample: ``seeds[i]`` seeds a generator that only sample ``i``'s draws use.
+
+    An attack that draws its randomness here (random starts, noise) gives every sample the same draws whether it is
+    attacked alone, in a batch of 8 or of 256, or in another shard: results do not depend on how the work was split
+    (issue #21). Each ``*_like`` call draws one tensor per sample, in sample order, from that sample's stream.
+    """
+
+    def __init__(self, seeds: Sequence[int], device: torch.device | str = "cpu") -> None:
+        self.seeds = [int(s) for s in seeds]
+        self.device = torch.device(device)
+        self._gens = [torch.Generator(device=self.device).manual_seed(s) for s in self.seeds]
+
+    def __len__(self) -> int:
+        return len(self.seeds)
+
+    def _draw(self, fn: Callable[..., torch.Tensor], like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        if len(like) != len(self._gens):
+            raise ValueError(f"{len(self._gens)} sample streams for a batch of {len(like)}")
+        if not self._gens:
+            return like.new_empty((0, *shape))
+        return torch.stack([fn(shape, generator=g, device=self.device, dtype=like.dtype) for g in self._gens]).to(like.device)
+
+    def rand_like(self, x: torch.Tensor) -> torch.Tensor:
+        """Uniform [0, 1) of ``x``'s shape, each sample from its own stream."""
+        return self._draw(torch.rand, x, tuple(x.shape[1:]))
+
+    def randn_like(self, x: torch.Tensor) -> torch.Tensor:
+        """Standard normal of ``x``'s shape, each sample from its own stream."""
+        return self._draw(torch.randn, x, tuple(x.shape[1:]))
+
+    def rand(self, like: torch.Tensor) -> torch.Tensor:
+        """One uniform [0, 1) number per sample, shape ``[n]``."""
+        return self._draw(torch.rand, like, ()).reshape(len(like))
+
+
+def sample_seeds(seed: int, n: int) -> list[int]:
+    """Per-sample seeds for a direct call ``attack(victim, x, y, seed=s)``: sample ``i`` of the batch gets
+    ``derive_seed(s, 'sample', i)`` (the harness passes seeds derived from each sample's index in the dataset)."""
+    return [derive_seed(seed, "sample", i) for i in range(n)]
+
+
 class Attack(abc.ABC):
     """Base class of all attacks.
 
@@ -49,6 +91,11 @@ class Attack(abc.ABC):
             transfer from a surrogate) refuses ``eot > 1`` instead of ignoring it.
         knowledge: ``'white-box'``, ``'black-box'``, ``'transfer'`` or ``'none'``.
         supports_eps_batch: whether :meth:`perturb` accepts a different eps per sample (eps sweeps in one batch).
+        sample_independent: whether each sample's result depends only on that sample, its eps and its seed: every
+            random draw comes from :attr:`rng` (one stream per sample) and nothing couples the samples of a batch
+            (no batch-level random choices, no shared step-size schedule, no sub-batch selection). The harness may
+            split such an attack's batch to fit memory without changing what it computes; an attack that is not
+            (torchattacks' APGD / Square / AutoAttack, the LVLM attacks) always sees whole units.
     """
 
     tasks: ClassVar[frozenset[str]] = frozenset()
@@ -57,6 +104,7 @@ class Attack(abc.ABC):
     default_norm: ClassVar[str] = "Linf"
     default_steps: ClassVar[int] = 1
     uses_eot: ClassVar[bool] = True
+    sample_independent: ClassVar[bool] = False
     name: str = "attack"
 
     def __init__(
@@ -97,14 +145,26 @@ class Attack(abc.ABC):
                 f"{self.name} supports tasks {sorted(self.tasks)}, not {victim.task!r} (victim {victim.card.name})"
             )
 
-    def __call__(self, victim: Victim, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor | None = None, seed: int | None = None) -> torch.Tensor:
-        """Adversarial examples for ``(x, y)``. ``eps`` optionally gives one radius per sample."""
+    def __call__(self, victim: Victim, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor | None = None,
+                 seed: int | None = None, seeds: Sequence[int] | None = None) -> torch.Tensor:
+        """Adversarial examples for ``(x, y)``. ``eps`` optionally gives one radius per sample.
+
+        ``seed`` seeds torch's global generators for the call (batch-level draws); ``seeds`` gives each sample its own
+        stream (:attr:`rng`, default: derived from ``seed`` and the sample's position in the batch)."""
         self.check_task(victim)
         validate_images(x, victim.card.input_size)
         check_targets(victim, y, len(x))
         eps_t = self._eps_tensor(x, eps)
-        with eval_mode(victim), seeded(self.seed if seed is None else seed, x.device):
-            x_adv = self.perturb(victim, x.detach(), y, eps_t)
+        seed = self.seed if seed is None else seed
+        seeds = sample_seeds(seed, len(x)) if seeds is None else list(seeds)
+        if len(seeds) != len(x):
+            raise ConfigError(f"{self.name}: {len(seeds)} per-sample seeds for {len(x)} images")
+        self.rng = SampleRNG(seeds, x.device)
+        try:
+            with eval_mode(victim), seeded(seed, x.device):
+                x_adv = self.perturb(victim, x.detach(), y, eps_t)
+        finally:
+            del self.rng
         return x_adv.detach()
 
     def _eps_tensor(self, x: torch.Tensor, eps: torch.Tensor | None) -> torch.Tensor:

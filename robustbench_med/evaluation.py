@@ -85,7 +85,7 @@ def as_user_victim(model: nn.Module | str | Victim, task: str | None, input_size
 def benchmark(model: nn.Module | str | Victim, *, dataset: str = "phantom.ct", split: str = "test", task: str | None = None,
               threat: str = "Linf", eps: float | str | Sequence[float | str] = "8/255",
               attacks: str | Sequence[str | dict[str, Any]] = "standard", defenses: Sequence[str | dict[str, Any]] | None = None,
-              n: int = 128, batch_size: int = 64, seed: int = 0, out: str | Path | None = None,
+              n: int = 128, batch_size: int = 64, unit_size: int = 64, seed: int = 0, out: str | Path | None = None,
               publish: str | Path | None = None, device: str | None = None, name: str | None = None,
               target_field: str | None = None, dataset_params: dict[str, Any] | None = None, progress: bool = False,
               **wrap_kwargs: Any) -> pd.DataFrame:
@@ -99,7 +99,9 @@ def benchmark(model: nn.Module | str | Victim, *, dataset: str = "phantom.ct", s
         threat, eps: the norm (``'Linf'`` or ``'L2'``) and one or several budgets (``'8/255'``, ``0.5``).
         attacks: ``'standard'`` / ``'fast'`` (see :func:`attack_suite`) or a list of attack names or grid entries.
         defenses: defence names or grid entries (default: none, ``identity.none``).
-        n, batch_size, seed: examples evaluated, batch size, seed of every random choice.
+        n, seed: examples evaluated, seed of every random choice.
+        unit_size, batch_size: samples per unit (how the work is cut; part of the results' identity) and the memory
+            cap per call (never changes a result); see :mod:`robustbench_med.grid`.
         out: a run directory: the result store (resumable) and the leaderboard tables and plots are kept there.
         publish: a leaderboard root: validated JSON entries are written there (for ``check`` / CI baselines).
         target_field: the dataset field with the targets (default: the phantom's field for the task).
@@ -129,7 +131,7 @@ def benchmark(model: nn.Module | str | Victim, *, dataset: str = "phantom.ct", s
     for spec in specs:
         spec["params"] = {"eps": eps_list, **spec.get("params", {})}
     raw = {"name": "benchmark", "dataset": {"name": dataset, "split": split, "params": params}, "n_examples": n,
-           "batch_size": batch_size, "seed": seed, "attacks": specs, "defenses": list(defenses or ["identity.none"])}
+           "unit_size": unit_size, "batch_size": batch_size, "seed": seed, "attacks": specs, "defenses": list(defenses or ["identity.none"])}
     with registered(victim, victim.card.name) as vname:
         raw["victims"] = [{"name": vname, "weights": None,
                            **({"target_field": target_field} if target_field else {})}]

@@ -5,7 +5,8 @@ Example::
     name: default
     dataset: {name: phantom.ct, split: test}
     n_examples: 128
-    batch_size: 64
+    unit_size: 32      # samples per unit: the batch every attack sees, and what seeds and shards are cut by
+    batch_size: 64     # memory cap only (never changes a result)
     seed: 0
     victims: [cnn.phantom, {name: unet.phantom}]
     attacks:
@@ -25,6 +26,15 @@ adversarial example at every larger eps, so only the survivors are attacked agai
 on classification and binary victims (not to noise baselines, detectors, segmentors, landmark detectors or LVLMs,
 whose metrics need every sample attacked). Set it to ``false`` to attack every sample at every eps.
 
+``unit_size`` fixes how the samples are cut into units (the plan: who computes what, which samples an attack sees
+together, the seed of batch-level random choices); it is part of the results' identity. ``batch_size`` is a memory
+cap: an attack whose samples are independent (``Attack.sample_independent``, each sample drawing from its own
+seeded stream) on a deterministic model may be split into calls of at most ``batch_size`` samples, which changes no
+draw (floating-point results may differ in the last bits where the device's kernels depend on the batch size);
+every other attack sees whole units. A grid that sets only ``batch_size`` (written before ``unit_size`` existed)
+keeps its units of ``batch_size`` samples; one that sets neither gets units of 64, as before. On a GPU the memory
+probe lowers the cap, never the unit, and the effective cap of every victim is recorded in the run's manifest.
+
 A list-valued attack parameter expands into one cell per value. Unknown keys, unknown names and invalid parameters
 raise :class:`ConfigError` naming the file, the field and the valid choices, before any work starts.
 """
@@ -42,7 +52,8 @@ import yaml
 from robustbench_med.errors import ConfigError, RobustBenchMedError, UnknownNameError
 from robustbench_med.registry import ATTACKS, DATASETS, DEFENSES, NAME_RE, VICTIMS
 
-TOP_KEYS = {"name", "dataset", "n_examples", "batch_size", "seed", "device", "victims", "attacks", "defenses", "save_adversarial", "attack_only_robust", "description"}
+DEFAULT_UNIT_SIZE = 64
+TOP_KEYS = {"name", "dataset", "n_examples", "unit_size", "batch_size", "seed", "device", "victims", "attacks", "defenses", "save_adversarial", "attack_only_robust", "description"}
 VICTIM_KEYS = {"name", "factory", "wrap", "weights", "target_field", "params", "defenses"}
 ATTACK_KEYS = {"name", "factory", "params", "victims", "defenses", "attack_through"}
 DEFENSE_KEYS = {"name", "factory", "params", "attack_through", "eot"}
@@ -108,7 +119,7 @@ class Grid:
     split: str
     dataset_params: dict[str, Any]
     n_examples: int
-    batch_size: int
+    batch_size: int  # memory cap per call (not part of the results' identity)
     seed: int
     device: str
     victims: tuple[VictimSpec, ...]
@@ -116,10 +127,15 @@ class Grid:
     defenses: tuple[DefenseSpec, ...]
     save_adversarial: bool = False
     attack_only_robust: bool = True
+    unit_size: int = DEFAULT_UNIT_SIZE  # samples per unit (the plan; part of the results' identity)
     source: str = "<dict>"
 
     def config_hash(self) -> str:
-        payload = {k: v for k, v in self.as_dict().items() if k not in ("source", "device")}
+        """Hash of everything that determines the results: not the device or the memory cap. The unit size is hashed
+        under its historical key ``batch_size`` (units were batches before the two were separated), so grids
+        written before keep their hash."""
+        payload = {k: v for k, v in self.as_dict().items() if k not in ("source", "device", "unit_size")}
+        payload["batch_size"] = self.unit_size
         # fields added after entries were published are hashed only when set, so older grids keep their hash
         payload["victims"] = [{k: v for k, v in vs.items() if not (k in ("factory", "wrap") and not v)} for vs in payload["victims"]]
         return hashlib.sha256(canonical(payload).encode()).hexdigest()[:16]
@@ -162,7 +178,8 @@ def parse_grid(raw: Any, source: str = "<dict>") -> Grid:
         split=split,
         dataset_params=ds_params,
         n_examples=where.positive_int(raw.get("n_examples", 128), "n_examples"),
-        batch_size=where.positive_int(raw.get("batch_size", 64), "batch_size"),
+        batch_size=where.positive_int(raw.get("batch_size", raw.get("unit_size", DEFAULT_UNIT_SIZE)), "batch_size"),
+        unit_size=where.positive_int(raw.get("unit_size", raw.get("batch_size", DEFAULT_UNIT_SIZE)), "unit_size"),
         seed=where.int_(raw.get("seed", 0), "seed"),
         device=str(raw.get("device", "auto")),
         victims=tuple(_victim(v, i, where) for i, v in enumerate(where.list_(raw["victims"], "victims"))),

@@ -7,7 +7,7 @@ leaderboard like a single run. It refuses, before writing anything:
 - stores of different grids (run manifests with different config hashes), different data (data hashes) or
   different code (versions of robustbench_med, torch, torchvision, torchattacks, transformers);
 - a victim whose weights (sha256) differ between stores, or a cell described differently;
-- a cell planned into different units (another batch size: its seeds would differ);
+- a cell planned into different units (another unit_size: its units and seeds would differ);
 - duplicate rows that differ (the same (cell, sample) or clean (group, sample) with other values; floats are compared
   to a relative 1e-6, so thread-count rounding between machines is not a conflict; identical duplicates are kept once);
 - gaps: a planned (cell, sample) or clean row that no store holds (naming the shards not given), unless
@@ -247,7 +247,7 @@ def _unit_checks(stores: list[StoreContent]) -> None:
             prev = plans.setdefault(cell_id, (plan, st.path))
             if prev[0] != plan and not st.damage:
                 raise MergeError(f"refusing to merge: cell {cell_id} was planned into different units in {prev[1]} and "
-                                 f"{st.path} (another batch size: the per-unit seeds differ)")
+                                 f"{st.path} (another unit_size: the units and their seeds differ)")
 
 
 def _union(stores: list[StoreContent], table: str, key_len: int, conflicts: list[str]) -> tuple[dict[tuple, tuple], int]:

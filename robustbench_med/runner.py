@@ -6,7 +6,13 @@ that differ only in eps form a group. For classifiers under the grid's ``attack_
 Croce & Hein, ICML 2020) a group runs as a *cascade*: ascending eps, each attack only on the samples still robust
 (clean-misclassified samples keep a zero perturbation; a sample broken at a smaller eps keeps that valid example).
 Otherwise the cells of a group are batched together when the attack takes per-sample eps (an eps sweep costs one
-pass). A *unit* is one batch of samples for one group of cells; its rows are written in one transaction.
+pass). A *unit* is a fixed run of samples for one group of cells (the grid's ``unit_size``, divided by the number of
+cells for an eps batch); its rows are written in one transaction.
+
+Results do not depend on how the work is split: units follow from the grid (never from the memory cap, the device
+or the number of processes); an attack's batch-level random choices are seeded by (grid seed, victim × defence,
+cell, first sample of the unit) and every sample's own stream by (…, cell, sample index), so a unit's call can be
+split to fit memory (``Attack.sample_independent`` attacks on deterministic models only) without changing a draw.
 
 Who computes a unit follows from the plan (:mod:`robustbench_med.distributed`: a stable hash of the group's cells
 plus the unit's index), never from the order of execution, and the plan is recorded in the store. At the end of
@@ -25,13 +31,13 @@ from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 import torch
 
 from robustbench_med.api import create_attack, create_dataset, create_defense, create_victim
 from robustbench_med.attack import Attack, check_targets, derive_seed, seeded
-from robustbench_med.batching import adaptive_batch_size
+from robustbench_med.batching import adaptive_batch_size, is_oom
 from robustbench_med.defense import DetectorVictim, PurifiedVictim
 from robustbench_med.distributed import ProcessContext, parse_shard, process_context, unit_position
 from robustbench_med.errors import ConfigError, RobustBenchMedError, TaskNotSupportedError
@@ -45,6 +51,7 @@ from robustbench_med.victim import Victim
 MASKED_GRADIENT_FRACTION = 0.5
 DEFAULT_EOT = 8
 CASCADE_TASKS = frozenset({"classification", "binary"})  # tasks whose per-sample outcome is 0/1 (robust or not)
+T = TypeVar("T")
 
 
 class IncompleteRunError(RobustBenchMedError):
@@ -169,7 +176,10 @@ class GridRunner:
         self.ctx = context or process_context()
         self.device = self.ctx.device if self.ctx.world_size > 1 and self.ctx.device is not None else (device or resolve_device(grid.device))
         self.out_dir = out_dir or store.path.parent
-        self.batch_size = grid.batch_size
+        self.batch_cap = grid.batch_size  # memory cap per call (probed per victim on a GPU); never changes a result
+        self._randomized = False  # whether the defended victim being evaluated draws randomness (no call is split)
+        self._memory: dict[str, dict[str, int]] = {}  # victim -> cap used and calls split, for the manifest
+        self._memory_key = ""
         self._visited: list[tuple[str, VictimSpec, DefenseSpec, int, int]] = []  # (group_key, victim, defence, eot, n)
 
     def run(self) -> str:
@@ -205,14 +215,17 @@ class GridRunner:
         self.store.start_run(run_id, self.grid.name, self.grid.config_hash(), manifest(self.grid, self.device, data_hash, self.ctx))
         attrs = ds.attributes(idx)
         attr_rows = [{k: attrs[k][i] for k in attrs} for i in range(n)]
-        for vspec in self.grid.victims:
-            if self.ctx.is_main:  # rank 0 trains missing weights; the others wait for them
-                victim = create_victim(vspec.name, weights=vspec.weights, train_if_missing=True, progress=self.progress,
-                                       device=self.device, **vspec.params)
+        if self.ctx.world_size > 1:  # rank 0 trains every missing weights file first: one wait, not one per victim
+            if self.ctx.is_main:
+                for vspec in self.grid.victims:
+                    create_victim(vspec.name, weights=vspec.weights, train_if_missing=True, progress=self.progress,
+                                  device=self.device, **vspec.params)
             self.ctx.barrier()
-            if not self.ctx.is_main:
-                victim = create_victim(vspec.name, weights=vspec.weights, device=self.device, **vspec.params)
-            self.batch_size = adaptive_batch_size(victim, self.device, self.grid.batch_size)
+        for vspec in self.grid.victims:
+            victim = create_victim(vspec.name, weights=vspec.weights, train_if_missing=self.ctx.is_main, progress=self.progress,
+                                   device=self.device, **vspec.params)
+            self.batch_cap = adaptive_batch_size(victim, self.device, self.grid.batch_size)
+            self._memory[vspec.name] = {"unit_size": self.grid.unit_size, "memory_batch": self.batch_cap, "split_calls": 0}
             field = target_field_for(vspec, victim)
             y_all = ds.targets(field, idx)
             check_targets(victim, y_all, n, where=f"{self.grid.source}: victim {vspec.name}, target field {field!r}")
@@ -223,7 +236,7 @@ class GridRunner:
         if self.ctx.is_main:
             self._finalize_statuses()
             self._raise_if_missing(self._missing("shard"), "the run" if self.ctx.shards == 1 else f"shard {self.ctx.shard_label}")
-        self.store.finish_run(run_id)
+        self.store.finish_run(run_id, {"memory": self._memory})
         self.ctx.barrier()
         return run_id
 
@@ -301,8 +314,9 @@ class GridRunner:
             self._plan_cells(vspec, victim, defense, dspec, group_key, eot, skip=str(e))
             return
         view = self._attacked_view(victim, defended, dspec)
+        self._memory_key = vspec.name
+        self._randomized = self._reliability(group_key, defended, view, x_all, y_all, defense.randomized, eot) or defense.randomized
         clean = self._clean(defended, group_key, x_all, y_all, attrs)
-        self._reliability(group_key, defended, view, x_all, y_all, defense.randomized, eot)
         plans = self._plan_cells(vspec, victim, defense, dspec, group_key, eot)
         for group in self._eps_groups(plans):
             self._run_group(group, group[0].cascade, view, defended, group_key, x_all, y_all, clean, attrs)
@@ -340,11 +354,10 @@ class GridRunner:
     def _clean(self, defended: Victim, group_key: str, x_all, y_all, attrs) -> dict[int, dict[str, Any]]:
         """Clean rows of this victim × defence (computed once, then read back), with ``metrics`` decoded."""
         if len(self.store.clean_rows(group_key)) != len(x_all):
-            bs, threshold, new = self.batch_size, defended.spec.success_threshold, []
-            for start in range(0, len(x_all), bs):
-                xb, yb = x_all[start : start + bs].to(self.device), y_all[start : start + bs].to(self.device)
-                with seeded(derive_seed(self.grid.seed, group_key, "clean", start), self.device):
-                    metrics, pred = evaluate_batch(defended, xb, yb)
+            us, threshold, new = self.grid.unit_size, defended.spec.success_threshold, []
+            for start in range(0, len(x_all), us):
+                xb, yb = x_all[start : start + us].to(self.device), y_all[start : start + us].to(self.device)
+                metrics, pred = self._evaluate(defended, xb, yb, derive_seed(self.grid.seed, group_key, "clean", start))
                 for j, out in enumerate(_outcomes(metrics, pred, range(len(xb)))):
                     new.append({"sample_idx": start + j, "score": out["score"], "correct": int(out["score"] >= threshold),
                                 "pred": out["pred"], "metrics": out["metrics"], "attrs": attrs[start + j]})
@@ -353,20 +366,30 @@ class GridRunner:
         return {i: {**r, "metrics": json.loads(r["metrics"]) if isinstance(r["metrics"], str) else dict(r["metrics"] or {})}
                 for i, r in rows.items()}
 
-    def _reliability(self, group_key: str, defended: Victim, view: Victim, x_all, y_all, randomized: bool, eot: int) -> None:
-        """AutoAttack-style checks (Croce & Hein 2020): zero input gradients, randomised outputs."""
-        xb = x_all[:16].to(self.device).clone().requires_grad_(True)
-        yb = y_all[:16].to(self.device)
-        with seeded(derive_seed(self.grid.seed, group_key, "grad-check"), self.device):
-            loss = view.objective(xb, yb).sum()
+    def _reliability(self, group_key: str, defended: Victim, view: Victim, x_all, y_all, randomized: bool, eot: int) -> bool:
+        """AutoAttack-style checks (Croce & Hein 2020): zero input gradients, randomised outputs. Returns whether the
+        outputs vary between two passes."""
+        xs, ys = x_all[:16].to(self.device), y_all[:16].to(self.device)
+
+        def zero_gradients(lo: int, hi: int) -> list[bool]:
+            xb = xs[lo:hi].clone().requires_grad_(True)
+            loss = view.objective(xb, ys[lo:hi]).sum()
             grad = torch.autograd.grad(loss, xb, allow_unused=True)[0] if loss.requires_grad else None
-        zero = 1.0 if grad is None else float((grad.flatten(1).abs().sum(1) == 0).float().mean())
+            return [True] * (hi - lo) if grad is None else (grad.flatten(1).abs().sum(1) == 0).tolist()
+
+        def two_passes_differ(lo: int, hi: int) -> bool:
+            return not torch.equal(_raw_output(defended, xs[lo:hi], ys[lo:hi]), _raw_output(defended, xs[lo:hi], ys[lo:hi]))
+
+        with seeded(derive_seed(self.grid.seed, group_key, "grad-check"), self.device):  # checks: splitting is harmless
+            zeros = [z for part in self._in_calls(len(xs), True, zero_gradients) for z in part]
+        zero = sum(zeros) / max(1, len(zeros))
         self.store.set_flag(group_key, "masked_gradients", zero > MASKED_GRADIENT_FRACTION,
                             f"{zero:.0%} of checked samples have an all-zero input gradient on the attacked model")
-        varies = not torch.equal(_raw_output(defended, xb.detach(), yb), _raw_output(defended, xb.detach(), yb))
+        varies = any(self._in_calls(len(xs), True, two_passes_differ))
         self.store.set_flag(group_key, "randomized", varies, "outputs differ between two forward passes" if varies else "deterministic")
         if varies and eot == 1:
             self.store.set_flag(group_key, "randomized_without_eot", True, "randomised defence attacked without EOT")
+        return varies
 
     def _plan_cells(self, vspec, victim, defense, dspec, group_key, eot, skip: str | None = None) -> list[CellPlan]:
         """Record the cells of one victim × defence and return those to run (``skip``: record all as skipped)."""
@@ -423,7 +446,7 @@ class GridRunner:
     # one group of cells -----------------------------------------------------------------------------------
     def _run_group(self, group: list[CellPlan], cascade: bool, view, defended, group_key, x_all, y_all, clean, attrs) -> None:
         n, k = len(x_all), len(group)
-        chunk = self.batch_size if cascade else max(1, self.batch_size // k)
+        chunk = self.grid.unit_size if cascade else max(1, self.grid.unit_size // k)
         done = {p.cell_id: self.store.done_samples(p.cell_id) for p in group}
         ids = [p.cell_id for p in group]
         units = [(s, min(n, s + chunk), unit_position(ids, u)) for u, s in enumerate(range(0, n, chunk))]
@@ -457,9 +480,9 @@ class GridRunner:
         attack = group[0].attack
         y_attack = targeted_labels(defended, yb) if attack.threat.targeted else yb
         seed = derive_seed(self.grid.seed, group_key, group[0].cell_id, start)
-        x_adv = attack(view, xb, y_attack, eps=eps if k > 1 else None, seed=seed)
-        with seeded(derive_seed(seed, "eval"), self.device):
-            metrics, pred = evaluate_batch(defended, x_adv, yb)
+        seeds = [self._sample_seed(group_key, p.cell_id, i) for p in group for i in range(start, stop)]
+        x_adv = self._attack(attack, view, xb, y_attack, eps if k > 1 else None, seed, seeds)
+        metrics, pred = self._evaluate(defended, x_adv, yb, derive_seed(seed, "eval"))
         rows, invalid = [], {}
         for c, p in enumerate(group):
             sl = slice(c * m, (c + 1) * m)
@@ -484,9 +507,9 @@ class GridRunner:
             if alive:
                 idx = torch.tensor(alive, device=self.device)
                 seed = derive_seed(self.grid.seed, group_key, p.cell_id, start)
-                x_adv = p.attack(view, x[idx], y[idx], seed=seed)
-                with seeded(derive_seed(seed, "eval"), self.device):
-                    metrics, pred = evaluate_batch(defended, x_adv, y[idx])
+                seeds = [self._sample_seed(group_key, p.cell_id, start + j) for j in alive]
+                x_adv = self._attack(p.attack, view, x[idx], y[idx], None, seed, seeds)
+                metrics, pred = self._evaluate(defended, x_adv, y[idx], derive_seed(seed, "eval"))
                 x_cur[idx] = x_adv
                 for j, outcome in zip(alive, _outcomes(metrics, pred, range(len(alive)))):
                     state[j] = outcome
@@ -494,6 +517,56 @@ class GridRunner:
             seconds[p.cell_id] = time.perf_counter() - t0
         self.store.write_unit(rows, invalid)
         return seconds
+
+    # calls within a unit ----------------------------------------------------------------------------------
+    def _sample_seed(self, group_key: str, cell_id: str, index: int) -> int:
+        """The seed of sample ``index``'s own random stream in ``cell_id`` (independent of units and batches)."""
+        return derive_seed(self.grid.seed, group_key, cell_id, "sample", index)
+
+    def _attack(self, attack: Attack, view: Victim, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor | None,
+                seed: int, seeds: list[int]) -> torch.Tensor:
+        """``attack`` on one unit's batch: one call, or calls of at most the memory cap when the attack's samples are
+        independent and the model deterministic (the same draws either way)."""
+        split = attack.sample_independent and not self._randomized
+        parts = self._in_calls(len(x), split, lambda lo, hi: attack(
+            view, x[lo:hi], y[lo:hi], eps=None if eps is None else eps[lo:hi], seed=seed, seeds=seeds[lo:hi]))
+        return torch.cat(parts) if parts else x.clone()
+
+    def _evaluate(self, defended: Victim, x: torch.Tensor, y: torch.Tensor, seed: int) -> tuple[dict[str, torch.Tensor], list[Any] | None]:
+        """:func:`evaluate_batch` on one unit's batch, seeded (a randomised model sees the whole batch in one call; a
+        deterministic one may be split to fit memory)."""
+        with seeded(seed, self.device):
+            parts = self._in_calls(len(x), not self._randomized, lambda lo, hi: evaluate_batch(defended, x[lo:hi], y[lo:hi]))
+        if len(parts) == 1:
+            return parts[0]
+        metrics = {k: torch.cat([m[k] for m, _ in parts]) for k in parts[0][0]}
+        preds = None if any(p is None for _, p in parts) else [q for _, p in parts for q in p]
+        return metrics, preds
+
+    def _in_calls(self, n: int, splittable: bool, fn: Callable[[int, int], T]) -> list[T]:
+        """``fn(lo, hi)`` over ``[0, n)``: in one call, or (``splittable``) in calls of at most the memory cap. After
+        an out-of-memory error a splittable call is retried with half the cap (kept for the rest of the victim);
+        one that cannot be split raises, naming the fix (a smaller ``unit_size``)."""
+        while n:
+            size = min(n, self.batch_cap) if splittable else n
+            try:
+                out = [fn(lo, min(n, lo + size)) for lo in range(0, n, size)]
+            except RuntimeError as e:
+                if not is_oom(e):
+                    raise
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                if not splittable or size == 1:
+                    raise RobustBenchMedError(
+                        f"out of memory on {self.device} with a call of {size} samples that cannot be split (a "
+                        "randomised model, or an attack whose samples are coupled); lower the grid's unit_size") from e
+                self.batch_cap = size // 2
+                self._memory.get(self._memory_key, {})["memory_batch"] = self.batch_cap
+                continue
+            if size < n and self._memory_key in self._memory:
+                self._memory[self._memory_key]["split_calls"] += 1
+            return out
+        return []
 
     def _cell_rows(self, p: CellPlan, x, x_adv, outcomes: list[dict[str, Any]], threshold: float, start: int, done,
                    clean, attrs, invalid: dict[str, str]) -> list[dict[str, Any]]:

@@ -202,9 +202,15 @@ class Store:
         with self.transaction():
             self.conn.execute("INSERT OR REPLACE INTO runs VALUES (?,?,?,?,?,?)", (run_id, time.time(), None, grid, config_hash, dumps(manifest)))
 
-    def finish_run(self, run_id: str) -> None:
+    def finish_run(self, run_id: str, extra: dict[str, Any] | None = None) -> None:
+        """Mark a run finished; ``extra`` is added to its manifest (what was only known at the end, e.g. the memory
+        caps the victims ran with)."""
         with self.transaction():
             self.conn.execute("UPDATE runs SET finished=? WHERE run_id=?", (time.time(), run_id))
+            if extra:
+                row = self.conn.execute("SELECT manifest FROM runs WHERE run_id=?", (run_id,)).fetchone()
+                if row is not None:
+                    self.conn.execute("UPDATE runs SET manifest=? WHERE run_id=?", (dumps({**json.loads(row[0]), **extra}), run_id))
 
     def manifests(self) -> list[dict[str, Any]]:
         rows = self.conn.execute("SELECT run_id, started, finished, grid, config_hash, manifest FROM runs ORDER BY started").fetchall()
@@ -235,7 +241,7 @@ class Store:
     # the plan of units ------------------------------------------------------------------------------------
     def record_units(self, cell_ids: Sequence[str], units: Sequence[tuple[int, int, int]]) -> None:
         """Record the plan of one group of cells: ``units`` as (start, stop, position), the same for every cell of
-        the group; replaces an older plan of these cells (e.g. one made with another batch size)."""
+        the group; replaces an older plan of these cells (e.g. one made with another unit_size)."""
         with self.transaction():
             for cell_id in cell_ids:
                 self.conn.execute("DELETE FROM units WHERE cell_id=?", (cell_id,))

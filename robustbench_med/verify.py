@@ -2,9 +2,10 @@
 
 ``verify_entry``: RobustBench re-verifies only clean accuracy, in a slow test (``shared/reference/anchors.md`` §1,
 §8.7). Here a seeded random sample of an entry's examples is attacked again from the entry's own manifest (grid,
-victim, weights, defence, attack parameters, seed). The runner seeds every unit from (grid seed, victim × defence
-key, cell, first sample) and batches the cells of an eps sweep together, so the units holding the sampled examples
-are recomputed exactly as in the original run (same batch composition, same seeds) and each re-run score is
+victim, weights, defence, attack parameters, seed). Units follow from the grid's unit size (never from the memory
+cap); the runner seeds every unit from (grid seed, victim × defence key, cell, first sample), every sample's own
+stream from (…, cell, sample index), and batches the cells of an eps sweep together, so the units holding the
+sampled examples are recomputed exactly as in the original run (same units, same seeds) and each re-run score is
 compared with the stored per-sample score. The stored aggregate is also checked against the re-run subsample with
 a sampling-aware bound (binomial variance for 0/1 scores, the sample variance otherwise, with the finite-population
 correction; Cochran, *Sampling Techniques*, 1977, §2.6).
@@ -52,7 +53,8 @@ def subgrid(entries: list[dict[str, Any]], *, victim: str | None = None, weights
     rows = [r for e in entries for r in e["results"] if not is_worst_case(r) and r["status"] != "skipped"]
     new_name = victim or first["victim"]
     raw = {
-        "name": g["name"], "n_examples": g["n_examples"], "batch_size": g["batch_size"], "seed": g["seed"],
+        "name": g["name"], "n_examples": g["n_examples"], "batch_size": g["batch_size"],
+        "unit_size": g.get("unit_size", g["batch_size"]), "seed": g["seed"],
         "device": device or "auto", "save_adversarial": False,
         "attack_only_robust": g.get("attack_only_robust", False),  # entries made before the option attacked every sample
         "dataset": {"name": g["dataset"], "split": g["split"], "params": g.get("dataset_params") or {}},
