@@ -6,7 +6,7 @@ import sys
 from importlib import resources
 from pathlib import Path
 
-from robustbench_med.errors import RobustBenchMedError
+from robustbench_med.errors import ConfigError, RobustBenchMedError
 
 
 def default_grid_path(name: str = "default") -> Path:
@@ -32,7 +32,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     out = Path(args.out or Path("runs") / grid.name)
     print(f"robustbench-med: grid '{grid.name}' ({len(grid.victims)} victims × {len(grid.attacks)} attack settings × "
           f"{len(grid.defenses)} defences, n={grid.n_examples}) → {out}", flush=True)
-    store = run_grid(grid, out, device=args.device, progress=not args.quiet, shard=args.shard, fresh=args.fresh)
+    if args.executor == "ray":
+        if args.shard is not None or args.fresh:
+            raise ConfigError("--executor ray makes its own shards and resumes them; drop --shard / --fresh")
+        from robustbench_med.executors import run_ray
+
+        store = run_ray(grid, out, tasks=args.tasks, address=args.ray_address, cpus_per_task=args.cpus_per_task,
+                        gpus_per_task=args.gpus_per_task, device=args.device, progress=not args.quiet)
+    else:
+        store = run_grid(grid, out, device=args.device, progress=not args.quiet, shard=args.shard, fresh=args.fresh)
     if not process_context().is_main:
         return 0  # rank 0 renders the leaderboard once every rank has finished
     if args.shard is not None and store.parent != out:  # a shard holds part of the grid: merge the shards first
@@ -111,6 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "OUT/shard-K-of-N/; combine the shards with `robustbench-med merge OUT OUT`")
     r.add_argument("--fresh", action="store_true", help="start over: move an existing (e.g. damaged) store aside "
                    "as results.sqlite.damaged-<time> instead of resuming it")
+    r.add_argument("--executor", choices=("local", "ray"), default="local", help="local: this process (or each process "
+                   "of an `accelerate launch`); ray: one Ray task per shard on a local instance or a cluster, merged here")
+    r.add_argument("--tasks", type=int, help="ray: number of shards (default: 4 per worker slot)")
+    r.add_argument("--ray-address", help="ray: a running cluster ('auto', 'ray://HOST:10001'); default: a local instance")
+    r.add_argument("--cpus-per-task", type=int, default=1, help="ray: CPUs of each task (default 1)")
+    r.add_argument("--gpus-per-task", type=float, default=0.0, help="ray: GPUs of each task (default 0; > 0 runs on cuda)")
     r.set_defaults(func=cmd_run)
     t = sub.add_parser("train", help="train registered victims on the phantom and cache their weights")
     t.add_argument("names", nargs="*", help="victim names (default: all trainable)")

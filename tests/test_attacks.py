@@ -249,3 +249,21 @@ def test_attack_transferred_through_a_defence_beating_the_adaptive_one_is_flagge
     _flag_black_box(df)
     assert df.loc[0, "flags"] == ["black_box_beats_white_box"]
     assert df.loc[1, "flags"] == [] and df.loc[2, "flags"] == []  # the transferred cell itself; another defence setting
+
+
+@pytest.mark.parametrize("task", ["classification", "binary"])
+def test_small_head_autoattack_has_a_fab_member_and_is_at_least_as_strong_as_apgd_ce(task):
+    """Issue #21 item 8: 2- and 3-class heads get FAB (targeted on 3 classes) in APGD-T's place, and the ensemble
+    (each member on the survivors of the previous ones) never leaves more samples robust than its first member."""
+    import torchattacks
+
+    from robustbench_med.attacks.torchattacks_adapters import LogitsView
+
+    victim, x, y = _toy(task)
+    attack = rbm.create_attack("autoattack.standard", eps=2 / 255, n_queries=20)
+    members = attack.build(LogitsView(victim), victim, 2 / 255).attacks
+    fab = [m for m in members if isinstance(m, torchattacks.FAB)]
+    assert len(fab) == 1 and fab[0].multi_targeted == (task == "classification")
+    ensemble = victim.score(attack(victim, x, y, seed=3), y)
+    apgd = victim.score(rbm.create_attack("apgd.ce", eps=2 / 255, steps=100)(victim, x, y, seed=3), y)
+    assert ensemble.sum() <= apgd.sum()
