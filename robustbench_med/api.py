@@ -47,18 +47,12 @@ def create_victim(
         progress: show a progress bar while training missing weights.
         kwargs: passed to the victim's factory (e.g. a config variant).
     """
-    from robustbench_med.training import weights_path
-    from robustbench_med.weights import load_weights
+    from robustbench_med.weights import load_weights, weights_path
+    from robustbench_med.wrap import build_victim, is_user_victim
 
     entry = VICTIMS.get(name)
-    user = "factory_ref" in entry.meta or "plugin" in entry.meta
-    if user:  # a user factory's random initialisation is seeded, so every process builds the same model
-        from robustbench_med.attack import derive_seed, seeded
-
-        with seeded(derive_seed("init", name, entry.meta.get("factory_ref", entry.meta.get("plugin")))):
-            victim = as_victim(entry.factory(**kwargs), name, entry.meta)
-    else:
-        victim = as_victim(entry.factory(**kwargs), name, entry.meta)
+    user = is_user_victim(name)
+    victim = build_victim(name, **kwargs)
     hint = f"Rebuild it with `robustbench-med train {name} --force`." if entry.meta.get("recipe") else ""
     path = None
     if weights == "auto" and user and not weights_path(name).exists():
@@ -81,29 +75,6 @@ def create_victim(
     if device is not None:
         victim = victim.to(device)
     return victim.eval()
-
-
-def as_victim(built: Any, name: str, meta: dict[str, Any]):
-    """A factory's result as a victim named ``name``: a :class:`Victim` as is, a plain ``nn.Module`` through
-    :func:`robustbench_med.wrap.wrap` with the registration's (or grid's) ``wrap`` arguments."""
-    from dataclasses import replace
-
-    from torch import nn
-
-    from robustbench_med.victim import Victim
-    from robustbench_med.wrap import wrap
-
-    if isinstance(built, Victim):
-        if built.card.name != name:
-            built.card = replace(built.card, name=name)
-        return built
-    if isinstance(built, nn.Module):
-        args = dict(meta.get("wrap") or {})
-        if "task" not in args:
-            raise ConfigError(f"victim {name!r}: its factory returned a {type(built).__name__}, not a Victim; say how to "
-                              "evaluate it with 'wrap: {task: ..., mean: ..., std: ...}' in the grid (see robustbench_med.wrap)")
-        return wrap(built, name=name, **args)
-    raise ConfigError(f"victim {name!r}: its factory returned {type(built).__name__}, not a Victim or an nn.Module")
 
 
 def create_attack(name: str, **params: Any):

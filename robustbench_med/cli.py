@@ -3,23 +3,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from importlib import resources
 from pathlib import Path
 
 from robustbench_med.errors import ConfigError, RobustBenchMedError
-
-
-def default_grid_path(name: str = "default") -> Path:
-    return Path(str(resources.files("robustbench_med") / "grids" / f"{name}.yaml"))
-
-
-def _grid_arg(value: str | None) -> Path:
-    if value is None:
-        return default_grid_path()
-    path = Path(value)
-    if not path.is_file() and (default_grid_path(value)).exists():
-        return default_grid_path(value)  # a packaged grid by name, e.g. `run zoo` (even beside a folder `zoo/`)
-    return path
+from robustbench_med.grid import default_grid_path, grid_path as _grid_arg  # noqa: F401  (also importable from here)
 
 
 def cmd_run(args: argparse.Namespace) -> int:

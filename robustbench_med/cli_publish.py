@@ -53,7 +53,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def _grid_paths(names: list[str] | tuple[str, ...]) -> list[Path]:
     """Grid files for ``publish``: the given names (YAML paths or packaged grid names), which must exist."""
-    from robustbench_med.cli import _grid_arg
+    from robustbench_med.grid import grid_path as _grid_arg
 
     paths = [_grid_arg(n) for n in names]
     missing = [str(p) for p in paths if not p.exists()]

@@ -150,6 +150,23 @@ def canonical(value: Any) -> str:
     return json.dumps(value, sort_keys=True, default=str, separators=(",", ":"))
 
 
+def default_grid_path(name: str = "default") -> Path:
+    """The packaged grid ``name`` (``robustbench_med/grids/<name>.yaml``)."""
+    from importlib import resources
+
+    return Path(str(resources.files("robustbench_med") / "grids" / f"{name}.yaml"))
+
+
+def grid_path(value: str | None) -> Path:
+    """A grid given on the command line: a YAML path, or a packaged grid's name (``zoo``), or None (the default)."""
+    if value is None:
+        return default_grid_path()
+    path = Path(value)
+    if not path.is_file() and (default_grid_path(value)).exists():
+        return default_grid_path(value)  # a packaged grid by name, e.g. `run zoo` (even beside a folder `zoo/`)
+    return path
+
+
 def load_grid(path: str | Path) -> Grid:
     """Read and validate a grid YAML file."""
     path = Path(path)

@@ -23,9 +23,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from robustbench_med import paths
 from robustbench_med.errors import ConfigError
-from robustbench_med.registry import VICTIMS
+from robustbench_med.registry import DATASETS, VICTIMS
+from robustbench_med.weights import weights_path  # noqa: F401  (re-exported: robustbench_med.training.weights_path)
 
 TRAIN_THREADS = 2
 TRAIN_THREADS_ENV = "ROBUSTBENCH_MED_TRAIN_THREADS"
@@ -84,8 +84,6 @@ def training_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
-def weights_path(name: str) -> Path:
-    return paths.weights_dir() / f"{name}.safetensors"
 
 
 def recipe_for(name: str) -> TrainRecipe:
@@ -130,7 +128,6 @@ def is_current(name: str, path: Path) -> bool:
     ``trainer_version``) and, when the sidecar records them, the recipe and the training split's fingerprint (sha256
     of its bytes).
     """
-    from robustbench_med.api import create_dataset
     from robustbench_med.weights import read_sidecar
 
     meta, recipe = read_sidecar(path), recipe_for(name)
@@ -143,12 +140,12 @@ def is_current(name: str, path: Path) -> bool:
         return False
     if "train_fingerprint" not in meta:
         return True
-    return meta["train_fingerprint"] == create_dataset(recipe.dataset, split="train", n=recipe.n_train).fingerprint()
+    return meta["train_fingerprint"] == DATASETS.create(recipe.dataset, split="train", n=recipe.n_train).fingerprint()
 
 
 def _train(name: str, path: Path, device: str | torch.device | None, progress: bool) -> Path:
-    from robustbench_med.api import create_dataset, create_victim
     from robustbench_med.weights import save_weights
+    from robustbench_med.wrap import build_victim
 
     recipe = recipe_for(name)
     device = training_device(device)
@@ -157,9 +154,9 @@ def _train(name: str, path: Path, device: str | torch.device | None, progress: b
         trainer(name, path, device, progress)
         return path
     torch.manual_seed(recipe.seed)
-    victim = create_victim(name, weights=None).to(device)
-    train = create_dataset(recipe.dataset, split="train", n=recipe.n_train)
-    val = create_dataset(recipe.dataset, split="val", n=recipe.n_val)
+    victim = build_victim(name).to(device)
+    train = DATASETS.create(recipe.dataset, split="train", n=recipe.n_train)
+    val = DATASETS.create(recipe.dataset, split="val", n=recipe.n_val)
     x, y = train.images().to(device), train.targets(recipe.target_field).to(device)
     xv, yv = val.images().to(device), val.targets(recipe.target_field).to(device)
     opt = torch.optim.AdamW(victim.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)

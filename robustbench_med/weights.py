@@ -182,3 +182,10 @@ def _match_target(module: nn.Module, state: dict[str, torch.Tensor]) -> tuple[nn
 def _key_diff(module: nn.Module, state: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
     own = set(module.state_dict())
     return sorted(own - set(state)), sorted(set(state) - own)
+
+
+def weights_path(name: str) -> Path:
+    """Where the project-trained weights of registered victim ``name`` are cached."""
+    from robustbench_med import paths
+
+    return paths.weights_dir() / f"{name}.safetensors"

@@ -283,3 +283,47 @@ def _classes(task: str, out: torch.Tensor, given: Sequence[str] | None) -> tuple
     if len(names) != k:
         raise ConfigError(f"{len(names)} class names given, but the model's output has {k} {'classes' if task != 'landmark' else 'landmarks'}")
     return names
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# registered victims, built with their random initialisation (weights are loaded by robustbench_med.api.create_victim)
+
+
+def as_victim(built: Any, name: str, meta: dict[str, Any]):
+    """A factory's result as a victim named ``name``: a :class:`Victim` as is, a plain ``nn.Module`` through
+    :func:`robustbench_med.wrap.wrap` with the registration's (or grid's) ``wrap`` arguments."""
+    from robustbench_med.victim import Victim
+
+    if isinstance(built, Victim):
+        if built.card.name != name:
+            built.card = replace(built.card, name=name)
+        return built
+    if isinstance(built, nn.Module):
+        args = dict(meta.get("wrap") or {})
+        if "task" not in args:
+            raise ConfigError(f"victim {name!r}: its factory returned a {type(built).__name__}, not a Victim; say how to "
+                              "evaluate it with 'wrap: {task: ..., mean: ..., std: ...}' in the grid (see robustbench_med.wrap)")
+        return wrap(built, name=name, **args)
+    raise ConfigError(f"victim {name!r}: its factory returned {type(built).__name__}, not a Victim or an nn.Module")
+
+
+def is_user_victim(name: str) -> bool:
+    """Whether registered victim ``name`` comes from a user (a grid's ``factory: module:function`` or a plugin)."""
+    from robustbench_med.registry import VICTIMS
+
+    meta = VICTIMS.get(name).meta
+    return "factory_ref" in meta or "plugin" in meta
+
+
+def build_victim(name: str, **kwargs: Any):
+    """Registered victim ``name`` with its random initialisation (no weights loaded), in eval mode. A user factory's
+    initialisation is seeded from its name and reference, so every process builds the same model."""
+    from robustbench_med.registry import VICTIMS
+
+    entry = VICTIMS.get(name)
+    if not is_user_victim(name):
+        return as_victim(entry.factory(**kwargs), name, entry.meta).eval()
+    from robustbench_med.attack import derive_seed, seeded
+
+    with seeded(derive_seed("init", name, entry.meta.get("factory_ref", entry.meta.get("plugin")))):
+        return as_victim(entry.factory(**kwargs), name, entry.meta).eval()

@@ -152,9 +152,14 @@ def loop_victim():
         yield name
 
 
+@pytest.fixture(scope="module")
+def loop_reference(loop_victim, tmp_path_factory):
+    return run_grid(parse_grid({**LOOP_GRID, "batch_size": 6}), tmp_path_factory.mktemp("ref6"), progress=False)
+
+
 @pytest.mark.parametrize("batch_size", [2, 5, 64])
-def test_the_same_grid_at_any_memory_batch_writes_identical_stores(loop_victim, tmp_path_factory, batch_size):
-    ref = run_grid(parse_grid({**LOOP_GRID, "batch_size": 6}), tmp_path_factory.mktemp("ref6"), progress=False)
+def test_the_same_grid_at_any_memory_batch_writes_identical_stores(loop_reference, tmp_path_factory, batch_size):
+    ref = loop_reference
     db = run_grid(parse_grid({**LOOP_GRID, "batch_size": batch_size}), tmp_path_factory.mktemp(f"b{batch_size}"), progress=False)
     assert _everything(db) == _everything(ref)
     assert len(_everything(db)["samples"]) == 2 * 12 * 6
@@ -162,15 +167,21 @@ def test_the_same_grid_at_any_memory_batch_writes_identical_stores(loop_victim, 
     assert _memory(db)[LOOP]["unit_size"] == 6 and (split > 0) == (batch_size < 6), split
 
 
-@pytest.mark.parametrize("batch_size", [16, 64, 256])
-def test_cnn_grid_at_batch_sizes_16_64_256_is_identical(tmp_path_factory, batch_size):
-    """A real network (batch-variant kernels) at caps no smaller than the unit: every call is the same unit."""
-    grid = {"name": "cnn_split", "n_examples": 24, "unit_size": 8, "victims": ["cnn.phantom"],
+CNN_GRID = {"name": "cnn_split", "n_examples": 24, "unit_size": 8, "victims": ["cnn.phantom"],
             "attacks": [{"name": "pgd.linf", "params": {"eps": ["2/255", "8/255"], "steps": 2}},
                         {"name": "apgd.ce", "params": {"eps": "8/255", "steps": 2}}]}
-    ref = run_grid(parse_grid({**grid, "batch_size": 8}), tmp_path_factory.mktemp("cnn8"), progress=False)
-    db = run_grid(parse_grid({**grid, "batch_size": batch_size}), tmp_path_factory.mktemp(f"cnn{batch_size}"), progress=False)
-    assert _everything(db) == _everything(ref)
+
+
+@pytest.fixture(scope="module")
+def cnn_reference(tmp_path_factory):
+    return run_grid(parse_grid({**CNN_GRID, "batch_size": 8}), tmp_path_factory.mktemp("cnn8"), progress=False)
+
+
+@pytest.mark.parametrize("batch_size", [16, 64, 256])
+def test_cnn_grid_at_batch_sizes_16_64_256_is_identical(cnn_reference, tmp_path_factory, batch_size):
+    """A real network (batch-variant kernels) at caps no smaller than the unit: every call is the same unit."""
+    db = run_grid(parse_grid({**CNN_GRID, "batch_size": batch_size}), tmp_path_factory.mktemp(f"cnn{batch_size}"), progress=False)
+    assert _everything(db) == _everything(cnn_reference)
 
 
 def test_memory_cap_is_not_part_of_the_results_identity():
