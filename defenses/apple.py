@@ -39,7 +39,7 @@ from robustbench_med.attack import seeded
 from robustbench_med.defense import Defense
 from robustbench_med.errors import ConfigError, TaskNotSupportedError, check_choice
 from robustbench_med.registry import VICTIMS, register_defense
-from robustbench_med.victim import Victim
+from robustbench_med.victim import Victim, WrappedVictim
 
 VARIANTS = ("adversarial", "uniform")
 LATENTS = ("bottleneck", "all")
@@ -172,36 +172,23 @@ class Discriminator(nn.Module):
 # the wrapped victim
 
 
-class APPLEVictim(Victim):
+class APPLEVictim(WrappedVictim):
     """``decode(f_o + G_p(f_o))`` with ``f_o = encode(x)``: the frozen segmentor with APPLE's latent perturbation.
 
     Same card, task, input contract and normalisation as the wrapped victim; gradients flow to the input.
     """
 
+    routes_through_victim = False  # the perturbation acts on latents: objective and metrics follow forward
+
     def __init__(self, victim: Victim, perturber: LatentPerturber) -> None:
-        super().__init__(victim.card)
-        self.victim = victim
+        super().__init__(victim)
         self.perturber = perturber
-        self.mean, self.std = victim.mean, victim.std
-        self.sdr_radius, self.heatmap_sigma = victim.sdr_radius, victim.heatmap_sigma
 
     def perturbed_latent(self, x: torch.Tensor) -> Any:
         return self.perturber(self.victim.encode(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.victim.decode(self.perturbed_latent(x))
-
-    def forward_normalized(self, z: torch.Tensor) -> torch.Tensor:
-        return self.forward(z * self.std + self.mean)
-
-    def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return self.victim.loss(output, target)
-
-    def metrics(self, output: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.victim.metrics(output, target)
-
-    def feature_modules(self) -> dict[str, nn.Module]:
-        return {f"victim.{k}": v for k, v in self.victim.feature_modules().items()}
 
 
 # ---------------------------------------------------------------------------------------------------------------

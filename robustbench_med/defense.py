@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from robustbench_med.victim import Victim
+from robustbench_med.victim import Victim, WrappedVictim
 
 GRADIENT_MODES = ("full", "bpda", "detach")
 
@@ -43,34 +43,13 @@ class Defense(abc.ABC):
         return "full" if self.differentiable else "bpda"
 
 
-class DetectorVictim(Victim):
+class DetectorVictim(WrappedVictim):
     """A victim guarded by an adversarial-example detector: predictions are the victim's, and ``detect(x)`` gives
     a per-sample score (higher = more likely adversarial) that the harness stores with every result."""
 
     def __init__(self, victim: Victim, detector: "Defense"):
-        super().__init__(victim.card)
-        self.victim = victim
+        super().__init__(victim)
         self.detector = detector
-        self.mean, self.std = victim.mean, victim.std
-        self.sdr_radius, self.heatmap_sigma = victim.sdr_radius, victim.heatmap_sigma
-
-    def forward_normalized(self, z: torch.Tensor) -> torch.Tensor:
-        return self.victim.forward_normalized(z)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.victim(x)
-
-    def objective(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return self.victim.objective(x, target)
-
-    def evaluate(self, x: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.victim.evaluate(x, target)
-
-    def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return self.victim.loss(output, target)
-
-    def metrics(self, output: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.victim.metrics(output, target)
 
     def detect(self, x: torch.Tensor) -> torch.Tensor:
         return self.detector.score(self.victim, x)
@@ -80,9 +59,6 @@ class DetectorVictim(Victim):
         s = self.detect(x)
         two = self.detector.two_sided(s)
         return {"detector_score": s} if two is None else {"detector_score": s, "detector_score_two_sided": two}
-
-    def feature_modules(self):
-        return {f"victim.{k}": v for k, v in self.victim.feature_modules().items()}
 
 
 class Detector(Defense):
@@ -124,7 +100,7 @@ class InputPurifier(Defense):
         return PurifiedVictim(victim, self)
 
 
-class PurifiedVictim(Victim):
+class PurifiedVictim(WrappedVictim):
     """``victim ∘ purify`` with a selectable gradient path through the purifier.
 
     ``gradient_mode``: ``'full'`` differentiates through ``purify``; ``'bpda'`` uses the straight-through estimator
@@ -133,20 +109,14 @@ class PurifiedVictim(Victim):
     """
 
     def __init__(self, victim: Victim, defense: InputPurifier, gradient_mode: str | None = None):
-        super().__init__(victim.card)
-        self.victim = victim
+        super().__init__(victim)
         self.defense = defense
-        self.mean, self.std = victim.mean, victim.std
-        self.sdr_radius, self.heatmap_sigma = victim.sdr_radius, victim.heatmap_sigma
         self.gradient_mode = gradient_mode or defense.default_gradient_mode
         if self.gradient_mode not in GRADIENT_MODES:
             raise ValueError(f"gradient_mode must be one of {GRADIENT_MODES}, got {self.gradient_mode!r}")
 
     def with_gradient_mode(self, mode: str) -> "PurifiedVictim":
         return PurifiedVictim(self.victim, self.defense, mode)
-
-    def forward_normalized(self, z: torch.Tensor) -> torch.Tensor:  # pragma: no cover - forward is overridden
-        return self.victim.forward_normalized(z)
 
     def purified(self, x: torch.Tensor) -> torch.Tensor:
         """The purified input, with the gradient path chosen by ``gradient_mode``."""
@@ -156,20 +126,5 @@ class PurifiedVictim(Victim):
             return x + (self.defense.purify(x.detach()) - x).detach()
         return self.defense.purify(x.detach()).detach() + 0 * x  # a zero (not a missing) gradient: every attack runs
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.victim(self.purified(x))
-
-    def objective(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return self.victim.objective(self.purified(x), target)
-
-    def evaluate(self, x: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.victim.evaluate(self.purified(x), target)
-
-    def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return self.victim.loss(output, target)
-
-    def metrics(self, output: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.victim.metrics(output, target)
-
-    def feature_modules(self):
-        return {f"victim.{k}": v for k, v in self.victim.feature_modules().items()}
+    def transform(self, x: torch.Tensor) -> torch.Tensor:
+        return self.purified(x)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import abc
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, ClassVar, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -191,6 +191,52 @@ class Victim(nn.Module, abc.ABC):
             for h in hooks:
                 h.remove()
         return out
+
+
+class WrappedVictim(Victim):
+    """A victim seen through a defence: the wrapped victim's card, normalisation, loss, metrics and feature layers
+    (as ``victim.<name>``). Input-space defences implement the one hook, :meth:`transform` (applied before the
+    wrapped victim's forward, objective and evaluation); a defence acting on latents (APPLE) overrides
+    :meth:`forward` and sets ``routes_through_victim = False``, so objective and evaluation follow its forward."""
+
+    routes_through_victim: ClassVar[bool] = True
+
+    def __init__(self, victim: Victim) -> None:
+        super().__init__(victim.card)
+        self.victim = victim
+        self.mean, self.std = victim.mean, victim.std
+        self.sdr_radius, self.heatmap_sigma = victim.sdr_radius, victim.heatmap_sigma
+
+    def transform(self, x: torch.Tensor) -> torch.Tensor:
+        """The input as the wrapped victim receives it (default: unchanged)."""
+        return x
+
+    def forward_normalized(self, z: torch.Tensor) -> torch.Tensor:
+        if self.routes_through_victim and type(self).transform is WrappedVictim.transform:
+            return self.victim.forward_normalized(z)
+        return self.forward(z * self.std + self.mean)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.victim(self.transform(x))
+
+    def objective(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if not self.routes_through_victim:
+            return super().objective(x, target)
+        return self.victim.objective(self.transform(x), target)
+
+    def evaluate(self, x: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        if not self.routes_through_victim:
+            return super().evaluate(x, target)
+        return self.victim.evaluate(self.transform(x), target)
+
+    def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.victim.loss(output, target)
+
+    def metrics(self, output: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.victim.metrics(output, target)
+
+    def feature_modules(self) -> dict[str, nn.Module]:
+        return {f"victim.{k}": m for k, m in self.victim.feature_modules().items()}
 
 
 def _store(out: dict[str, torch.Tensor], name: str):
