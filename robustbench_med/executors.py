@@ -48,14 +48,6 @@ def _shard_task(grid: Grid, shard: str, device: str | None, previous: bytes | No
         return shard, path.read_bytes()
 
 
-def _train_missing(grid: Grid, device: str | None) -> None:
-    """Train every victim's missing weights once, on the driver, before any task starts."""
-    from robustbench_med.api import create_victim
-
-    for v in grid.victims:
-        create_victim(v.name, weights=v.weights, train_if_missing=True, progress=False, device=device, **v.params)
-
-
 def run_ray(grid: Grid | str | Path, out_dir: str | Path, *, tasks: int | None = None, address: str | None = None,
             cpus_per_task: int = 1, gpus_per_task: float = 0.0, device: str | None = None, progress: bool = True) -> Path:
     """Run ``grid`` as Ray tasks (one per shard) and merge their stores into ``out_dir/results.sqlite``.
@@ -73,14 +65,14 @@ def run_ray(grid: Grid | str | Path, out_dir: str | Path, *, tasks: int | None =
     from tqdm.auto import tqdm
 
     from robustbench_med.merge import merge_stores
-    from robustbench_med.runner import shard_dir
+    from robustbench_med.runner import shard_dir, train_missing_weights
     from robustbench_med.weights import atomic_write_bytes
 
     if not isinstance(grid, Grid):
         grid = load_grid(grid)
     _check_resources(tasks, cpus_per_task, gpus_per_task)
     device = device or ("cuda" if gpus_per_task > 0 else None)
-    _train_missing(grid, None if device == "cuda" else device)
+    train_missing_weights(grid, None if device == "cuda" else device)
     started = not ray.is_initialized()
     if started:
         ray.init(address=address, include_dashboard=False, log_to_driver=False,

@@ -101,6 +101,12 @@ def manifest(grid: Grid, device: torch.device, data_hash: str, context: ProcessC
     }
 
 
+def train_missing_weights(grid: Grid, device: torch.device | str | None, progress: bool = False) -> None:
+    """Train every victim of ``grid`` whose project weights are missing or stale (once, before work is shared out)."""
+    for v in grid.victims:
+        create_victim(v.name, weights=v.weights, train_if_missing=True, progress=progress, device=device, **v.params)
+
+
 def defense_supports(name: str, task: str) -> bool:
     """Whether defence ``name`` declares ``task`` among its registry ``tasks`` (no declaration: every task), so a grid
     can list task-specific defences (F3 for LVLMs, APPLE for segmentors) beside victims of other tasks."""
@@ -217,9 +223,7 @@ class GridRunner:
         attr_rows = [{k: attrs[k][i] for k in attrs} for i in range(n)]
         if self.ctx.world_size > 1:  # rank 0 trains every missing weights file first: one wait, not one per victim
             if self.ctx.is_main:
-                for vspec in self.grid.victims:
-                    create_victim(vspec.name, weights=vspec.weights, train_if_missing=True, progress=self.progress,
-                                  device=self.device, **vspec.params)
+                train_missing_weights(self.grid, self.device, self.progress)
             self.ctx.barrier()
         for vspec in self.grid.victims:
             victim = create_victim(vspec.name, weights=vspec.weights, train_if_missing=self.ctx.is_main, progress=self.progress,

@@ -1,5 +1,6 @@
 """A fast, deterministic victim for the distributed / shard / validation tests: a seeded linear binary classifier on
 the phantom's 1×64×64 images (same weights in every process and run, no training), and a tiny grid around it."""
+import sqlite3
 from contextlib import contextmanager
 
 import torch
@@ -47,3 +48,23 @@ def tiny_grid(**overrides):
     }
     grid.update(overrides)
     return grid
+
+
+def table(db, sql):
+    """The rows of ``sql`` on the store file ``db``."""
+    con = sqlite3.connect(db)
+    rows = con.execute(sql).fetchall()
+    con.close()
+    return rows
+
+
+def store_contents(db):
+    """Everything a run computed (not timings or run records), in a fixed order: two stores with equal contents hold
+    the same results."""
+    return {
+        "samples": table(db, "SELECT * FROM samples ORDER BY cell_id, sample_idx"),
+        "clean": table(db, "SELECT * FROM clean ORDER BY group_key, sample_idx"),
+        "cells": table(db, "SELECT cell_id, victim, defense, attack, attack_params, status, weights_sha256 FROM cells ORDER BY cell_id"),
+        "units": table(db, "SELECT * FROM units ORDER BY cell_id, start"),
+        "flags": table(db, "SELECT * FROM flags ORDER BY group_key, flag"),
+    }

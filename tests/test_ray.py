@@ -1,8 +1,7 @@
 """The Ray executor (issue #21 item 4) on a local Ray instance: one task per shard, the stores streamed back to the
 driver and merged; the result equals a single-process run row for row, and a finished run resumes without work."""
-import sqlite3
-
 import pytest
+from rank_helpers import store_contents as _rows
 
 from robustbench_med.errors import ConfigError
 from robustbench_med.grid import parse_grid
@@ -16,14 +15,6 @@ GRID = {"name": "on_ray", "n_examples": 12, "unit_size": 4, "victims": ["cnn.pha
         "attacks": [{"name": "pgd.linf", "params": {"eps": ["2/255", "8/255"], "steps": 2}},
                     {"name": "noise.uniform", "params": {"eps": "8/255"}}],
         "defenses": ["identity.none", {"name": "jpeg.bpda", "params": {"quality": 60}}]}
-
-
-def _rows(db):
-    con = sqlite3.connect(db)
-    out = {t: con.execute(f"SELECT * FROM {t} ORDER BY 1, 2").fetchall() for t in ("samples", "clean", "units", "flags")}
-    out["cells"] = con.execute("SELECT cell_id, status FROM cells ORDER BY cell_id").fetchall()
-    con.close()
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ import sqlite3
 
 import pytest
 from rank_helpers import linear_victim, tiny_grid
+from rank_helpers import store_contents as _everything, table as _table
 
 from robustbench_med.errors import ConfigError
 from robustbench_med.grid import parse_grid
@@ -35,23 +36,6 @@ def two_shards(tmp_path_factory):
     for k in (1, 2):
         run_grid(parse_grid(GRID), out, progress=False, shard=f"{k}/2")
     return out
-
-
-def _table(db, sql):
-    con = sqlite3.connect(db)
-    rows = con.execute(sql).fetchall()
-    con.close()
-    return rows
-
-
-def _everything(db):
-    return {
-        "samples": _table(db, "SELECT * FROM samples ORDER BY cell_id, sample_idx"),
-        "clean": _table(db, "SELECT * FROM clean ORDER BY group_key, sample_idx"),
-        "cells": _table(db, "SELECT cell_id, victim, defense, attack, attack_params, status, weights_sha256 FROM cells ORDER BY cell_id"),
-        "units": _table(db, "SELECT * FROM units ORDER BY cell_id, start"),
-        "flags": _table(db, "SELECT * FROM flags ORDER BY group_key, flag"),
-    }
 
 
 @pytest.mark.parametrize("n", [1, 2, 3])

@@ -7,7 +7,6 @@ stops a coupled one with the fix named.
 The victims here evaluate one sample at a time (:class:`PerSample`), so their outputs are exactly batch-invariant
 and any difference found is the attack's or the harness's, not floating-point kernels'."""
 import json
-import sqlite3
 from contextlib import contextmanager
 
 import pytest
@@ -22,6 +21,7 @@ from robustbench_med.runner import run_grid
 from robustbench_med.victim import ModelVictim, VictimCard
 
 from conftest import ToyVictimNet
+from rank_helpers import store_contents as _everything, table as _table
 
 SMALL = {"hfc.bim": {"lam": 0.0}, "hfc.cw": {"lam": 0.0}, "hfc.mifgsm": {"lam": 0.0}, "hfc.pgd": {"lam": 0.0}}
 NEEDS = {"transfer.pgd": {"surrogate": "loopsurrogate.classification", "surrogate_weights": None}}
@@ -110,23 +110,6 @@ def test_sample_streams_are_per_sample():
 
 # ------------------------------------------------------------------------------------------------------------
 # the harness
-
-
-def _table(db, sql):
-    con = sqlite3.connect(db)
-    rows = con.execute(sql).fetchall()
-    con.close()
-    return rows
-
-
-def _everything(db):
-    return {
-        "samples": _table(db, "SELECT * FROM samples ORDER BY cell_id, sample_idx"),
-        "clean": _table(db, "SELECT * FROM clean ORDER BY group_key, sample_idx"),
-        "cells": _table(db, "SELECT cell_id, victim, defense, attack, attack_params, status FROM cells ORDER BY cell_id"),
-        "units": _table(db, "SELECT * FROM units ORDER BY cell_id, start"),
-        "flags": _table(db, "SELECT * FROM flags ORDER BY group_key, flag"),
-    }
 
 
 def _memory(db) -> dict:
