@@ -37,7 +37,7 @@ from robustbench_med.errors import ConfigError
 from robustbench_med.feature_stats import (HIERARCHIES, FeatureStats, base_victim, fit_feature_stats, module_activations,
                                            victim_fingerprint)
 from robustbench_med.registry import register_attack
-from robustbench_med.tasks import two_class_logits
+from robustbench_med.tasks import get_task
 from robustbench_med.victim import Victim
 
 TARGET_RULES = ("likely", "next")
@@ -155,10 +155,9 @@ class HFCAttack(Attack):
         """The class each sample is pushed towards (see the module docstring)."""
         if self.threat.targeted:
             return y.long()
-        if victim.task == "binary":
-            return 1 - y.long()
-        if self.target_rule == "next":
-            return (y.long() + 1) % len(victim.card.classes)
+        task = get_task(victim.task)
+        if self.target_rule == "next" or task.num_classes(victim.card.classes) == 2:  # two classes: the other one
+            return task.next_class(y.long(), victim.card.classes)
         with torch.no_grad():
             logits = self.expectation(victim, x).clone()  # the most likely wrong class of a randomised victim
         logits[torch.arange(len(y), device=y.device), y.long()] = -math.inf
@@ -169,7 +168,7 @@ class HFCAttack(Attack):
         """Per-sample loss towards target ``t``: CE / BCE, or the CW margin clamp(max_{j≠t} z_j − z_t + κ, 0)."""
         if self.base_loss == "ce":
             return victim.loss(out, t)
-        z = two_class_logits(out) if victim.task == "binary" else out
+        z = get_task(victim.task).class_logits(out)
         z_t = z.gather(1, t.view(-1, 1)).squeeze(1)
         others = z.scatter(1, t.view(-1, 1), -math.inf).amax(1)
         return (others - z_t + self.kappa).clamp_min(0)

@@ -14,10 +14,10 @@ import torch
 from robustbench_med.attack import Attack, SampleRNG
 from robustbench_med.errors import ConfigError
 from robustbench_med.registry import register_attack
-from robustbench_med.tasks import soft_dice_loss
+from robustbench_med.tasks import TASKS, soft_dice_loss
 from robustbench_med.victim import Victim
 
-ALL_IMAGE_TASKS = frozenset({"classification", "binary", "multilabel", "segmentation", "landmark", "vqa"})
+ALL_IMAGE_TASKS = frozenset(TASKS)
 
 
 def _view(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ from torch import nn
 from robustbench_med.attack import Attack
 from robustbench_med.errors import ConfigError, TaskNotSupportedError
 from robustbench_med.registry import register_attack
-from robustbench_med.tasks import two_class_logits
+from robustbench_med.tasks import get_task
 from robustbench_med.victim import Victim
 from robustbench_med.attacks.pgd import project
 
@@ -46,11 +46,11 @@ class LogitsView(nn.Module):
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         out = self.victim(x)
-        return two_class_logits(out) if self.victim.task == "binary" else out
+        return get_task(self.victim.task).class_logits(out)
 
 
 def n_classes(victim: Victim) -> int:
-    return 2 if victim.task == "binary" else len(victim.card.classes)
+    return get_task(victim.task).num_classes(victim.card.classes)
 
 
 class TorchattacksAttack(Attack):

@@ -26,9 +26,9 @@ from pathlib import Path
 from robustbench_med.api import create_attack
 from robustbench_med.distributed import ProcessContext, _no_barrier, unit_position
 from robustbench_med.grid import canonical
+from robustbench_med.tasks import ZERO_ONE_TASKS
 
 ROOT = Path(__file__).resolve().parents[1] / "leaderboards"
-CASCADE_TASKS = ("classification", "binary")
 
 
 def load_groups(grid: str) -> list[dict]:
@@ -55,7 +55,7 @@ def load_groups(grid: str) -> list[dict]:
 def unit_costs(group: dict, unit_size: int) -> list[tuple[int, float]]:
     """(plan position, seconds) of every unit of ``group`` at ``unit_size`` (the runner's rule)."""
     k, n = len(group["cells"]), group["n"]
-    cascade = group["task"] in CASCADE_TASKS and group["knowledge"] != "none"
+    cascade = group["task"] in ZERO_ONE_TASKS and group["knowledge"] != "none"
     batched = not cascade and create_attack(group["attack"], **group["params"]).supports_eps_batch
     chunk = unit_size if cascade else max(1, unit_size // k) if batched else unit_size
     if not cascade and not batched:  # each cell is its own group of one

@@ -45,7 +45,7 @@ from robustbench_med.errors import ConfigError
 from robustbench_med.feature_stats import global_pool, num_classes, pooled_features, resolve_layers, victim_fingerprint
 from robustbench_med.registry import register_defense
 from robustbench_med.tasks import predict as task_predict
-from robustbench_med.tasks import two_class_logits
+from robustbench_med.tasks import get_task
 from robustbench_med.threat import parse_eps
 from robustbench_med.victim import Victim, eval_mode
 
@@ -422,7 +422,7 @@ def _dropout_sites(victim: Victim) -> tuple[list[nn.Module], nn.Module | None]:
 
 
 def _probabilities(victim: Victim, out: torch.Tensor) -> torch.Tensor:
-    return (two_class_logits(out) if victim.task == "binary" else out).softmax(1)
+    return get_task(victim.task).class_logits(out).softmax(1)
 
 
 class SVMDetector(FittedDetector):

@@ -45,7 +45,7 @@ from robustbench_med.errors import ConfigError, TaskNotSupportedError, check_cho
 from robustbench_med.registry import register_defense
 from robustbench_med.threat import parse_eps
 from robustbench_med.victim import Victim
-from robustbench_med.victims.lvlm.models import LVLMVictim, _trim_left, pool_question_ids, vqa_bank
+from robustbench_med.victims.lvlm.models import LVLMVictim, pool_question_ids, vqa_bank
 
 VARIANTS = ("v2", "v3")
 SOURCES = ("lm", "qformer")
@@ -109,31 +109,24 @@ def purification_questions(spec: str | Sequence[int]) -> list[int]:
 def lm_attention(core: LVLMVictim, x: torch.Tensor, rows: torch.Tensor, qids: torch.Tensor) -> torch.Tensor:
     """Attention [N, layers, heads, T] from the last prompt token to the T visual tokens for image ``rows[i]`` and
     question ``qids[i]``: one LM forward pass with ``output_attentions`` (eager attention required)."""
-    tokens = core._visual(x, rows, qids, "lm_input")
-    mask, ids = _trim_left(core._prompt_mask[qids], core._prompt_ids[qids])
-    embeds = core.model.get_input_embeddings()(ids)
-    slots = ids == core.image_token_id
-    embeds = embeds.masked_scatter(slots.unsqueeze(-1), tokens.to(embeds.dtype))
-    pos = (mask.cumsum(-1) - 1).clamp_min(0)
-    lm = core.model if core.family == "llava" else core.model.language_model
-    out = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, logits_to_keep=1, output_attentions=True)
+    out, slots = core.lm_pass(x, rows, qids, logits_to_keep=1, output_attentions=True)
     if not out.attentions:
         raise ConfigError(f"{core.card.name}: the LM returned no attentions; build the model with attn_implementation='eager'")
     last = torch.stack([a[:, :, -1] for a in out.attentions], 1)  # [N, L, H, S]
     visual = last.permute(0, 3, 1, 2)[slots]  # [N·T, L, H]
-    return visual.view(len(ids), -1, *visual.shape[1:]).permute(0, 2, 3, 1).float()
+    return visual.view(len(slots), -1, *visual.shape[1:]).permute(0, 2, 3, 1).float()
 
 
 def qformer_attention(core: LVLMVictim, x: torch.Tensor, rows: torch.Tensor, qids: torch.Tensor) -> torch.Tensor:
     """Q-Former cross-attention [N, layers·heads·queries·patches] of the query tokens to the vision patches (read with
     forward hooks on the ``crossattention.attention`` modules during the visual pass)."""
-    if core.family == "llava":
+    if not core.has_qformer:
         raise ConfigError("source='qformer' needs a Q-Former model (BLIP-2 / InstructBLIP), not LLaVA")
     maps: list[torch.Tensor] = []
     mods = [m for n, m in core.model.named_modules() if n.endswith("crossattention.attention")]
     hooks = [m.register_forward_hook(lambda _m, _i, o: maps.append(o[1])) for m in mods]
     try:
-        core._visual(x, rows, qids, "projector")
+        core.visual_rows(x, rows, qids, "projector")
     finally:
         for h in hooks:
             h.remove()
@@ -172,6 +165,7 @@ class F3Purifier(InputPurifier):
 
     differentiable: ClassVar[bool] = False  # attacked through BPDA, the a.e. gradient (module docstring)
     randomized: ClassVar[bool] = True
+    unshared: ClassVar[tuple[str, ...]] = ("core",)  # the bound LVLM (wrap binds the victim it is given)
 
     def __init__(self, variant: str = "v3", alpha: Any = 16 / 255, beta: Any = 32 / 255, steps: int = 1,
                  source: str = "lm", questions: str | Sequence[int] = "types", loss_scale: float = 1e4,
@@ -203,7 +197,7 @@ class F3Purifier(InputPurifier):
     def bind(self, victim: Victim) -> None:
         """Attach the victim whose attention guides purification."""
         core = lvlm_of(victim)
-        if self.source == "qformer" and core.family == "llava":
+        if self.source == "qformer" and not core.has_qformer:
             raise TaskNotSupportedError(f"{core.card.name}: source='qformer' needs a Q-Former model (BLIP-2 / InstructBLIP)")
         self.core = core
 

@@ -81,7 +81,6 @@ def create_attack(name: str, **params: Any):
     """Build attack ``name`` with its threat-model parameters (validated before any work: a ``norm`` that the name
     fixes or that contradicts the registered norm, and an unknown parameter, raise :class:`ConfigError`)."""
     from robustbench_med.attack import validate_attack_params
-    from robustbench_med.errors import ConfigError
 
     entry = ATTACKS.get(name)
     validate_attack_params(name, params, entry.meta.get("norm"))

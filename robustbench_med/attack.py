@@ -15,6 +15,7 @@ from typing import Any, Callable, ClassVar, Iterator, Sequence
 import torch
 
 from robustbench_med.errors import ConfigError, TaskNotSupportedError
+from robustbench_med.tasks import get_task
 from robustbench_med.threat import ThreatModel
 from robustbench_med.victim import Victim, eval_mode, validate_images
 
@@ -239,33 +240,18 @@ def check_targets(victim: Victim, y: Any, n: int | None = None, where: str = "ta
     integer class index per sample (classification, in range), 0/1 per sample (binary), [n, L] 0/1 (multi-label,
     L = the victim's classes), a [n, H, W] class map of the input's size (segmentation), finite [n, L, 2] pixel
     coordinates (landmarks); ``n`` samples when given."""
-    task, card = victim.task, victim.card
+    task, card = get_task(victim.task), victim.card
     if not isinstance(y, torch.Tensor):
         raise ConfigError(f"{where}: must be a torch.Tensor, got {type(y).__name__}")
     if n is not None and (y.dim() == 0 or len(y) != n):
         raise ConfigError(f"{where}: {n} images but {0 if y.dim() == 0 else len(y)} targets")
-    shape = tuple(y.shape)
-    want = {"classification": "[n]", "binary": "[n]", "multilabel": "[n, L]", "segmentation": "[n, H, W]",
-            "landmark": "[n, L, 2]"}.get(task)
-    dims = {"classification": 1, "binary": 1, "multilabel": 2, "segmentation": 3, "landmark": 3}.get(task)
-    if dims is None:  # vqa: answers are defined by the LVLM victims
+    if task.target_dims is None:  # vqa: answers are defined by the LVLM victims
         return
-    if y.dim() != dims or (task == "landmark" and shape[-1] != 2):
-        raise ConfigError(f"{where}: a {task} victim ({card.name}) takes targets of shape {want}, got {list(shape)}")
-    if task in ("classification", "binary", "segmentation") and y.is_floating_point():
-        raise ConfigError(f"{where}: {task} targets must be integer class indices, got dtype {y.dtype}")
+    if y.dim() != task.target_dims:
+        raise ConfigError(f"{where}: a {task.name} victim ({card.name}) takes targets of shape {task.target_shape}, got {list(y.shape)}")
+    if task.integer_targets and y.is_floating_point():
+        raise ConfigError(f"{where}: {task.name} targets must be integer class indices, got dtype {y.dtype}")
     if y.is_floating_point() and not torch.isfinite(y).all():
         raise ConfigError(f"{where}: targets contain NaN or infinite values")
-    if not y.numel():
-        return
-    lo, hi = float(y.min()), float(y.max())
-    if task == "classification" and card.classes and (lo < 0 or hi >= len(card.classes)):
-        raise ConfigError(f"{where}: class indices must lie in [0, {len(card.classes)}) for {card.name}, got [{lo:g}, {hi:g}]")
-    if task in ("binary", "multilabel") and not bool(((y == 0) | (y == 1)).all()):
-        raise ConfigError(f"{where}: {task} targets must be 0 or 1, got values in [{lo:g}, {hi:g}]")
-    if task == "multilabel" and card.classes and shape[1] != len(card.classes):
-        raise ConfigError(f"{where}: {card.name} has {len(card.classes)} labels, targets have {shape[1]}")
-    if task == "segmentation" and tuple(shape[1:]) != tuple(card.input_size[1:]):
-        raise ConfigError(f"{where}: class maps must be {list(card.input_size[1:])} like the input, got {list(shape[1:])}")
-    if task == "segmentation" and lo < 0:
-        raise ConfigError(f"{where}: class indices must be >= 0, got {lo:g}")
+    if y.numel():
+        task.check_values(y, card, where)

@@ -1,14 +1,17 @@
-"""Batch size that fits the device: found once per victim × device × input size, then remembered.
+"""Batch size that fits the device: found once per attacked model × device × input size × EOT, then remembered.
 
-On a CUDA device the probe runs forward + backward (what an attack step costs) on random inputs, doubling the batch
-until it runs out of memory or reaches the limit, then bisecting between the last fit and the first failure. The
-result (times a safety factor) is cached in ``<home>/batch_sizes.json``. On the CPU memory is not the constraint
-and the requested batch size is used as is.
+On a CUDA device the probe runs what one attack step costs on the model the attack sees: ``eot`` forward passes of
+its objective (through the defence, and through the language model for an LVLM) kept in one graph, as
+:meth:`Attack.expectation` does, then one backward, on copies of a real sample. It doubles the batch until it runs
+out of memory or reaches the limit, then bisects between the last fit and the first failure. The result (times a
+safety factor) is cached in ``<home>/batch_sizes.json``. The batch size found is only a memory cap: it never changes a
+result (the runner splits a unit's call only where the split is exact, and halves the cap again on an out-of-memory
+error). On the CPU memory is not the constraint and the requested batch size is used as is.
 """
 from __future__ import annotations
 
 import json
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -45,6 +48,35 @@ def largest_fitting(fits: Callable[[int], bool], start: int, limit: int) -> int:
     return lo
 
 
+def _repeat(value: Any, b: int) -> Any:
+    """A batch of ``b`` copies of a one-sample batch (tensor targets, or lists such as LVLM answers)."""
+    if isinstance(value, torch.Tensor):
+        return value[:1].expand(b, *value.shape[1:]).clone()
+    return list(value[:1]) * b
+
+
+def probe_objective(view, x: torch.Tensor, y: Any, eot: int = 1) -> Callable[[int], bool]:
+    """``fits(b)``: whether ``eot`` passes of ``view.objective`` on ``b`` copies of the sample ``(x[:1], y[:1])``, held
+    in one graph, and their backward run without an out-of-memory error (what one EOT attack step needs)."""
+
+    def fits(b: int) -> bool:
+        try:
+            xb = _repeat(x, b).requires_grad_(True)
+            yb = _repeat(y, b)
+            total = sum(view.objective(xb, yb).float().sum() for _ in range(eot))
+            total.backward()
+            return True
+        except RuntimeError as e:
+            if not is_oom(e):
+                raise
+            return False
+        finally:
+            if x.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    return fits
+
+
 def _probe(victim, device: torch.device) -> Callable[[int], bool]:
     c, h, w = victim.card.input_size
 
@@ -65,14 +97,19 @@ def _probe(victim, device: torch.device) -> Callable[[int], bool]:
     return fits
 
 
-def adaptive_batch_size(victim, device: torch.device, requested: int, limit: int = 4096) -> int:
-    """The batch size to use for ``victim`` on ``device`` (probed and cached on CUDA; ``requested`` on CPU)."""
+def adaptive_batch_size(victim, device: torch.device, requested: int, limit: int = 4096, *,
+                        sample: tuple[torch.Tensor, Any] | None = None, eot: int = 1, tag: str = "") -> int:
+    """The batch size to use for ``victim`` (the attacked model: a defended view, an LVLM) on ``device``: probed with
+    :func:`probe_objective` on ``sample`` (one input and its target) with ``eot`` passes, or a plain forward and backward
+    on random inputs without a sample, and cached on CUDA under ``tag`` (e.g. the defence); ``requested`` on CPU."""
     if device.type != "cuda":
         return requested
-    key = f"{victim.card.name}|{victim.card.weights_sha256}|{torch.cuda.get_device_name(device)}|{victim.card.input_size}"
+    key = (f"{victim.card.name}|{victim.card.weights_sha256}|{torch.cuda.get_device_name(device)}|{victim.card.input_size}"
+           f"|{tag}|eot={eot}|{'objective' if sample is not None else 'forward'}")
     cache = paths.home() / "batch_sizes.json"
     table = json.loads(cache.read_text()) if cache.exists() else {}
     if key not in table:
-        table[key] = max(1, int(largest_fitting(_probe(victim, device), requested, limit) * SAFETY))
+        fits = probe_objective(victim, *sample, eot=eot) if sample is not None else _probe(victim, device)
+        table[key] = max(1, int(largest_fitting(fits, requested, limit) * SAFETY))
         atomic_write_bytes(cache, json.dumps(table, indent=1).encode())
     return int(table[key])

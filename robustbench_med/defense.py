@@ -25,6 +25,7 @@ class Defense(abc.ABC):
     differentiable: ClassVar[bool] = True
     randomized: ClassVar[bool] = False
     name: str = "defense"
+    unshared: ClassVar[tuple[str, ...]] = ()  # attributes that refer to the victim (bound again by wrap), never shared
 
     def params(self) -> dict[str, Any]:
         """The defence's parameters (recorded with every result)."""
@@ -37,6 +38,16 @@ class Defense(abc.ABC):
     def prepare(self, victim: Victim, train: Any) -> None:
         """Fit whatever the defence learns (detectors, latent perturbers) on ``train`` (a ``MedicalDataset``
         split) for ``victim``. Called by the harness before :meth:`wrap`; defences that learn nothing keep this."""
+
+    def prepared_state(self) -> dict[str, Any]:
+        """Everything this (prepared) defence holds but the references to its victim (:attr:`unshared`): what a
+        copy of the defence with the same parameters needs, through :meth:`load_prepared`, to act exactly like this
+        one without fitting again. The runner fits each defence once, on rank 0, and gives the others this state."""
+        return {k: v for k, v in vars(self).items() if k not in self.unshared}
+
+    def load_prepared(self, state: dict[str, Any]) -> None:
+        """Take over the fitted state of a prepared copy (see :meth:`prepared_state`) instead of calling prepare."""
+        vars(self).update({k: v for k, v in state.items() if k not in self.unshared})
 
     @property
     def default_gradient_mode(self) -> str:

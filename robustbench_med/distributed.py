@@ -14,6 +14,11 @@ resumed changes nothing about ownership; the runner checks at the end that every
 store and fails loudly if one is missing. A crashed rank's units are simply missing from the store and are computed
 on the next run, with any number of processes.
 
+Rank 0 alone trains missing weights, fits every defence (``Defense.prepare``: detectors, latent perturbers), runs
+the gradient checks and computes the clean results; the others wait and receive the fitted defences through
+:attr:`ProcessContext.share` (one collective per run), and read the clean results from the store. The collectives
+of a launch therefore wait up to :data:`COLLECTIVE_TIMEOUT` (a default timeout would cut a long preparation).
+
 On a CPU, each process of a launch is pinned to its own share of the cores (``torch.set_num_threads`` and, where the
 OS allows it, ``os.sched_setaffinity``): ``ROBUSTBENCH_MED_RANK_THREADS`` or ``OMP_NUM_THREADS`` if set, else the
 available cores divided by the processes on this machine.
@@ -23,20 +28,27 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
-from typing import Callable
+from datetime import timedelta
+from typing import Any, Callable
 
 import torch
 
 from robustbench_med.errors import ConfigError
 
 RANK_THREADS_ENV = "ROBUSTBENCH_MED_RANK_THREADS"
+COLLECTIVE_TIMEOUT = timedelta(hours=12)
 _SHARD = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
+
+
+def _keep(obj: Any) -> Any:
+    return obj
 
 
 @dataclass(frozen=True)
 class ProcessContext:
     """One process of a run: its rank among ``world_size`` processes on one store, and the shard (0-based
-    ``shard`` of ``shards``) of the grid the store holds."""
+    ``shard`` of ``shards``) of the grid the store holds. ``share(obj)`` is a collective (every rank calls it) that
+    returns rank 0's ``obj`` on every rank."""
 
     rank: int
     world_size: int
@@ -44,6 +56,7 @@ class ProcessContext:
     device: torch.device | None
     shard: int = 0
     shards: int = 1
+    share: Callable[[Any], Any] = _keep
 
     def __post_init__(self) -> None:
         for name in ("rank", "world_size", "shard", "shards"):
@@ -138,14 +151,26 @@ def process_context(shard: str | tuple[int, int] | None = None) -> ProcessContex
 
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")))
-    state = PartialState()
+    state = PartialState(timeout=COLLECTIVE_TIMEOUT)
     if state.num_processes == world:
+        from accelerate.utils import broadcast_object_list
+
         if state.device.type == "cpu":
             pin_rank_threads(local_rank, local_world)
-        return ProcessContext(state.process_index, state.num_processes, state.wait_for_everyone, state.device, k, n)
+        return ProcessContext(state.process_index, state.num_processes, state.wait_for_everyone, state.device, k, n,
+                              lambda obj: broadcast_object_list([obj], from_process=0)[0])
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", timeout=COLLECTIVE_TIMEOUT)
     pin_rank_threads(local_rank, local_world)
-    return ProcessContext(int(os.environ["RANK"]), world, dist.barrier, torch.device("cpu"), k, n)
+    return ProcessContext(int(os.environ["RANK"]), world, dist.barrier, torch.device("cpu"), k, n, _broadcast)
+
+
+def _broadcast(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank of the default process group."""
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

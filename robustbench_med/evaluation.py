@@ -18,6 +18,7 @@ from torch import nn
 
 from robustbench_med.errors import ConfigError
 from robustbench_med.registry import VICTIMS
+from robustbench_med.tasks import get_task
 from robustbench_med.victim import Victim, restore_training_flags, training_flags
 
 ATTACK_SUITES = ("standard", "fast")
@@ -39,7 +40,7 @@ def attack_suite(suite: str, task: str, norm: str) -> list[dict[str, Any]]:
     pgd = {"name": "pgd.linf" if norm == "Linf" else "pgd.l2"}
     if suite == "fast":
         return [{**pgd, "params": {"steps": 10}}]
-    if task in ("classification", "binary"):
+    if get_task(task).single_label:
         return [{"name": "autoattack.standard", "params": {} if norm == "Linf" else {"norm": "L2"}}]
     out = [{**pgd, "params": {"steps": 20}}]
     if norm == "Linf":

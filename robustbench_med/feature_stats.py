@@ -30,6 +30,7 @@ import torch
 from robustbench_med import paths
 from robustbench_med.errors import ConfigError, TaskNotSupportedError
 from robustbench_med.registry import VICTIMS
+from robustbench_med.tasks import get_task
 from robustbench_med.tasks import predict as task_predict
 from torch import nn
 
@@ -37,7 +38,6 @@ from robustbench_med.victim import Victim, eval_mode
 from robustbench_med.weights import atomic_write_bytes
 
 STATS_VERSION = 1
-CLASSIFIER_TASKS = ("binary", "classification")
 HIERARCHIES = ("blocks", "conv")
 
 
@@ -75,9 +75,10 @@ def victim_fingerprint(victim: Victim) -> str:
 
 def num_classes(victim: Victim) -> int:
     """Number of classes of a binary (2) or multi-class classifier; other tasks raise."""
-    if victim.task not in CLASSIFIER_TASKS:
+    task = get_task(victim.task)
+    if not task.single_label:
         raise TaskNotSupportedError(f"feature statistics need a binary or multi-class classifier, not a {victim.task!r} victim ({victim.card.name})")
-    return 2 if victim.task == "binary" else len(victim.card.classes)
+    return task.num_classes(victim.card.classes)
 
 
 def conv_modules(victim: Victim) -> dict[str, nn.Module]:

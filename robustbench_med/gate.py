@@ -35,12 +35,12 @@ from scipy import stats
 
 from robustbench_med.entries import defense_key, defense_label, headline_rows, load_entries
 from robustbench_med.errors import ConfigError
+from robustbench_med.tasks import ZERO_ONE_TASKS
 
 DEFAULT_MARGIN = 0.05
 DEFAULT_ALPHA = 0.05
 MIN_N = 100
 N_BOOT = 2000
-ZERO_ONE_TASKS = frozenset({"classification", "binary"})
 
 
 @dataclass

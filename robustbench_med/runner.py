@@ -14,6 +14,12 @@ or the number of processes); an attack's batch-level random choices are seeded b
 cell, first sample of the unit) and every sample's own stream by (…, cell, sample index), so a unit's call can be
 split to fit memory (``Attack.sample_independent`` attacks on deterministic models only) without changing a draw.
 
+A run has two phases. First rank 0 alone, for every victim × defence not finished yet, trains missing weights,
+fits the defence (``Defense.prepare``), runs the reliability checks and writes the clean rows; the fitted defences
+reach the other processes in one collective (:meth:`Defense.prepared_state`), so each defence is fitted and each clean
+pass computed once per run, whatever the number of processes (the manifest's ``work`` lists both per process). Then
+every process computes its own units, with no barrier between victims.
+
 Who computes a unit follows from the plan (:mod:`robustbench_med.distributed`: a stable hash of the group's cells
 plus the unit's index), never from the order of execution, and the plan is recorded in the store. At the end of
 every run each process checks that its own units are all in the store and, after the final barrier, rank 0 checks
@@ -44,18 +50,36 @@ from robustbench_med.errors import ConfigError, RobustBenchMedError, TaskNotSupp
 from robustbench_med.grid import AttackSpec, DefenseSpec, Grid, VictimSpec, canonical, load_grid
 from robustbench_med.registry import DEFENSES, VICTIMS
 from robustbench_med.store import Store, StoreError, run_lock
+from robustbench_med.tasks import get_task
 from robustbench_med.tasks import predict as task_predict
 from robustbench_med.threat import check_budget
 from robustbench_med.victim import Victim
 
 MASKED_GRADIENT_FRACTION = 0.5
 DEFAULT_EOT = 8
-CASCADE_TASKS = frozenset({"classification", "binary"})  # tasks whose per-sample outcome is 0/1 (robust or not)
 T = TypeVar("T")
 
 
 class IncompleteRunError(RobustBenchMedError):
     """A run ended with planned (cell, sample) rows missing from its store (never silently)."""
+
+
+@dataclass
+class PairRun:
+    """What every unit of one victim × defence works on: the model the attack sees (``view``) and the one that is
+    scored (``defended``), the pair's group key (seeds, flags, clean rows), the data and the clean rows."""
+
+    view: Victim
+    defended: Victim
+    group_key: str
+    x_all: torch.Tensor
+    y_all: torch.Tensor
+    clean: dict[int, dict[str, Any]]
+    attrs: list[dict[str, Any]]
+
+    @property
+    def threshold(self) -> float:
+        return self.defended.spec.success_threshold
 
 
 @dataclass
@@ -126,17 +150,13 @@ def target_field_for(spec: VictimSpec, victim: Victim) -> str:
 
 def targeted_labels(victim: Victim, y: torch.Tensor) -> torch.Tensor:
     """Target labels for targeted attacks: the flipped label (binary) or the next class (multi-class)."""
-    if victim.task == "binary":
-        return 1 - y
-    if victim.task == "classification":
-        return (y + 1) % len(victim.card.classes)
-    raise ConfigError(f"targeted attacks need a classifier, not a {victim.task} victim")
+    return get_task(victim.task).next_class(y, victim.card.classes)
 
 
 def evaluate_batch(victim: Victim, x: torch.Tensor, y: torch.Tensor) -> tuple[dict[str, torch.Tensor], list[Any] | None]:
     """Per-sample metrics and (small) predictions of ``victim`` on ``x`` (plus ``detector_score`` for detectors)."""
     with torch.no_grad():
-        if victim.task == "vqa":
+        if get_task(victim.task).victim_defined:
             metrics, pred = victim.evaluate(x, y), None
         else:
             out = victim(x)
@@ -151,7 +171,7 @@ def evaluate_batch(victim: Victim, x: torch.Tensor, y: torch.Tensor) -> tuple[di
 
 def _raw_output(victim: Victim, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
-        return next(iter(victim.evaluate(x, y).values())) if victim.task == "vqa" else victim(x)
+        return next(iter(victim.evaluate(x, y).values())) if get_task(victim.task).victim_defined else victim(x)
 
 
 def _clean_extras(clean_row: dict[str, Any]) -> dict[str, float]:
@@ -187,6 +207,7 @@ class GridRunner:
         self._memory: dict[str, dict[str, int]] = {}  # victim -> cap used and calls split, for the manifest
         self._memory_key = ""
         self._visited: list[tuple[str, VictimSpec, DefenseSpec, int, int]] = []  # (group_key, victim, defence, eot, n)
+        self._work: dict[str, list[str]] = {"defenses_prepared": [], "clean_passes": []}  # "victim × defence" (manifest)
 
     def run(self) -> str:
         """Run the grid (rank 0 holding the store's lock) and check that nothing planned is missing."""
@@ -221,26 +242,17 @@ class GridRunner:
         self.store.start_run(run_id, self.grid.name, self.grid.config_hash(), manifest(self.grid, self.device, data_hash, self.ctx))
         attrs = ds.attributes(idx)
         attr_rows = [{k: attrs[k][i] for k in attrs} for i in range(n)]
-        if self.ctx.world_size > 1:  # rank 0 trains every missing weights file first: one wait, not one per victim
-            if self.ctx.is_main:
-                train_missing_weights(self.grid, self.device, self.progress)
-            self.ctx.barrier()
+        prepared = self._prepare_all(ds, idx, x_all, attr_rows, data_hash)  # rank 0 also trains missing weights here
         for vspec in self.grid.victims:
-            victim = create_victim(vspec.name, weights=vspec.weights, train_if_missing=self.ctx.is_main, progress=self.progress,
-                                   device=self.device, **vspec.params)
-            self.batch_cap = adaptive_batch_size(victim, self.device, self.grid.batch_size)
-            self._memory[vspec.name] = {"unit_size": self.grid.unit_size, "memory_batch": self.batch_cap, "split_calls": 0}
-            field = target_field_for(vspec, victim)
-            y_all = ds.targets(field, idx)
-            check_targets(victim, y_all, n, where=f"{self.grid.source}: victim {vspec.name}, target field {field!r}")
-            for dspec in (d for d in self.grid.defenses if vspec.pairs_with(d.name) and defense_supports(d.name, victim.task)):
-                self._victim_defense(vspec, victim, dspec, x_all, y_all, attr_rows, data_hash)
+            victim, y_all = self._load_victim(vspec, ds, idx)
+            for dspec in self._defenses_for(vspec, victim):
+                self._victim_defense(vspec, victim, dspec, x_all, y_all, attr_rows, data_hash, prepared)
         self._raise_if_missing(self._missing("rank"), "this process")
         self.ctx.barrier()  # every rank has written its units
         if self.ctx.is_main:
             self._finalize_statuses()
             self._raise_if_missing(self._missing("shard"), "the run" if self.ctx.shards == 1 else f"shard {self.ctx.shard_label}")
-        self.store.finish_run(run_id, {"memory": self._memory})
+        self.store.finish_run(run_id, {"memory": self._memory, "work": self._work})
         self.ctx.barrier()
         return run_id
 
@@ -303,27 +315,106 @@ class GridRunner:
                 if status and status[0] == "pending" and len(self.store.done_samples(cell_id)) == n:
                     self.store.set_cell_status(cell_id, "done")
 
-    # one victim × defence ---------------------------------------------------------------------------------
-    def _victim_defense(self, vspec: VictimSpec, victim: Victim, dspec: DefenseSpec, x_all, y_all, attrs, data_hash) -> None:
+    # preparation (rank 0, once for all processes) ---------------------------------------------------------
+    def _load_victim(self, vspec: VictimSpec, ds, idx: list[int]) -> tuple[Victim, torch.Tensor]:
+        """The victim of ``vspec`` on the run's device and its checked targets."""
+        victim = create_victim(vspec.name, weights=vspec.weights, train_if_missing=self.ctx.is_main, progress=self.progress,
+                               device=self.device, **vspec.params)
+        self._memory.setdefault(vspec.name, {"unit_size": self.grid.unit_size, "memory_batch": self.grid.batch_size, "split_calls": 0})
+        self._memory_key = vspec.name
+        field = target_field_for(vspec, victim)
+        y_all = ds.targets(field, idx)
+        check_targets(victim, y_all, len(idx), where=f"{self.grid.source}: victim {vspec.name}, target field {field!r}")
+        return victim, y_all
+
+    def _memory_cap(self, vspec: VictimSpec, view: Victim, dspec: DefenseSpec, eot: int, x_all, y_all) -> None:
+        """The memory cap for calls on ``view``: on CUDA probed on the attacked model with its defence and EOT (the
+        grid's ``batch_size`` is where the search starts), elsewhere the grid's ``batch_size``. It never changes a result;
+        the manifest records the smallest cap of each victim."""
+        self.batch_cap = adaptive_batch_size(view, self.device, self.grid.batch_size, sample=(x_all[:1].to(self.device), y_all[:1].to(self.device)),
+                                             eot=eot, tag=dspec.key)
+        mem = self._memory[vspec.name]
+        mem["memory_batch"] = min(mem["memory_batch"], self.batch_cap)
+
+    def _defenses_for(self, vspec: VictimSpec, victim: Victim) -> list[DefenseSpec]:
+        return [d for d in self.grid.defenses if vspec.pairs_with(d.name) and defense_supports(d.name, victim.task)]
+
+    def _pair(self, vspec: VictimSpec, victim: Victim, dspec: DefenseSpec, n: int, data_hash: str):
+        """(a fresh defence, its EOT, the victim × defence's group key)."""
         defense = create_defense(dspec.name, **dspec.params)
         eot = dspec.eot or (DEFAULT_EOT if defense.randomized and dspec.attack_through == "adaptive" else 1)
-        group_key = short_hash(vspec.name, victim.card.weights_sha256, dspec.key, self.grid.dataset, self.grid.split, len(x_all), self.grid.seed, data_hash)
-        self._visited.append((group_key, vspec, dspec, eot, len(x_all)))
-        if self._finished(vspec, dspec, group_key, eot, len(x_all)):
-            return  # resumed: clean rows and every cell (of this shard) are in the store; nothing is refitted
+        group_key = short_hash(vspec.name, victim.card.weights_sha256, dspec.key, self.grid.dataset, self.grid.split, n, self.grid.seed, data_hash)
+        return defense, eot, group_key
+
+    def _prepare_all(self, ds, idx: list[int], x_all, attrs, data_hash) -> dict[str, dict[str, Any]]:
+        """Rank 0: for every unfinished victim × defence, fit the defence, run the reliability checks and compute the
+        clean rows, once for all processes. Returns {group key: ``{"state": …}`` (the fitted defence, see
+        :meth:`Defense.prepared_state`) or ``{"skip": reason}``}; the other ranks receive it through one collective."""
+        prepared: dict[str, dict[str, Any]] = {}
+        if self.ctx.is_main:
+            for vspec in self.grid.victims:
+                victim, y_all = self._load_victim(vspec, ds, idx)
+                for dspec in self._defenses_for(vspec, victim):
+                    defense, eot, group_key = self._pair(vspec, victim, dspec, len(x_all), data_hash)
+                    if not self._finished(vspec, dspec, group_key, eot, len(x_all)):
+                        prepared[group_key] = self._prepare_pair(vspec, victim, dspec, defense, group_key, eot, x_all, y_all, attrs)
+        return self._share_prepared(prepared) if self.ctx.world_size > 1 else prepared
+
+    def _prepare_pair(self, vspec, victim: Victim, dspec: DefenseSpec, defense, group_key: str, eot: int, x_all, y_all,
+                      attrs) -> dict[str, Any]:
+        """Fit ``defense`` for ``victim``, record the reliability flags and write the clean rows of the pair."""
+        label = f"{vspec.name} × {dspec.name}"
         try:
+            self._work["defenses_prepared"].append(label)
             defense.prepare(victim, self._train_split())
             defended = defense.wrap(victim).to(self.device).eval()
         except TaskNotSupportedError as e:  # e.g. F3 with the Q-Former source on LLaVA: its cells are skipped
-            self._plan_cells(vspec, victim, defense, dspec, group_key, eot, skip=str(e))
-            return
+            return {"skip": str(e)}
         view = self._attacked_view(victim, defended, dspec)
-        self._memory_key = vspec.name
+        self._memory_cap(vspec, view, dspec, eot, x_all, y_all)
         self._randomized = self._reliability(group_key, defended, view, x_all, y_all, defense.randomized, eot) or defense.randomized
-        clean = self._clean(defended, group_key, x_all, y_all, attrs)
+        self._clean(defended, group_key, x_all, y_all, attrs, label)
+        return {"state": defense.prepared_state()}
+
+    def _share_prepared(self, prepared: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        """Rank 0's prepared defences on every rank (serialised with ``torch.save`` in memory and mapped onto this
+        rank's device; the bytes come from rank 0 of the same launch, never from a file)."""
+        import io
+
+        payload = None
+        if self.ctx.is_main:
+            buf = io.BytesIO()
+            torch.save(prepared, buf)
+            payload = buf.getvalue()
+        payload = self.ctx.share(payload)
+        if self.ctx.is_main:
+            return prepared
+        return torch.load(io.BytesIO(payload), map_location=self.device, weights_only=False) if payload else {}
+
+    # one victim × defence ---------------------------------------------------------------------------------
+    def _victim_defense(self, vspec: VictimSpec, victim: Victim, dspec: DefenseSpec, x_all, y_all, attrs, data_hash,
+                        prepared: dict[str, dict[str, Any]]) -> None:
+        defense, eot, group_key = self._pair(vspec, victim, dspec, len(x_all), data_hash)
+        self._visited.append((group_key, vspec, dspec, eot, len(x_all)))
+        if self._finished(vspec, dspec, group_key, eot, len(x_all)):
+            return  # resumed: clean rows and every cell (of this shard) are in the store; nothing is refitted
+        entry = prepared.get(group_key)
+        if entry is None:  # not prepared by rank 0 (a simulated rank, or a pair rank 0 found finished): fit it here
+            entry = self._prepare_pair(vspec, victim, dspec, defense, group_key, eot, x_all, y_all, attrs)
+        if "skip" in entry:
+            self._plan_cells(vspec, victim, defense, dspec, group_key, eot, skip=entry["skip"])
+            return
+        defense.load_prepared(entry["state"])
+        defended = defense.wrap(victim).to(self.device).eval()
+        view = self._attacked_view(victim, defended, dspec)
+        self._memory_cap(vspec, view, dspec, eot, x_all, y_all)
+        varies = self.store.flags().get(group_key, {}).get("randomized", (None, ""))[0]
+        self._randomized = defense.randomized or bool(varies)
+        clean = self._clean(defended, group_key, x_all, y_all, attrs, f"{vspec.name} × {dspec.name}")
         plans = self._plan_cells(vspec, victim, defense, dspec, group_key, eot)
+        pair = PairRun(view, defended, group_key, x_all, y_all, clean, attrs)
         for group in self._eps_groups(plans):
-            self._run_group(group, group[0].cascade, view, defended, group_key, x_all, y_all, clean, attrs)
+            self._run_group(group, pair)
 
     def _finished(self, vspec: VictimSpec, dspec: DefenseSpec, group_key: str, eot: int, n: int) -> bool:
         """Whether previous runs completed this victim × defence (all clean rows; every applicable cell skipped or with
@@ -355,9 +446,10 @@ class GridRunner:
             return defended.with_gradient_mode("detach")
         return defended
 
-    def _clean(self, defended: Victim, group_key: str, x_all, y_all, attrs) -> dict[int, dict[str, Any]]:
+    def _clean(self, defended: Victim, group_key: str, x_all, y_all, attrs, label: str) -> dict[int, dict[str, Any]]:
         """Clean rows of this victim × defence (computed once, then read back), with ``metrics`` decoded."""
         if len(self.store.clean_rows(group_key)) != len(x_all):
+            self._work["clean_passes"].append(label)
             us, threshold, new = self.grid.unit_size, defended.spec.success_threshold, []
             for start in range(0, len(x_all), us):
                 xb, yb = x_all[start : start + us].to(self.device), y_all[start : start + us].to(self.device)
@@ -433,7 +525,7 @@ class GridRunner:
     def _cascades(self, attack: Attack, task: str, defense_kind: str) -> bool:
         """Whether cells of ``attack`` run under the ``attack_only_robust`` protocol: untargeted adversarial attacks on
         0/1-outcome tasks (not noise baselines; not detectors, whose AUROC needs every sample attacked)."""
-        return (self.grid.attack_only_robust and task in CASCADE_TASKS and not attack.threat.targeted
+        return (self.grid.attack_only_robust and get_task(task).zero_one and not attack.threat.targeted
                 and attack.knowledge != "none" and defense_kind != "detector")
 
     def _eps_groups(self, plans: Sequence[CellPlan]) -> list[list[CellPlan]]:
@@ -448,8 +540,8 @@ class GridRunner:
         return list(groups.values())
 
     # one group of cells -----------------------------------------------------------------------------------
-    def _run_group(self, group: list[CellPlan], cascade: bool, view, defended, group_key, x_all, y_all, clean, attrs) -> None:
-        n, k = len(x_all), len(group)
+    def _run_group(self, group: list[CellPlan], pair: PairRun) -> None:
+        n, k, cascade = len(pair.x_all), len(group), group[0].cascade
         chunk = self.grid.unit_size if cascade else max(1, self.grid.unit_size // k)
         done = {p.cell_id: self.store.done_samples(p.cell_id) for p in group}
         ids = [p.cell_id for p in group]
@@ -460,11 +552,11 @@ class GridRunner:
                   if self.ctx.owns(pos) and any(i not in done[c] for c in ids for i in range(s, stop))]
         from tqdm.auto import tqdm
 
-        label = f"{group[0].spec.name} ×{k} on {defended.card.name}"
+        label = f"{group[0].spec.name} ×{k} on {pair.defended.card.name}"
         unit = self._run_cascade_unit if cascade else self._run_unit
         for start in tqdm(starts, desc=label, disable=not self.progress, leave=False):
             stop = min(n, start + chunk)
-            seconds = unit(group, view, defended, group_key, x_all, y_all, clean, attrs, start, stop, done)
+            seconds = unit(group, pair, start, stop, done)
             for p in group:
                 self.store.add_timing(p.cell_id, seconds[p.cell_id], stop - start)
         for p in group:
@@ -472,52 +564,52 @@ class GridRunner:
             if status and status[0] == "pending" and len(self.store.done_samples(p.cell_id)) == n:
                 self.store.set_cell_status(p.cell_id, "done")
 
-    def _run_unit(self, group, view, defended, group_key, x_all, y_all, clean, attrs, start, stop, done) -> dict[str, float]:
+    def _run_unit(self, group: list[CellPlan], pair: PairRun, start: int, stop: int, done: dict[str, set[int]]) -> dict[str, float]:
         """All cells of ``group`` on samples ``start:stop`` in one batch (per-sample eps); returns seconds per cell
         (the cells share the unit's time)."""
         t0 = time.perf_counter()
         k, m = len(group), stop - start
-        xb = x_all[start:stop].to(self.device).repeat(k, 1, 1, 1)
-        yb = y_all[start:stop].to(self.device)
+        xb = pair.x_all[start:stop].to(self.device).repeat(k, 1, 1, 1)
+        yb = pair.y_all[start:stop].to(self.device)
         yb = yb.repeat(k, *([1] * (yb.dim() - 1)))
         eps = torch.cat([torch.full((m,), p.attack.threat.eps) for p in group]).to(self.device, xb.dtype)
         attack = group[0].attack
-        y_attack = targeted_labels(defended, yb) if attack.threat.targeted else yb
-        seed = derive_seed(self.grid.seed, group_key, group[0].cell_id, start)
-        seeds = [self._sample_seed(group_key, p.cell_id, i) for p in group for i in range(start, stop)]
-        x_adv = self._attack(attack, view, xb, y_attack, eps if k > 1 else None, seed, seeds)
-        metrics, pred = self._evaluate(defended, x_adv, yb, derive_seed(seed, "eval"))
+        y_attack = targeted_labels(pair.defended, yb) if attack.threat.targeted else yb
+        seed = derive_seed(self.grid.seed, pair.group_key, group[0].cell_id, start)
+        seeds = [self._sample_seed(pair.group_key, p.cell_id, i) for p in group for i in range(start, stop)]
+        x_adv = self._attack(attack, pair.view, xb, y_attack, eps if k > 1 else None, seed, seeds)
+        metrics, pred = self._evaluate(pair.defended, x_adv, yb, derive_seed(seed, "eval"))
         rows, invalid = [], {}
         for c, p in enumerate(group):
             sl = slice(c * m, (c + 1) * m)
             outcomes = _outcomes(metrics, pred, range(c * m, (c + 1) * m))
-            rows += self._cell_rows(p, xb[sl], x_adv[sl], outcomes, defended.spec.success_threshold, start, done, clean, attrs, invalid)
+            rows += self._cell_rows(p, pair, xb[sl], x_adv[sl], outcomes, start, done, invalid)
         self.store.write_unit(rows, invalid)
         share = (time.perf_counter() - t0) / k
         return {p.cell_id: share for p in group}
 
-    def _run_cascade_unit(self, group, view, defended, group_key, x_all, y_all, clean, attrs, start, stop, done) -> dict[str, float]:
+    def _run_cascade_unit(self, group: list[CellPlan], pair: PairRun, start: int, stop: int, done: dict[str, set[int]]) -> dict[str, float]:
         """The cells of ``group`` on samples ``start:stop`` as a cascade (``attack_only_robust``): in ascending eps,
         each attack runs only on the samples that are still robust; a sample already broken (clean-misclassified, or
         broken at a smaller eps) keeps its example, which is within every larger budget. Returns seconds per cell."""
-        m, threshold = stop - start, defended.spec.success_threshold
-        x, y = x_all[start:stop].to(self.device), y_all[start:stop].to(self.device)
+        m, threshold = stop - start, pair.threshold
+        x, y = pair.x_all[start:stop].to(self.device), pair.y_all[start:stop].to(self.device)
         x_cur = x.clone()
-        state = [_clean_outcome(clean[i]) for i in range(start, stop)]
+        state = [_clean_outcome(pair.clean[i]) for i in range(start, stop)]
         rows, invalid, seconds = [], {}, {}
         for p in sorted(group, key=lambda p: p.attack.threat.eps):
             t0 = time.perf_counter()
             alive = [j for j in range(m) if state[j]["score"] >= threshold]
             if alive:
                 idx = torch.tensor(alive, device=self.device)
-                seed = derive_seed(self.grid.seed, group_key, p.cell_id, start)
-                seeds = [self._sample_seed(group_key, p.cell_id, start + j) for j in alive]
-                x_adv = self._attack(p.attack, view, x[idx], y[idx], None, seed, seeds)
-                metrics, pred = self._evaluate(defended, x_adv, y[idx], derive_seed(seed, "eval"))
+                seed = derive_seed(self.grid.seed, pair.group_key, p.cell_id, start)
+                seeds = [self._sample_seed(pair.group_key, p.cell_id, start + j) for j in alive]
+                x_adv = self._attack(p.attack, pair.view, x[idx], y[idx], None, seed, seeds)
+                metrics, pred = self._evaluate(pair.defended, x_adv, y[idx], derive_seed(seed, "eval"))
                 x_cur[idx] = x_adv
                 for j, outcome in zip(alive, _outcomes(metrics, pred, range(len(alive)))):
                     state[j] = outcome
-            rows += self._cell_rows(p, x, x_cur, state, threshold, start, done, clean, attrs, invalid)
+            rows += self._cell_rows(p, pair, x, x_cur, state, start, done, invalid)
             seconds[p.cell_id] = time.perf_counter() - t0
         self.store.write_unit(rows, invalid)
         return seconds
@@ -565,15 +657,16 @@ class GridRunner:
                         f"out of memory on {self.device} with a call of {size} samples that cannot be split (a "
                         "randomised model, or an attack whose samples are coupled); lower the grid's unit_size") from e
                 self.batch_cap = size // 2
-                self._memory.get(self._memory_key, {})["memory_batch"] = self.batch_cap
+                mem = self._memory.get(self._memory_key, {})
+                mem["memory_batch"] = min(mem.get("memory_batch", self.batch_cap), self.batch_cap)
                 continue
             if size < n and self._memory_key in self._memory:
                 self._memory[self._memory_key]["split_calls"] += 1
             return out
         return []
 
-    def _cell_rows(self, p: CellPlan, x, x_adv, outcomes: list[dict[str, Any]], threshold: float, start: int, done,
-                   clean, attrs, invalid: dict[str, str]) -> list[dict[str, Any]]:
+    def _cell_rows(self, p: CellPlan, pair: PairRun, x: torch.Tensor, x_adv: torch.Tensor, outcomes: list[dict[str, Any]],
+                   start: int, done: dict[str, set[int]], invalid: dict[str, str]) -> list[dict[str, Any]]:
         """Budget check and per-sample rows of one cell on one unit (``outcomes``: score, pred, metrics per sample)."""
         report = check_budget(x, x_adv, p.attack.threat.norm, p.attack.threat.eps)
         if not report.valid:
@@ -585,13 +678,13 @@ class GridRunner:
             i = start + j
             if i in done[p.cell_id]:
                 continue
-            cl = clean[i]
+            cl = pair.clean[i]
             rows.append({
                 "cell_id": p.cell_id, "sample_idx": i, "clean_score": cl["score"], "adv_score": out["score"],
-                "clean_correct": cl["correct"], "adv_correct": int(out["score"] >= threshold), "clean_pred": cl["pred"],
+                "clean_correct": cl["correct"], "adv_correct": int(out["score"] >= pair.threshold), "clean_pred": cl["pred"],
                 "adv_pred": out["pred"], "eps": p.attack.threat.eps,
                 "linf": float(report.norms["Linf"][j]), "l2": float(report.norms["L2"][j]), "valid": int(report.valid),
-                "metrics": {**out["metrics"], **_clean_extras(cl)}, "attrs": attrs[i],
+                "metrics": {**out["metrics"], **_clean_extras(cl)}, "attrs": pair.attrs[i],
             })
         return rows
 

@@ -1,6 +1,9 @@
 """Tasks: per-sample loss, prediction and score for each kind of victim output.
 
-Every victim declares one task. This module says, per task, what the output tensor is, what ``loss`` (per sample,
+Every victim declares one task, by name; :func:`get_task` gives the :class:`Task` object that holds everything that
+differs between tasks (loss, prediction, metrics, the targets and outputs it takes, whether a sample's outcome is
+0/1, how a head reads as class logits, the target of a targeted attack), so the rest of the code asks the task
+instead of comparing names. This module says, per task, what the output tensor is, what ``loss`` (per sample,
 the quantity attacks maximise), ``predict`` and ``score`` (per sample, higher is better) compute, and when a sample
 counts as *correct* (score ≥ ``success_threshold``), which defines the attack success rate.
 
@@ -20,14 +23,14 @@ prediction or the target, so a slice with a lesion has one more (harder) class t
 """
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
+from typing import Any, ClassVar, Sequence
 
 import torch
 import torch.nn.functional as F
 
-TASKS = ("classification", "binary", "multilabel", "segmentation", "landmark", "vqa")
-CLASSIFIER_TASKS = frozenset({"classification", "binary", "multilabel"})
-DENSE_TASKS = frozenset({"segmentation", "landmark"})
+from robustbench_med.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -40,15 +43,7 @@ class TaskSpec:
 
 
 def task_spec(task: str, sdr_radius: float = 4.0) -> TaskSpec:
-    metric = {
-        "classification": "accuracy",
-        "binary": "accuracy",
-        "multilabel": "label_accuracy",
-        "segmentation": "dice_fg",
-        "landmark": f"sdr@{sdr_radius:g}px",
-        "vqa": "vqa_accuracy",
-    }[task]
-    return TaskSpec(task, metric)
+    return TaskSpec(task, get_task(task).metric_name(sdr_radius))
 
 
 def binary_logit(output: torch.Tensor) -> torch.Tensor:
@@ -122,49 +117,242 @@ def soft_dice_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def loss_per_sample(task: str, output: torch.Tensor, target: torch.Tensor, heatmap_sigma: float = 2.0) -> torch.Tensor:
     """The per-sample loss attacks maximise (CE, BCE, per-pixel CE, heatmap MSE)."""
-    if task == "classification":
-        return F.cross_entropy(output, target.long(), reduction="none")
-    if task == "binary":
-        return F.binary_cross_entropy_with_logits(binary_logit(output), target.float(), reduction="none")
-    if task == "multilabel":
-        return F.binary_cross_entropy_with_logits(output, target.float(), reduction="none").mean(1)
-    if task == "segmentation":
-        return F.cross_entropy(output, target.long(), reduction="none").flatten(1).mean(1)
-    if task == "landmark":
-        hm = landmark_heatmaps(target, output.shape[-2:], heatmap_sigma)
-        return (output - hm).pow(2).flatten(1).mean(1)
-    raise ValueError(f"no generic loss for task {task!r}")
+    return get_task(task).loss(output, target, heatmap_sigma)
 
 
 def predict(task: str, output: torch.Tensor) -> torch.Tensor:
     """Hard predictions: class index, {0,1}, {0,1}^L, class map, or (x, y) landmark coordinates."""
-    if task == "classification":
-        return output.argmax(1)
-    if task == "binary":
-        return (binary_logit(output) > 0).long()
-    if task == "multilabel":
-        return (output > 0).long()
-    if task == "segmentation":
-        return output.argmax(1)
-    if task == "landmark":
-        return heatmap_argmax(output)
-    raise ValueError(f"no generic prediction for task {task!r}")
+    return get_task(task).predict(output)
 
 
 def metrics_per_sample(task: str, output: torch.Tensor, target: torch.Tensor, sdr_radius: float = 4.0) -> dict[str, torch.Tensor]:
     """Per-sample metrics; the first key is the task's primary score (higher is better)."""
-    pred = predict(task, output)
-    if task == "classification":
-        return {"accuracy": (pred == target.long()).float()}
-    if task == "binary":  # the positive-class probability feeds the per-group calibration error (fairness)
-        return {"accuracy": (pred == target.long()).float(), "prob_pos": torch.sigmoid(binary_logit(output).float())}
-    if task == "multilabel":
-        correct = (pred == target.long()).float()
+    return get_task(task).metrics(output, target, sdr_radius)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the task registry: one object per task holds everything that differs between tasks
+
+
+class Task:
+    """What one kind of victim output means: loss, prediction, per-sample metrics, the targets it takes and how its
+    head reads as class logits. Look tasks up with :func:`get_task`; code elsewhere asks a task object instead of
+    comparing task names. Subclasses override what their task defines; the rest raises (e.g. VQA has no generic loss:
+    the LVLM victims define it)."""
+
+    name: ClassVar[str]
+    metric: ClassVar[str]
+    target_shape: ClassVar[str] = ""  # e.g. "[n, H, W]"; empty: targets defined by the victims (VQA)
+    target_dims: ClassVar[int | None] = None
+    integer_targets: ClassVar[bool] = False  # class indices (not probabilities or coordinates)
+    zero_one: ClassVar[bool] = False  # a sample's score is 0 or 1 (robust or not): cascades, exact binomial tests
+    classifier: ClassVar[bool] = False  # one prediction per image over classes (binary, multi-class, multi-label)
+    dense: ClassVar[bool] = False  # outputs are maps [B, K, H, W] of the input's size
+    single_label: ClassVar[bool] = False  # one class per image, read from [B, C] class logits (binary, multi-class)
+    wrappable: ClassVar[bool] = True  # a user's plain model of this task can be wrapped (wrap())
+    victim_defined: ClassVar[bool] = False  # answers, loss and scores come from the victim's own evaluate() (VQA)
+    output_shape: ClassVar[str] = ""  # what the model returns, for error messages
+    output_unit: ClassVar[str] = "classes"  # what the output's channels are
+
+    def metric_name(self, sdr_radius: float = 4.0) -> str:
+        return self.metric
+
+    def loss(self, output: torch.Tensor, target: torch.Tensor, heatmap_sigma: float = 2.0) -> torch.Tensor:
+        raise ValueError(f"no generic loss for task {self.name!r}")
+
+    def predict(self, output: torch.Tensor) -> torch.Tensor:
+        raise ValueError(f"no generic prediction for task {self.name!r}")
+
+    def metrics(self, output: torch.Tensor, target: torch.Tensor, sdr_radius: float = 4.0) -> dict[str, torch.Tensor]:
+        raise ValueError(f"no generic metrics for task {self.name!r}")
+
+    def num_classes(self, classes: Sequence[str]) -> int:
+        """Columns of :meth:`class_logits` (classifiers only)."""
+        raise ValueError(f"a {self.name} victim has no class logits")
+
+    def class_logits(self, output: torch.Tensor) -> torch.Tensor:
+        """The head as [B, C] logits whose softmax is the model's class distribution (classifiers only)."""
+        raise ValueError(f"a {self.name} victim has no class logits")
+
+    def check_values(self, y: torch.Tensor, card: Any, where: str) -> None:
+        """Task-specific checks of well-shaped, finite targets ``y`` for a victim with ``card`` (see check_targets)."""
+
+    def next_class(self, y: torch.Tensor, classes: Sequence[str]) -> torch.Tensor:
+        """The target class of a targeted attack: the other class (binary) or the next one (multi-class)."""
+        raise ConfigError(f"targeted attacks need a binary or multi-class classifier, not a {self.name} victim")
+
+    def output_ok(self, shape: tuple[int, ...]) -> bool:
+        """Whether a model output of ``shape`` fits the task (checked when a user's model is wrapped)."""
+        return len(shape) == (4 if self.dense else 2)
+
+    def output_classes(self, shape: tuple[int, ...]) -> int:
+        """How many classes (or landmarks) an output of ``shape`` has."""
+        return shape[1]
+
+    def default_names(self, k: int) -> tuple[str, ...]:
+        return tuple(str(i) for i in range(k))
+
+
+class Classification(Task):
+    name, metric, target_shape, target_dims = "classification", "accuracy", "[n]", 1
+    integer_targets = zero_one = classifier = single_label = True
+    output_shape = "[B, C] logits with C >= 2"
+
+    def output_ok(self, shape):
+        return len(shape) == 2 and shape[1] >= 2
+
+    def next_class(self, y, classes):
+        return (y + 1) % len(classes)
+
+    def loss(self, output, target, heatmap_sigma=2.0):
+        return F.cross_entropy(output, target.long(), reduction="none")
+
+    def predict(self, output):
+        return output.argmax(1)
+
+    def metrics(self, output, target, sdr_radius=4.0):
+        return {"accuracy": (self.predict(output) == target.long()).float()}
+
+    def num_classes(self, classes):
+        return len(classes)
+
+    def class_logits(self, output):
+        return output
+
+    def check_values(self, y, card, where):
+        lo, hi = float(y.min()), float(y.max())
+        if card.classes and (lo < 0 or hi >= len(card.classes)):
+            raise ConfigError(f"{where}: class indices must lie in [0, {len(card.classes)}) for {card.name}, got [{lo:g}, {hi:g}]")
+
+
+class Binary(Task):
+    name, metric, target_shape, target_dims = "binary", "accuracy", "[n]", 1
+    integer_targets = zero_one = classifier = single_label = True
+    output_shape = "[B, 1] or [B, 2] logits"
+
+    def output_ok(self, shape):
+        return len(shape) == 2 and shape[1] in (1, 2)
+
+    def output_classes(self, shape):
+        return 2
+
+    def default_names(self, k):
+        return ("negative", "positive")
+
+    def next_class(self, y, classes):
+        return 1 - y
+
+    def loss(self, output, target, heatmap_sigma=2.0):
+        return F.binary_cross_entropy_with_logits(binary_logit(output), target.float(), reduction="none")
+
+    def predict(self, output):
+        return (binary_logit(output) > 0).long()
+
+    def metrics(self, output, target, sdr_radius=4.0):  # the positive-class probability feeds per-group calibration
+        return {"accuracy": (self.predict(output) == target.long()).float(), "prob_pos": torch.sigmoid(binary_logit(output).float())}
+
+    def num_classes(self, classes):
+        return 2
+
+    def class_logits(self, output):
+        return two_class_logits(output)
+
+    def check_values(self, y, card, where):
+        _check_zero_one(self.name, y, where)
+
+
+class Multilabel(Task):
+    name, metric, target_shape, target_dims = "multilabel", "label_accuracy", "[n, L]", 2
+    classifier = True
+    output_shape, output_unit = "[B, L] logits", "labels"
+
+    def loss(self, output, target, heatmap_sigma=2.0):
+        return F.binary_cross_entropy_with_logits(output, target.float(), reduction="none").mean(1)
+
+    def predict(self, output):
+        return (output > 0).long()
+
+    def metrics(self, output, target, sdr_radius=4.0):
+        correct = (self.predict(output) == target.long()).float()
         return {"label_accuracy": correct.mean(1), "exact_match": correct.min(1).values}
-    if task == "segmentation":
-        k = output.shape[1]
+
+    def check_values(self, y, card, where):
+        _check_zero_one(self.name, y, where)
+        if card.classes and y.shape[1] != len(card.classes):
+            raise ConfigError(f"{where}: {card.name} has {len(card.classes)} labels, targets have {y.shape[1]}")
+
+
+class Segmentation(Task):
+    name, metric, target_shape, target_dims = "segmentation", "dice_fg", "[n, H, W]", 3
+    integer_targets = dense = True
+    output_shape = "[B, K, H, W] logits"
+
+    def loss(self, output, target, heatmap_sigma=2.0):
+        return F.cross_entropy(output, target.long(), reduction="none").flatten(1).mean(1)
+
+    def predict(self, output):
+        return output.argmax(1)
+
+    def metrics(self, output, target, sdr_radius=4.0):
+        pred, k = self.predict(output), output.shape[1]
         return {"dice_fg": mean_present(dice_per_class(pred, target, k)), "iou_fg": mean_present(iou_per_class(pred, target, k))}
-    if task == "landmark":
-        err = (pred - target.float()).norm(dim=-1)
-        return {f"sdr@{sdr_radius:g}px": (err <= sdr_radius).float().mean(1), "mre_px": err.mean(1)}
-    raise ValueError(f"no generic metrics for task {task!r}")
+
+    def check_values(self, y, card, where):
+        if tuple(y.shape[1:]) != tuple(card.input_size[1:]):
+            raise ConfigError(f"{where}: class maps must be {list(card.input_size[1:])} like the input, got {list(y.shape[1:])}")
+        if float(y.min()) < 0:
+            raise ConfigError(f"{where}: class indices must be >= 0, got {float(y.min()):g}")
+
+
+class Landmark(Task):
+    name, metric, target_shape, target_dims = "landmark", "sdr", "[n, L, 2]", 3
+    dense = True
+    output_shape, output_unit = "[B, L, H, W] heatmaps", "landmarks"
+
+    def metric_name(self, sdr_radius=4.0):
+        return f"sdr@{sdr_radius:g}px"
+
+    def loss(self, output, target, heatmap_sigma=2.0):
+        hm = landmark_heatmaps(target, output.shape[-2:], heatmap_sigma)
+        return (output - hm).pow(2).flatten(1).mean(1)
+
+    def predict(self, output):
+        return heatmap_argmax(output)
+
+    def metrics(self, output, target, sdr_radius=4.0):
+        err = (self.predict(output) - target.float()).norm(dim=-1)
+        return {self.metric_name(sdr_radius): (err <= sdr_radius).float().mean(1), "mre_px": err.mean(1)}
+
+    def check_values(self, y, card, where):
+        if y.shape[-1] != 2:
+            raise ConfigError(f"{where}: a landmark victim ({card.name}) takes targets of shape {self.target_shape}, got {list(y.shape)}")
+
+
+class VQA(Task):
+    """Visual question answering: answers, loss and scores are defined by the LVLM victims (victims/lvlm)."""
+
+    name, metric = "vqa", "vqa_accuracy"
+    wrappable, victim_defined = False, True
+
+
+def _check_zero_one(task: str, y: torch.Tensor, where: str) -> None:
+    if not bool(((y == 0) | (y == 1)).all()):
+        raise ConfigError(f"{where}: {task} targets must be 0 or 1, got values in [{float(y.min()):g}, {float(y.max()):g}]")
+
+
+_TASKS: dict[str, Task] = {t.name: t for t in (Classification(), Binary(), Multilabel(), Segmentation(), Landmark(), VQA())}
+TASKS = tuple(_TASKS)
+ZERO_ONE_TASKS = frozenset(n for n, t in _TASKS.items() if t.zero_one)
+CLASSIFIER_TASKS = frozenset(n for n, t in _TASKS.items() if t.classifier)
+DENSE_TASKS = frozenset(n for n, t in _TASKS.items() if t.dense)
+WRAP_TASKS = tuple(n for n, t in _TASKS.items() if t.wrappable)
+
+
+def get_task(name: str) -> Task:
+    """The :class:`Task` named ``name``; an unknown name raises :class:`ConfigError` with the closest names."""
+    task = _TASKS.get(name) if isinstance(name, str) else None
+    if task is None:
+        close = difflib.get_close_matches(str(name), TASKS, n=3, cutoff=0.5)
+        hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        raise ConfigError(f"unknown task {name!r}{hint} (tasks: {', '.join(TASKS)})")
+    return task

@@ -37,8 +37,7 @@ class VictimCard:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.task not in T.TASKS:
-            raise ValueError(f"unknown task {self.task!r}; choose one of {T.TASKS}")
+        T.get_task(self.task)  # an unknown name raises ConfigError, with the closest task names
         object.__setattr__(self, "input_size", tuple(int(v) for v in self.input_size))
         object.__setattr__(self, "classes", tuple(self.classes))
 

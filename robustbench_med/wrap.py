@@ -26,7 +26,7 @@ from robustbench_med import tasks as T
 from robustbench_med.errors import ConfigError
 from robustbench_med.victim import ModelVictim, VictimCard, eval_mode
 
-WRAP_TASKS = ("classification", "binary", "multilabel", "segmentation", "landmark")
+WRAP_TASKS = T.WRAP_TASKS
 BUILDERS = ("timm", "monai", "hf")
 DEFAULT_TARGET_FIELD = {"classification": "lesion_type", "binary": "label", "multilabel": "findings",
                         "segmentation": "mask", "landmark": "landmarks"}  # the phantom's fields, per task
@@ -90,7 +90,7 @@ class UserModelVictim(ModelVictim):
 
     def forward_normalized(self, z: torch.Tensor) -> torch.Tensor:
         out = self.adapter(self.net(z))
-        if self.task in T.DENSE_TASKS and out.dim() == 4 and tuple(out.shape[-2:]) != tuple(z.shape[-2:]):
+        if T.get_task(self.task).dense and out.dim() == 4 and tuple(out.shape[-2:]) != tuple(z.shape[-2:]):
             out = F.interpolate(out, size=z.shape[-2:], mode="bilinear", align_corners=False)
         return out
 
@@ -120,8 +120,8 @@ def wrap(model: nn.Module | str, task: str, *, input_size: Sequence[int] | None 
     Without ``weights`` the card records the sha256 of the model's in-memory state dict (serialised as
     safetensors), so every entry still names the exact weights it measured.
     """
-    if task not in WRAP_TASKS:
-        raise ConfigError(f"wrap() supports tasks {WRAP_TASKS}, got {task!r}")
+    if not T.get_task(task).wrappable:
+        raise ConfigError(f"wrap() supports tasks {WRAP_TASKS}, got {task!r} (VQA models use the LVLM victims in victims/lvlm)")
     net = build_model(model, task=task, **model_kwargs) if isinstance(model, str) else model
     if not isinstance(net, nn.Module):
         raise ConfigError(f"wrap() needs a torch.nn.Module or a builder name like 'timm:resnet18', got {type(net).__name__}")
@@ -268,20 +268,16 @@ def _probe(victim: UserModelVictim) -> torch.Tensor:
 
 def _classes(task: str, out: torch.Tensor, given: Sequence[str] | None) -> tuple[str, ...]:
     """Class names checked against the output shape the task needs."""
-    shape = tuple(out.shape)
-    need = {"classification": "[B, C] logits with C >= 2", "binary": "[B, 1] or [B, 2] logits", "multilabel": "[B, L] logits",
-            "segmentation": "[B, K, H, W] logits", "landmark": "[B, L, H, W] heatmaps"}[task]
-    dims = 4 if task in T.DENSE_TASKS else 2
-    ok = out.dim() == dims and (task != "binary" or shape[1] in (1, 2)) and (task != "classification" or shape[1] >= 2)
-    if not ok:
-        hint = " (a single logit is task='binary')" if task == "classification" and out.dim() == 2 and shape[1] == 1 else ""
-        raise ConfigError(f"task {task!r} needs {need}; the model returned shape {shape}{hint}")
-    k = 2 if task == "binary" else shape[1]
+    shape, spec = tuple(out.shape), T.get_task(task)
+    if not spec.output_ok(shape):
+        hint = " (a single logit is task='binary')" if task == "classification" and shape[1:] == (1,) else ""
+        raise ConfigError(f"task {task!r} needs {spec.output_shape}; the model returned shape {shape}{hint}")
+    k = spec.output_classes(shape)
     if given is None:
-        return ("negative", "positive") if task == "binary" else tuple(str(i) for i in range(k))
+        return spec.default_names(k)
     names = tuple(str(c) for c in given)
     if len(names) != k:
-        raise ConfigError(f"{len(names)} class names given, but the model's output has {k} {'classes' if task != 'landmark' else 'landmarks'}")
+        raise ConfigError(f"{len(names)} class names given, but the model's output has {k} {spec.output_unit}")
     return names
 
 

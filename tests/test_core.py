@@ -205,3 +205,48 @@ def test_task_metrics_dice_iou_and_binary_probability():
     b = metrics_per_sample("binary", torch.tensor([[2.0], [-1.0]]), torch.tensor([1, 1]))
     assert list(b) == ["accuracy", "prob_pos"] and torch.equal(b["accuracy"], torch.tensor([1.0, 0.0]))
     assert torch.allclose(b["prob_pos"], torch.sigmoid(torch.tensor([2.0, -1.0])))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the task registry (issue #21 item 2): what differs between tasks lives in one object per task
+
+
+def test_an_unknown_task_name_suggests_the_closest():
+    from robustbench_med.tasks import get_task
+    from robustbench_med.victim import VictimCard
+
+    with pytest.raises(rbm.ConfigError, match="did you mean 'segmentation'"):
+        get_task("segmentaton")
+    with pytest.raises(rbm.ConfigError, match="did you mean 'landmark'"):
+        VictimCard(name="x.y", task="landmarks", modality="CT", input_size=(1, 8, 8))
+    with pytest.raises(rbm.ConfigError, match="wrap\\(\\) supports tasks"):
+        rbm.wrap(torch.nn.Conv2d(1, 1, 1), task="vqa", input_size=(1, 8, 8))
+
+
+@pytest.mark.parametrize("name", ["classification", "binary", "multilabel", "segmentation", "landmark"])
+def test_every_image_task_is_self_consistent(name):
+    """Loss per sample, predictions, a primary score in [0, 1] (0/1 for zero-one tasks) that is higher for a perfect
+    output, and the class-logit view of single-label heads (softmax = the model's probabilities)."""
+    from robustbench_med.tasks import get_task
+
+    task, g = get_task(name), torch.Generator().manual_seed(0)
+    out = {"classification": torch.randn(6, 3, generator=g), "binary": torch.randn(6, 1, generator=g),
+           "multilabel": torch.randn(6, 4, generator=g), "segmentation": torch.randn(6, 3, 8, 8, generator=g),
+           "landmark": torch.randn(6, 2, 8, 8, generator=g)}[name]
+    y = {"classification": torch.tensor([0, 1, 2, 0, 1, 2]), "binary": torch.tensor([0, 1, 0, 1, 1, 0]),
+         "multilabel": (torch.rand(6, 4, generator=g) > 0.5).long(), "segmentation": torch.randint(0, 3, (6, 8, 8), generator=g),
+         "landmark": torch.randint(0, 8, (6, 2, 2), generator=g)}[name]
+    assert task.loss(out, y).shape == (6,) and len(task.predict(out)) == 6
+    score = next(iter(task.metrics(out, y).values()))
+    assert score.shape == (6,) and bool(((score >= 0) & (score <= 1)).all())
+    if task.zero_one:
+        assert set(score.tolist()) <= {0.0, 1.0}
+    if task.single_label:
+        logits = task.class_logits(out)
+        assert logits.shape == (6, task.num_classes(("a", "b", "c")))
+        assert torch.equal(task.predict(out), logits.argmax(1))
+        assert bool((task.next_class(y, ("a", "b", "c")) != y).all())
+    else:
+        with pytest.raises(rbm.ConfigError, match="targeted attacks need"):
+            task.next_class(y, ())
+    assert task.output_ok(tuple(out.shape)) and not task.output_ok(tuple(out.shape[:1]))

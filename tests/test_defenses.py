@@ -6,7 +6,6 @@ import robustbench_med as rbm
 from robustbench_med.errors import ConfigError
 from robustbench_med.threat import check_budget
 
-from conftest import make_toy
 from victims_helpers import MaskSplit
 
 

@@ -1,4 +1,5 @@
 """Two CPU processes through `accelerate launch` write one store without duplicates, equal to a single process."""
+import json
 import os
 import shutil
 import sqlite3
@@ -7,7 +8,7 @@ import sys
 
 import pytest
 import yaml
-from rank_helpers import linear_victim, tiny_grid
+from rank_helpers import linear_victim, table, tiny_grid
 
 import robustbench_med as rbm
 from robustbench_med.distributed import ProcessContext
@@ -17,12 +18,13 @@ from robustbench_med.runner import run_grid
 GRID = {
     "name": "dist", "n_examples": 32, "batch_size": 8, "victims": ["cnn.phantom"],
     "attacks": [{"name": "pgd.linf", "params": {"eps": ["2/255", "8/255"], "steps": 3}}, {"name": "fgsm.linf", "params": {"eps": "4/255"}}],
+    "defenses": ["identity.none", {"name": "detector.kd", "params": {"n_ref": 16, "n_fit": 16}}],  # a fitted defence
 }
 
 
 def _rows(db):
     con = sqlite3.connect(db)
-    rows = con.execute("SELECT c.attack, c.attack_params, s.sample_idx, s.adv_score, s.linf FROM samples s JOIN cells c USING (cell_id) ORDER BY 1,2,3").fetchall()
+    rows = con.execute("SELECT c.defense, c.attack, c.attack_params, s.sample_idx, s.adv_score, s.linf FROM samples s JOIN cells c USING (cell_id) ORDER BY 1,2,3,4").fetchall()
     con.close()
     return rows
 
@@ -126,11 +128,16 @@ def test_two_processes_with_accelerate(tmp_path):
     runs = [r[0] for r in con.execute("SELECT run_id FROM runs")]
     con.close()
     assert sum("rank0" in r for r in runs) == 1 and sum("rank1" in r for r in runs) == 1, runs
+    work = {r: json.loads(m)["work"] for r, m in table(db, "SELECT run_id, manifest FROM runs")}
+    pairs = ["cnn.phantom × identity.none", "cnn.phantom × detector.kd"]
+    for what in ("defenses_prepared", "clean_passes"):  # rank 0 fitted the detector; rank 1 received it over gloo
+        assert {r: sorted(w[what]) for r, w in work.items() if "rank0" in r} == {r: sorted(pairs) for r in runs if "rank0" in r}, work
+        assert all(w[what] == [] for r, w in work.items() if "rank1" in r), work
     multi, single = _rows(db), _rows(reference)
-    assert len(multi) == len(single) == len(set((r[0], r[1], r[2]) for r in multi))
-    assert [r[:3] for r in multi] == [r[:3] for r in single]
+    assert len(multi) == len(single) == len(set(r[:4] for r in multi))
+    assert [r[:4] for r in multi] == [r[:4] for r in single]
     # same per-unit seeds; only thread-count rounding may differ between the runs
-    mean = lambda rows: sum(r[3] for r in rows) / len(rows)  # noqa: E731
+    mean = lambda rows: sum(r[4] for r in rows) / len(rows)  # noqa: E731
     assert abs(mean(multi) - mean(single)) <= 0.05
     assert (tmp_path / "multi" / "leaderboard.md").exists()
 
@@ -180,3 +187,95 @@ def test_ranks_opening_a_new_store_at_once_all_succeed(tmp_path):
             p.join(60)
         outcomes = [results.get(timeout=5) for _ in procs]
         assert outcomes == ["ok"] * 4, (i, outcomes)
+
+
+class _MeanShift:
+    """A learning purifier for the counting test: ``prepare`` fits the mean training image (and counts the fit);
+    ``purify`` moves each input 1% towards it. An unfitted copy cannot purify, so a rank that neither fitted nor
+    received the fitted state fails."""
+
+    fits: list = []
+
+    @staticmethod
+    def make(**_kw):
+        from robustbench_med.defense import InputPurifier
+
+        class MeanShift(InputPurifier):
+            name = "meanshift.learned"
+
+            def __init__(self):
+                self.mean = None
+
+            def prepare(self, victim, train):
+                _MeanShift.fits.append(victim.card.name)
+                self.mean = train.images(list(range(16))).mean(0, keepdim=True)
+
+            def purify(self, x):
+                if self.mean is None:
+                    raise RuntimeError("meanshift.learned used without being fitted")
+                return (0.99 * x + 0.01 * self.mean.to(x.device)).clamp(0, 1)
+
+        return MeanShift()
+
+
+def test_two_ranks_fit_each_defence_and_compute_each_clean_pass_once(tmp_path, monkeypatch):
+    """Issue #21: under 2 processes each defence is prepared once (on rank 0) and each clean pass computed once; the
+    other rank receives the fitted defence through the context's collective and reads the clean rows. Counted on the
+    calls themselves (the clean passes' seeds, a fitting defence) and in the manifests; the store equals one
+    process's. The ranks are threads sharing one collective."""
+    import threading
+
+    from robustbench_med.registry import DEFENSES
+    from robustbench_med.runner import GridRunner
+    from robustbench_med.store import Store
+
+    DEFENSES.add("meanshift.learned", _MeanShift.make, kind="purifier", paper="test")
+    try:
+        grid = parse_grid({**TINY, "name": "count", "defenses": ["identity.none", "meanshift.learned", "squeeze.bitdepth"]})
+        reference = _all_rows(run_grid(grid, tmp_path / "single", progress=False))
+        _MeanShift.fits.clear()
+        clean_calls = []
+        from robustbench_med import runner as runner_mod
+
+        real_derive = runner_mod.derive_seed
+
+        def derive(*parts):
+            seed = real_derive(*parts)
+            if "clean" in parts:
+                clean_calls.append(parts)
+            return seed
+
+        monkeypatch.setattr(runner_mod, "derive_seed", derive)
+        gate, slot, errors = threading.Barrier(2), [None], []
+
+        def share(obj):
+            if obj is not None:
+                slot[0] = obj
+            gate.wait()
+            return slot[0]
+
+        db = tmp_path / "two" / "results.sqlite"
+        db.parent.mkdir()
+
+        def rank(r):
+            try:
+                with Store(db) as store:
+                    GridRunner(grid, store, progress=False, context=ProcessContext(r, 2, gate.wait, None, share=share)).run()
+            except BaseException as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+                gate.abort()
+
+        threads = [threading.Thread(target=rank, args=(r,)) for r in (0, 1)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+    finally:
+        DEFENSES.remove("meanshift.learned")
+    assert _MeanShift.fits == ["linear.phantom"]  # one fit, not one per rank
+    assert len(clean_calls) == 3 * 3  # 3 pairs × 3 clean units of 4, computed by one rank only
+    assert _all_rows(db) == reference
+    work = [json.loads(m)["work"] for (m,) in table(db, "SELECT manifest FROM runs ORDER BY run_id")]
+    assert sorted(w for run in work for w in run["defenses_prepared"]) == sorted(f"linear.phantom × {d}" for d in ("identity.none", "meanshift.learned", "squeeze.bitdepth"))
+    assert sum(len(run["clean_passes"]) for run in work) == 3

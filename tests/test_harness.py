@@ -6,10 +6,8 @@ import sqlite3
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
-import torch
 
 import robustbench_med as rbm
 from robustbench_med.attacks.pgd import PGD

@@ -8,7 +8,7 @@ from robustbench_med.data.phantom import ANSWERS, QUESTIONS
 from robustbench_med.threat import check_budget
 from robustbench_med.training import TrainRecipe, train_victim
 from robustbench_med.victims.lvlm import train as lvlm_train
-from robustbench_med.victims.lvlm.models import IGNORE, LVLMVictim, pool_question_ids
+from robustbench_med.victims.lvlm.models import IGNORE, pool_question_ids
 from robustbench_med.weights import read_sidecar
 from robustbench_med.vqa import exact_match, normalize_answer, official_vqa_accuracy, soft_vqa_accuracy
 
@@ -35,7 +35,7 @@ def trained(trained_lvlm):
     accuracy 1, so any drop is the attack's)."""
     victim = trained_lvlm("blip2")
     ds = rbm.create_dataset("phantom.ct", split="test", n=16)
-    x, y = ds.images(), ds.targets("vqa")
+    x = ds.images()
     texts, _ = victim.generate_answers(x, list(range(len(QUESTIONS))))
     own = torch.tensor([[ANSWERS.index(t) if t in ANSWERS else IGNORE for t in row] for row in texts])
     keep = (own >= 0).all(1)

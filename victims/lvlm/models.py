@@ -154,6 +154,20 @@ class LVLMVictim(Victim):
             raise ConfigError(f"n_eval must be in [1, {len(pool_question_ids(pool))}], got {n_eval}")
         self.eval_questions, self.n_eval, self.eval_pool, self.eval_seed = questions, int(n_eval), pool, int(seed)
 
+    # -------------------------------------------------------------------------------------------- the family's parts
+    @property
+    def has_qformer(self) -> bool:
+        """Whether a Q-Former (BLIP-2, InstructBLIP) sits between the vision tower and the LM (LLaVA: a linear projector)."""
+        return self.family != "llava"
+
+    @property
+    def language_model(self) -> nn.Module:
+        return self.model if self.family == "llava" else self.model.language_model
+
+    @property
+    def vision_tower(self) -> nn.Module:
+        return self.model.model.vision_tower if self.family == "llava" else self.model.vision_model
+
     def _count_visual_tokens(self) -> int:
         cfg = self.model.config
         if self.family == "llava":
@@ -269,7 +283,7 @@ class LVLMVictim(Victim):
             x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False, antialias=True)
         return ((x - self.pixel_mean) / self.pixel_std).to(self.model.dtype)
 
-    def _visual(self, x: torch.Tensor, rows: torch.Tensor, qids: torch.Tensor | None, layer: str) -> torch.Tensor:
+    def visual_rows(self, x: torch.Tensor, rows: torch.Tensor, qids: torch.Tensor | None, layer: str) -> torch.Tensor:
         """Visual features of image ``rows[i]`` under question ``qids[i]`` (``None``: no instruction)."""
         if layer not in LAYERS:
             raise ConfigError(f"layer must be one of {LAYERS}, got {layer!r}")
@@ -307,10 +321,10 @@ class LVLMVictim(Victim):
         ``'lm_input'`` (the visual tokens as the LM receives them)."""
         b = len(x)
         if question_ids is None:
-            return self._visual(x, torch.arange(b, device=x.device), None, layer)
+            return self.visual_rows(x, torch.arange(b, device=x.device), None, layer)
         q = self._question_matrix(question_ids, b, x.device).clamp_min(0)
         rows = torch.arange(b, device=x.device).repeat_interleave(q.shape[1])
-        feats = self._visual(x, rows, q.flatten(), layer)
+        feats = self.visual_rows(x, rows, q.flatten(), layer)
         return feats.view(b, q.shape[1], *feats.shape[1:])
 
     def projector_features(self, x: torch.Tensor, question_ids: Any = None) -> torch.Tensor:
@@ -330,8 +344,13 @@ class LVLMVictim(Victim):
         slots = (ids == self.image_token_id).unsqueeze(-1)
         embeds = embeds.masked_scatter(slots, tokens.to(embeds.dtype))
         pos = (mask.cumsum(-1) - 1).clamp_min(0)
-        lm = self.model if self.family == "llava" else self.model.language_model
-        return lm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, **kw)
+        return self.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, **kw)
+
+    def lm_pass(self, x: torch.Tensor, rows: torch.Tensor, qids: torch.Tensor, **kw: Any) -> tuple[Any, torch.Tensor]:
+        """The LM's output for image ``rows[i]`` under question ``qids[i]`` (the prompts' common left padding trimmed),
+        and the mask [N, S] of the visual-token positions; ``kw`` go to the LM (``output_attentions``, ``logits_to_keep``…)."""
+        mask, ids = _trim_left(self._prompt_mask[qids], self._prompt_ids[qids])
+        return self._lm_forward(self.visual_rows(x, rows, qids, "lm_input"), ids, mask, **kw), ids == self.image_token_id
 
     def _lm_logits(self, tokens: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, keep: int) -> torch.Tensor:
         """Logits [N, keep, V] of the last ``keep`` positions, the visual tokens scattered into the placeholders."""
@@ -348,7 +367,7 @@ class LVLMVictim(Victim):
         b, n = q.shape
         rows, qids = torch.arange(b, device=x.device).repeat_interleave(n), q.flatten()
         mask, ids = _trim_left(self._prompt_mask[qids], self._prompt_ids[qids])
-        out = self._lm_forward(self._visual(x, rows, qids, "lm_input"), ids, mask, output_hidden_states=True, logits_to_keep=1)
+        out = self._lm_forward(self.visual_rows(x, rows, qids, "lm_input"), ids, mask, output_hidden_states=True, logits_to_keep=1)
         states = out.hidden_states[-1]
         image = ids == self.image_token_id
         after = (image.long().cumsum(-1) >= self.n_visual_tokens) & ~image & mask.bool()
@@ -373,7 +392,7 @@ class LVLMVictim(Victim):
         out = x.new_zeros(len(x))
         if len(rows) == 0:
             return out + 0 * x.flatten(1).sum(1)
-        tokens = self._visual(x, rows, qids, "lm_input")
+        tokens = self.visual_rows(x, rows, qids, "lm_input")
         mask, ids, labels = _trim_left(self._tf_mask[qids, aids], self._tf_ids[qids, aids], self._tf_labels[qids, aids])
         keep = self.answer_len + 1
         logits = self._lm_logits(tokens, ids, mask, keep)[:, :-1].float()
@@ -405,7 +424,7 @@ class LVLMVictim(Victim):
         b, n = q.shape
         rows, qids = torch.arange(b, device=x.device).repeat_interleave(n), q.clamp_min(0).flatten()
         mask, ids = _trim_left(self._prompt_mask[qids], self._prompt_ids[qids])
-        logits = self._lm_logits(self._visual(x, rows, qids, "lm_input"), ids, mask, 1)[:, -1].float()
+        logits = self._lm_logits(self.visual_rows(x, rows, qids, "lm_input"), ids, mask, 1)[:, -1].float()
         logits = logits.view(b, n, -1)
         return logits[:, 0] if squeeze else logits
 
@@ -424,7 +443,7 @@ class LVLMVictim(Victim):
         q = self._question_matrix(question_ids, len(x), x.device).clamp_min(0)
         b, n = q.shape
         rows, qids = torch.arange(b, device=x.device).repeat_interleave(n), q.flatten()
-        tokens = self._visual(x, rows, qids, "lm_input")
+        tokens = self.visual_rows(x, rows, qids, "lm_input")
         mask, ids = _trim_left(self._prompt_mask[qids], self._prompt_ids[qids])
         done = torch.zeros(len(ids), dtype=torch.bool, device=x.device)
         steps = []

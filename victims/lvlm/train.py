@@ -60,7 +60,7 @@ def pretrain_vision(victim: LVLMVictim, x: torch.Tensor, mask: torch.Tensor, *, 
     """Stage 1: pre-train the vision tower to predict each patch's anatomy histogram (a linear probe head that is
     discarded afterwards), standing in for the pre-trained vision encoders real LVLMs start from."""
     patch = victim.model.config.vision_config.patch_size * x.shape[-1] // victim.image_size
-    tower = victim.model.model.vision_tower if victim.family == "llava" else victim.model.vision_model
+    tower = victim.vision_tower
     head = nn.Linear(tower.config.hidden_size, 6).to(x.device)
     params = list(tower.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
@@ -169,9 +169,9 @@ def train_lvlm(
     start = time.perf_counter()
     vision_loss = pretrain_vision(victim, x, train.targets("mask").to(device), steps=vision_steps, lr=recipe.lr,
                                   batch_size=64, gen=gen) if vision_steps else None
-    tower = victim.model.model.vision_tower if victim.family == "llava" else victim.model.vision_model
+    tower = victim.vision_tower
     qformer_loss = None
-    if victim.family != "llava" and qformer_steps:
+    if victim.has_qformer and qformer_steps:
         qformer_loss = pretrain_qformer(victim, x, y, steps=qformer_steps, lr=recipe.lr, batch_size=64, gen=gen)
     tower.requires_grad_(not freeze_vision)
     opt = torch.optim.AdamW([p for p in victim.parameters() if p.requires_grad], lr=recipe.lr, weight_decay=recipe.weight_decay)
