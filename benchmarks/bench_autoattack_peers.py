@@ -1,11 +1,15 @@
 """AutoAttack strength on a small head: ours (``autoattack.standard``) against ART's ``AutoAttack`` on the same samples.
 
-    python benchmarks/bench_autoattack_peers.py [--victim resnet18.phantom] [--n 256] [--eps 2/255]
+    python benchmarks/bench_autoattack_peers.py [--victim resnet18.phantom] [--n 256] [--eps 2/255] [--peer-on survivors]
 
 Needs ``pip install adversarial-robustness-toolbox`` (``make bench`` installs it). Both ensembles run with their
 defaults (ours: APGD-CE, APGD-DLR, FAB-T, Square 5000 queries on a 3-class head; ART: its default attack list) on
 the first ``n`` test samples of the phantom, L∞ at ``eps``. Prints robust accuracy of each, the samples only one of
 them breaks, and their wall time. Issue #21 item 8: no peer's AutoAttack may find more.
+
+``--peer-on survivors`` runs ART only on the samples ours leaves robust (ART attacks each sample on its own, so its
+verdict on a sample does not depend on the others): ART can find more than ours only by breaking one of them, and the
+run costs a fraction of ART on all ``n`` (over 35 min at n = 64 on 2 CPU cores).
 """
 from __future__ import annotations
 
@@ -40,6 +44,8 @@ def main() -> None:
     p.add_argument("--n", type=int, default=256)
     p.add_argument("--eps", default="2/255")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--peer-on", choices=("all", "survivors"), default="all",
+                   help="ART on every sample, or only on those ours leaves robust")
     args = p.parse_args()
     eps = parse_eps(args.eps)
     victim = rbm.create_victim(args.victim, train_if_missing=True)
@@ -55,10 +61,15 @@ def main() -> None:
     robust, sec = results["robustbench_med autoattack.standard"]
     print(f"  ours: robust accuracy {robust.float().mean():.4f} ({int(robust.sum())}/{len(idx)}) in {sec:.1f} s", flush=True)
     t0 = time.perf_counter()
+    on = robust if args.peer_on == "survivors" else torch.ones_like(robust)
     try:
-        art = art_autoattack(victim, x, y, eps, args.seed)
+        art = x.clone()
+        if on.any():
+            art[on] = art_autoattack(victim, x[on], y[on], eps, args.seed)
         assert float((art - x).abs().max()) <= eps + 1e-6, "ART example outside the budget"
-        results["ART AutoAttack"] = (victim.score(art, y).bool() & clean, time.perf_counter() - t0)
+        # survivors only: the samples ours broke are not attacked by ART and count as broken by both (no claim either way)
+        art_robust = victim.score(art, y).bool() & clean & (on | robust)
+        results[f"ART AutoAttack ({args.peer_on})"] = (art_robust, time.perf_counter() - t0)
     except ImportError:
         print("ART not installed (pip install adversarial-robustness-toolbox): skipped")
     for name, (robust, sec) in results.items():

@@ -53,6 +53,27 @@ rc=$?
 log "default grid: exit $rc in $(( $(date +%s) - start )) s"
 tail -n 40 "$OUT/default_run.log" >> "$OUT/gpu_check.log"
 
+log "compute settings on CUDA: the same grid in float32 and with {autocast: bf16, channels_last: true} (side by side)"
+OUT="$OUT" "$PY" - <<'EOF' 2>&1 | tee -a "$OUT/gpu_check.log"
+import os, sqlite3, time
+from robustbench_med.grid import parse_grid
+from robustbench_med.runner import run_grid
+out = os.environ["OUT"]
+base = {"name": "compute", "n_examples": 256, "unit_size": 256, "victims": ["resnet18.phantom", "unet.phantom"],
+        "attacks": [{"name": "pgd.linf", "params": {"eps": "8/255", "steps": 20}}]}
+seconds, robust = {}, {}
+for label, compute in (("float32", None), ("bf16 autocast + channels_last", {"autocast": "bf16", "channels_last": True})):
+    grid = parse_grid({**base, **({"compute": compute} if compute else {})})
+    t = time.perf_counter()
+    db = run_grid(grid, f"{out}/compute-{label.split()[0]}", device="cuda", progress=False)
+    seconds[label] = time.perf_counter() - t
+    con = sqlite3.connect(db)
+    robust[label] = con.execute("SELECT c.victim, ROUND(AVG(s.adv_score), 3) FROM samples s JOIN cells c USING (cell_id) GROUP BY 1").fetchall()
+    con.close()
+for label in seconds:
+    print(f"{label:32s} {seconds[label]:7.1f} s  {seconds['float32'] / seconds[label]:.2f}x  robust {robust[label]}")
+EOF
+
 log "throughput benchmark on CUDA"
 timeout 240 "$PY" benchmarks/bench_throughput.py --victim resnet18.phantom --n 256 --repeats 3 --json "$OUT/throughput.json" \
   2>&1 | tail -n 40 | tee -a "$OUT/gpu_check.log"

@@ -55,36 +55,12 @@ def _repeat(value: Any, b: int) -> Any:
     return list(value[:1]) * b
 
 
-def probe_objective(view, x: torch.Tensor, y: Any, eot: int = 1) -> Callable[[int], bool]:
-    """``fits(b)``: whether ``eot`` passes of ``view.objective`` on ``b`` copies of the sample ``(x[:1], y[:1])``, held
-    in one graph, and their backward run without an out-of-memory error (what one EOT attack step needs)."""
+def _fits(step: Callable[[int], None], device: torch.device) -> Callable[[int], bool]:
+    """``fits(b)``: whether ``step(b)`` runs without an out-of-memory error (other errors propagate)."""
 
     def fits(b: int) -> bool:
         try:
-            xb = _repeat(x, b).requires_grad_(True)
-            yb = _repeat(y, b)
-            total = sum(view.objective(xb, yb).float().sum() for _ in range(eot))
-            total.backward()
-            return True
-        except RuntimeError as e:
-            if not is_oom(e):
-                raise
-            return False
-        finally:
-            if x.device.type == "cuda":
-                torch.cuda.empty_cache()
-
-    return fits
-
-
-def _probe(victim, device: torch.device) -> Callable[[int], bool]:
-    c, h, w = victim.card.input_size
-
-    def fits(b: int) -> bool:
-        try:
-            x = torch.rand(b, c, h, w, device=device, requires_grad=True)
-            out = victim(x)
-            out.float().sum().backward()
+            step(b)
             return True
         except RuntimeError as e:
             if not is_oom(e):
@@ -95,6 +71,28 @@ def _probe(victim, device: torch.device) -> Callable[[int], bool]:
                 torch.cuda.empty_cache()
 
     return fits
+
+
+def probe_objective(view, x: torch.Tensor, y: Any, eot: int = 1) -> Callable[[int], bool]:
+    """``fits(b)``: whether ``eot`` passes of ``view.objective`` on ``b`` copies of the sample ``(x[:1], y[:1])``, held
+    in one graph, and their backward run without an out-of-memory error (what one EOT attack step needs)."""
+
+    def step(b: int) -> None:
+        xb = _repeat(x, b).requires_grad_(True)
+        yb = _repeat(y, b)
+        sum(view.objective(xb, yb).float().sum() for _ in range(eot)).backward()
+
+    return _fits(step, x.device)
+
+
+def _probe(victim, device: torch.device) -> Callable[[int], bool]:
+    """``fits(b)`` for a forward and backward of ``victim`` on ``b`` random inputs (no sample at hand)."""
+    c, h, w = victim.card.input_size
+
+    def step(b: int) -> None:
+        victim(torch.rand(b, c, h, w, device=device, requires_grad=True)).float().sum().backward()
+
+    return _fits(step, device)
 
 
 def adaptive_batch_size(victim, device: torch.device, requested: int, limit: int = 4096, *,

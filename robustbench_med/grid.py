@@ -34,6 +34,8 @@ draw (floating-point results may differ in the last bits where the device's kern
 every other attack sees whole units. A grid that sets only ``batch_size`` (written before ``unit_size`` existed)
 keeps its units of ``batch_size`` samples; one that sets neither gets units of 64, as before. On a GPU the memory
 probe lowers the cap, never the unit, and the effective cap of every victim is recorded in the run's manifest.
+``compute`` (mixed precision, channels_last, torch.compile; :mod:`robustbench_med.compute`) is off by default and
+part of the identity when set.
 
 A list-valued attack parameter expands into one cell per value. Unknown keys, unknown names and invalid parameters
 raise :class:`ConfigError` naming the file, the field and the valid choices, before any work starts.
@@ -49,11 +51,12 @@ from typing import Any
 
 import yaml
 
+from robustbench_med.compute import parse_compute
 from robustbench_med.errors import ConfigError, RobustBenchMedError, UnknownNameError
 from robustbench_med.registry import ATTACKS, DATASETS, DEFENSES, NAME_RE, VICTIMS
 
 DEFAULT_UNIT_SIZE = 64
-TOP_KEYS = {"name", "dataset", "n_examples", "unit_size", "batch_size", "seed", "device", "victims", "attacks", "defenses", "save_adversarial", "attack_only_robust", "description"}
+TOP_KEYS = {"name", "dataset", "n_examples", "unit_size", "batch_size", "seed", "device", "victims", "attacks", "defenses", "save_adversarial", "attack_only_robust", "description", "compute"}
 VICTIM_KEYS = {"name", "factory", "wrap", "weights", "target_field", "params", "defenses"}
 ATTACK_KEYS = {"name", "factory", "params", "victims", "defenses", "attack_through"}
 DEFENSE_KEYS = {"name", "factory", "params", "attack_through", "eot"}
@@ -128,6 +131,7 @@ class Grid:
     save_adversarial: bool = False
     attack_only_robust: bool = True
     unit_size: int = DEFAULT_UNIT_SIZE  # samples per unit (the plan; part of the results' identity)
+    compute: dict[str, Any] = field(default_factory=dict)  # autocast / channels_last / compile (robustbench_med.compute)
     source: str = "<dict>"
 
     def config_hash(self) -> str:
@@ -138,6 +142,8 @@ class Grid:
         payload["batch_size"] = self.unit_size
         # fields added after entries were published are hashed only when set, so older grids keep their hash
         payload["victims"] = [{k: v for k, v in vs.items() if not (k in ("factory", "wrap") and not v)} for vs in payload["victims"]]
+        if not payload["compute"]:
+            del payload["compute"]
         return hashlib.sha256(canonical(payload).encode()).hexdigest()[:16]
 
     def as_dict(self) -> dict[str, Any]:
@@ -204,6 +210,7 @@ def parse_grid(raw: Any, source: str = "<dict>") -> Grid:
         defenses=tuple(_defense(d, i, where) for i, d in enumerate(where.list_(raw.get("defenses") or ["identity.none"], "defenses"))),
         save_adversarial=bool(raw.get("save_adversarial", False)),
         attack_only_robust=where.bool_(raw.get("attack_only_robust", True), "attack_only_robust"),
+        compute=parse_compute(raw.get("compute"), f"{source}: field 'compute'"),
         source=source,
     )
     _instantiate_all(grid, where)

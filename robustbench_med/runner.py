@@ -44,6 +44,9 @@ import torch
 from robustbench_med.api import create_attack, create_dataset, create_defense, create_victim
 from robustbench_med.attack import Attack, check_targets, derive_seed, seeded
 from robustbench_med.batching import adaptive_batch_size, is_oom
+from robustbench_med.compute import effective as effective_compute
+from robustbench_med.compute import precision
+from robustbench_med.compute import prepare_victim as prepare_for_compute
 from robustbench_med.defense import DetectorVictim, PurifiedVictim
 from robustbench_med.distributed import ProcessContext, parse_shard, process_context, unit_position
 from robustbench_med.errors import ConfigError, RobustBenchMedError, TaskNotSupportedError
@@ -206,6 +209,7 @@ class GridRunner:
         self._randomized = False  # whether the defended victim being evaluated draws randomness (no call is split)
         self._memory: dict[str, dict[str, int]] = {}  # victim -> cap used and calls split, for the manifest
         self._memory_key = ""
+        self._compute: dict[str, Any] = {}  # the grid's compute settings that apply to the current victim
         self._visited: list[tuple[str, VictimSpec, DefenseSpec, int, int]] = []  # (group_key, victim, defence, eot, n)
         self._work: dict[str, list[str]] = {"defenses_prepared": [], "clean_passes": []}  # "victim × defence" (manifest)
 
@@ -320,6 +324,8 @@ class GridRunner:
         """The victim of ``vspec`` on the run's device and its checked targets."""
         victim = create_victim(vspec.name, weights=vspec.weights, train_if_missing=self.ctx.is_main, progress=self.progress,
                                device=self.device, **vspec.params)
+        self._compute = effective_compute(self.grid.compute, victim)
+        prepare_for_compute(victim, self._compute)
         self._memory.setdefault(vspec.name, {"unit_size": self.grid.unit_size, "memory_batch": self.grid.batch_size, "split_calls": 0})
         self._memory_key = vspec.name
         field = target_field_for(vspec, victim)
@@ -331,8 +337,9 @@ class GridRunner:
         """The memory cap for calls on ``view``: on CUDA probed on the attacked model with its defence and EOT (the
         grid's ``batch_size`` is where the search starts), elsewhere the grid's ``batch_size``. It never changes a result;
         the manifest records the smallest cap of each victim."""
-        self.batch_cap = adaptive_batch_size(view, self.device, self.grid.batch_size, sample=(x_all[:1].to(self.device), y_all[:1].to(self.device)),
-                                             eot=eot, tag=dspec.key)
+        with precision(self._compute, self.device):
+            self.batch_cap = adaptive_batch_size(view, self.device, self.grid.batch_size, sample=(x_all[:1].to(self.device), y_all[:1].to(self.device)),
+                                                 eot=eot, tag=dspec.key + canonical(self._compute))
         mem = self._memory[vspec.name]
         mem["memory_batch"] = min(mem["memory_batch"], self.batch_cap)
 
@@ -507,7 +514,8 @@ class GridRunner:
                 "weights_sha256": victim.card.weights_sha256, "status": "pending", "reason": "",
                 "extra": {"group_key": group_key, "knowledge": attack.knowledge, "eot": attack.eot,
                           "attack_only_robust": (cascade := self._cascades(attack, victim.task, defense.kind)),
-                          **({"variant": attack.variant_for(victim)} if hasattr(attack, "variant_for") else {})},
+                          **({"variant": attack.variant_for(victim)} if hasattr(attack, "variant_for") else {}),
+                          **({"compute": self._compute} if self._compute else {})},
             }
             try:
                 if skip is not None:
@@ -624,14 +632,15 @@ class GridRunner:
         """``attack`` on one unit's batch: one call, or calls of at most the memory cap when the attack's samples are
         independent and the model deterministic (the same draws either way)."""
         split = attack.sample_independent and not self._randomized
-        parts = self._in_calls(len(x), split, lambda lo, hi: attack(
-            view, x[lo:hi], y[lo:hi], eps=None if eps is None else eps[lo:hi], seed=seed, seeds=seeds[lo:hi]))
+        with precision(self._compute, self.device):
+            parts = self._in_calls(len(x), split, lambda lo, hi: attack(
+                view, x[lo:hi], y[lo:hi], eps=None if eps is None else eps[lo:hi], seed=seed, seeds=seeds[lo:hi]))
         return torch.cat(parts) if parts else x.clone()
 
     def _evaluate(self, defended: Victim, x: torch.Tensor, y: torch.Tensor, seed: int) -> tuple[dict[str, torch.Tensor], list[Any] | None]:
         """:func:`evaluate_batch` on one unit's batch, seeded (a randomised model sees the whole batch in one call; a
         deterministic one may be split to fit memory)."""
-        with seeded(seed, self.device):
+        with seeded(seed, self.device), precision(self._compute, self.device, evaluation=True):
             parts = self._in_calls(len(x), not self._randomized, lambda lo, hi: evaluate_batch(defended, x[lo:hi], y[lo:hi]))
         if len(parts) == 1:
             return parts[0]

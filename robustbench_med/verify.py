@@ -57,6 +57,7 @@ def subgrid(entries: list[dict[str, Any]], *, victim: str | None = None, weights
         "unit_size": g.get("unit_size", g["batch_size"]), "seed": g["seed"],
         "device": device or "auto", "save_adversarial": False,
         "attack_only_robust": g.get("attack_only_robust", False),  # entries made before the option attacked every sample
+        "compute": g.get("compute") or {},
         "dataset": {"name": g["dataset"], "split": g["split"], "params": g.get("dataset_params") or {}},
         "victims": [_victim_spec(g, first["victim"], new_name, weights, own_weights)],
         "attacks": [_attack_spec(a, first["victim"], new_name) for a in g["attacks"] if _needed_attack(a, rows)],
