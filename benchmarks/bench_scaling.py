@@ -13,8 +13,9 @@ group cost the same on average; a cascade's later samples are cheaper, which thi
 * ``no barrier``: the runner now (missing weights trained once before any work, one barrier): the slowest worker's
   total.
 
-The speed-up is the one-worker time over the makespan; ``ideal`` is W. Clean passes and defence fitting (repeated by
-every process) are not in the published seconds and are left out.
+The speed-up is the one-worker time over the makespan; ``ideal`` is W. Clean passes and defence fitting (done once
+per run, split between the processes before the attacks) are not in the published seconds and are left out;
+``bench_processes.py`` measures whole runs.
 """
 from __future__ import annotations
 

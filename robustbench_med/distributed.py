@@ -14,10 +14,12 @@ resumed changes nothing about ownership; the runner checks at the end that every
 store and fails loudly if one is missing. A crashed rank's units are simply missing from the store and are computed
 on the next run, with any number of processes.
 
-Rank 0 alone trains missing weights, fits every defence (``Defense.prepare``: detectors, latent perturbers), runs
-the gradient checks and computes the clean results; the others wait and receive the fitted defences through
-:attr:`ProcessContext.share` (one collective per run), and read the clean results from the store. The collectives
-of a launch therefore wait up to :data:`COLLECTIVE_TIMEOUT` (a default timeout would cut a long preparation).
+Rank 0 alone trains missing weights (the others wait at a barrier). Then the victim × defence pairs are dealt
+between the ranks: each fits the defences of its own pairs (``Defense.prepare``: detectors, latent perturbers), runs
+their gradient checks and computes their clean results; the fitted defences of all ranks reach every rank through
+:attr:`ProcessContext.gather` (one collective per run), and the clean results are read from the store. Each defence is
+thus fitted once and each clean pass computed once per run. The collectives of a launch wait up to
+:data:`COLLECTIVE_TIMEOUT` (a default timeout would cut a long training or preparation).
 
 On a CPU, each process of a launch is pinned to its own share of the cores (``torch.set_num_threads`` and, where the
 OS allows it, ``os.sched_setaffinity``): ``ROBUSTBENCH_MED_RANK_THREADS`` or ``OMP_NUM_THREADS`` if set, else the
@@ -40,15 +42,15 @@ COLLECTIVE_TIMEOUT = timedelta(hours=12)
 _SHARD = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
 
 
-def _keep(obj: Any) -> Any:
-    return obj
+def _alone(obj: Any) -> list[Any]:
+    return [obj]
 
 
 @dataclass(frozen=True)
 class ProcessContext:
     """One process of a run: its rank among ``world_size`` processes on one store, and the shard (0-based
-    ``shard`` of ``shards``) of the grid the store holds. ``share(obj)`` is a collective (every rank calls it) that
-    returns rank 0's ``obj`` on every rank."""
+    ``shard`` of ``shards``) of the grid the store holds. ``gather(obj)`` is a collective (every rank calls it) that
+    returns every rank's ``obj``, in rank order, on every rank."""
 
     rank: int
     world_size: int
@@ -56,7 +58,7 @@ class ProcessContext:
     device: torch.device | None
     shard: int = 0
     shards: int = 1
-    share: Callable[[Any], Any] = _keep
+    gather: Callable[[Any], list[Any]] = _alone
 
     def __post_init__(self) -> None:
         for name in ("rank", "world_size", "shard", "shards"):
@@ -153,24 +155,24 @@ def process_context(shard: str | tuple[int, int] | None = None) -> ProcessContex
     local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")))
     state = PartialState(timeout=COLLECTIVE_TIMEOUT)
     if state.num_processes == world:
-        from accelerate.utils import broadcast_object_list
+        from accelerate.utils import gather_object
 
         if state.device.type == "cpu":
             pin_rank_threads(local_rank, local_world)
         return ProcessContext(state.process_index, state.num_processes, state.wait_for_everyone, state.device, k, n,
-                              lambda obj: broadcast_object_list([obj], from_process=0)[0])
+                              lambda obj: gather_object([obj]))
     import torch.distributed as dist
 
     if not dist.is_initialized():
         dist.init_process_group("gloo", timeout=COLLECTIVE_TIMEOUT)
     pin_rank_threads(local_rank, local_world)
-    return ProcessContext(int(os.environ["RANK"]), world, dist.barrier, torch.device("cpu"), k, n, _broadcast)
+    return ProcessContext(int(os.environ["RANK"]), world, dist.barrier, torch.device("cpu"), k, n, _all_gather)
 
 
-def _broadcast(obj: Any) -> Any:
-    """Rank 0's ``obj`` on every rank of the default process group."""
+def _all_gather(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` (in rank order) on every rank of the default process group."""
     import torch.distributed as dist
 
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out

@@ -32,6 +32,7 @@ from typing import Any, Iterable
 import numpy as np
 import pandas as pd
 
+from robustbench_med.compute import parse_compute
 from robustbench_med.errors import ConfigError, RobustBenchMedError
 from robustbench_med.grid import ATTACK_THROUGH
 from robustbench_med.registry import NAME_RE
@@ -61,7 +62,7 @@ TOP_OPTIONAL = ("display_name", "link", "notes")
 ROW_REQUIRED = ("cell_id", "defense", "defense_params", "attack_through", "attack", "attack_params", "knowledge",
                 "status", "reason", "n", "clean", "robust", "robust_ci95", "attack_success_rate", "mean_linf",
                 "mean_l2", "attack_seconds", "groups", "flags", "per_sample")
-ROW_OPTIONAL = ("components", "flag_details", "metrics", "notes")
+ROW_OPTIONAL = ("components", "flag_details", "metrics", "notes", "compute")
 EXTERNAL_KEYS = ("robust", "source", "method", "adaptive")
 MANIFEST_REQUIRED = ("versions", "seed", "config_hash", "data_hash", "grid", "device")
 
@@ -327,6 +328,8 @@ def _check_row(c: _Check, row: Any, f: str, n: int, threshold: float) -> None:
             _check_scalars(c, row[key], f"{f}.{key}")
     if "notes" in row:
         c.string(row["notes"], f"{f}.notes")
+    if "compute" in row:
+        _check_compute(c, row["compute"], f"{f}.compute")
     {"done": _check_done, "invalid": _check_invalid, "skipped": _check_skipped}[status](c, row, f, n, threshold)
 
 
@@ -347,6 +350,16 @@ def _check_groups(c: _Check, groups: Any, f: str) -> None:
             c.fraction(value, field)
         else:
             c.number(value, field)
+
+
+def _check_compute(c: _Check, value: Any, f: str) -> None:
+    """The compute settings a row ran with: valid, non-empty, in the canonical form the runner records."""
+    try:
+        canonical = parse_compute(value, f)
+    except ConfigError as e:
+        raise c.fail(f, str(e)) from None
+    if not canonical or canonical != value:
+        raise c.fail(f, f"must be the non-default settings only (as recorded by the runner), got {value!r}")
 
 
 def _check_scalars(c: _Check, value: Any, f: str) -> None:
@@ -711,6 +724,8 @@ def _result_row(r: pd.Series, cells, flags, per_sample, n: int) -> dict[str, Any
         "mean_l2": _num(r.get("mean_l2")), "attack_seconds": _num(r.get("attack_seconds")),
         "groups": _groups(r), "flags": sorted(r["flags"]), "per_sample": None,
     }
+    if extra.get("compute"):
+        row["compute"] = extra["compute"]
     details = {k: d for k, (v, d) in flags.get(extra.get("group_key", ""), {}).items() if v}
     if details:
         row["flag_details"] = details

@@ -9,11 +9,14 @@ writer, no shared file system needed) and finally merges them into ``OUT/results
 :func:`robustbench_med.merge.merge_stores`, which refuses shards computed with different weights, data or code. A
 merged Ray run therefore equals a single-process run row for row (tested on a local instance).
 
-Resuming: a shard store already under ``OUT/`` is sent with its task, which resumes it (a finished shard computes
-nothing). Weights missing from the cache are trained by the driver before any task starts; workers on other machines
-need the same cache (a shared ``ROBUSTBENCH_MED_HOME``) or the weights files named in the grid. Every process of a
-shard computes that shard's clean passes and fits its defences (clean rows are identical across shards, and merge
-checks that they are). Victims must be importable on the workers: packaged, plugins, or ``factory: module:function``.
+Before any task starts, the driver trains missing weights and prepares the grid once
+(:meth:`GridRunner.prepare`): it fits every defence, runs the reliability checks and computes the clean passes into a
+seed store. Each task starts from the seed store (clean rows and flags already there) and receives the fitted
+defences, so no shard fits a defence or computes a clean pass again. Resuming: a shard store already under ``OUT/`` is
+sent with its task instead, which resumes it (a finished shard computes nothing). Workers on other machines need the
+same weights (a shared ``ROBUSTBENCH_MED_HOME``, or the weights files named in the grid): a worker whose weights
+differ from the driver's would find no fitted defence for its victim and fit its own, and merge would then refuse its
+store. Victims must be importable on the workers: packaged, plugins, or ``factory: module:function``.
 """
 from __future__ import annotations
 
@@ -29,20 +32,23 @@ SHARDS_PER_SLOT = 4
 FORWARDED_ENV = ("ROBUSTBENCH_MED_HOME", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HOME", "ROBUSTBENCH_MED_TRAIN_THREADS")
 
 
-def _shard_task(grid: Grid, shard: str, device: str | None, previous: bytes | None, threads: int) -> tuple[str, bytes]:
-    """Run one shard of ``grid`` on this worker (resuming ``previous``, a shard store's bytes) and return its store."""
+def _shard_task(grid: Grid, shard: str, device: str | None, previous: bytes | None, threads: int,
+                prepared: bytes | None = None) -> tuple[str, bytes]:
+    """Run one shard of ``grid`` on this worker (resuming ``previous``, a shard store's or the seed store's bytes, with
+    the driver's fitted defences ``prepared``) and return its store."""
     import torch
 
-    from robustbench_med.runner import run_grid, shard_dir
+    from robustbench_med.runner import prepared_from_bytes, resolve_device, run_grid, shard_dir
     from robustbench_med.store import Store
 
     torch.set_num_threads(max(1, threads))
+    fitted = prepared_from_bytes(prepared, resolve_device(device or grid.device))
     with tempfile.TemporaryDirectory(prefix="rbm_ray_") as tmp:
         if previous is not None:
             target = shard_dir(tmp, shard) / "results.sqlite"
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(previous)
-        path = run_grid(grid, tmp, device=device, progress=False, shard=shard)
+        path = run_grid(grid, tmp, device=device, progress=False, shard=shard, prepared=fitted)
         with Store(path) as store:  # fold the write-ahead log into the file before it is read as bytes
             store.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         return shard, path.read_bytes()
@@ -73,6 +79,7 @@ def run_ray(grid: Grid | str | Path, out_dir: str | Path, *, tasks: int | None =
     _check_resources(tasks, cpus_per_task, gpus_per_task)
     device = device or ("cuda" if gpus_per_task > 0 else None)
     train_missing_weights(grid, None if device == "cuda" else device)
+    seed, fitted = _prepare(grid, device)
     started = not ray.is_initialized()
     if started:
         ray.init(address=address, include_dashboard=False, log_to_driver=False,
@@ -81,11 +88,12 @@ def run_ray(grid: Grid | str | Path, out_dir: str | Path, *, tasks: int | None =
         n = tasks or max(1, SHARDS_PER_SLOT * int(ray.cluster_resources().get("CPU", 1) // cpus_per_task))
         out = Path(out_dir)
         remote = ray.remote(_shard_task).options(num_cpus=cpus_per_task, num_gpus=gpus_per_task)
+        fitted_ref = ray.put(fitted)  # one copy in the object store, shared by every task
         pending = []
         for k in range(1, n + 1):
             existing = shard_dir(out, f"{k}/{n}") / "results.sqlite"
-            previous = existing.read_bytes() if existing.exists() else None
-            pending.append(remote.remote(grid, f"{k}/{n}", device, previous, cpus_per_task))
+            previous = existing.read_bytes() if existing.exists() else seed
+            pending.append(remote.remote(grid, f"{k}/{n}", device, previous, cpus_per_task, fitted_ref))
         with tqdm(total=n, desc=f"{grid.name} on Ray ({n} shards)", disable=not progress) as bar:
             while pending:
                 done, pending = ray.wait(pending, num_returns=1)
@@ -99,6 +107,20 @@ def run_ray(grid: Grid | str | Path, out_dir: str | Path, *, tasks: int | None =
             ray.shutdown()
     report = merge_stores(out, [out])
     return report.out
+
+
+def _prepare(grid: Grid, device: str | None) -> tuple[bytes, bytes]:
+    """The driver's preparation of ``grid`` (on the CPU unless the tasks use CUDA): the seed store's bytes (clean rows
+    and flags) and the fitted defences' bytes."""
+    from robustbench_med.runner import GridRunner, prepared_to_bytes, resolve_device
+    from robustbench_med.store import Store
+
+    with tempfile.TemporaryDirectory(prefix="rbm_ray_seed_") as tmp:
+        path = Path(tmp) / "results.sqlite"
+        with Store(path) as store:
+            fitted = GridRunner(grid, store, resolve_device(device or grid.device), progress=False).prepare()
+            store.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return path.read_bytes(), prepared_to_bytes(fitted)
 
 
 def _check_resources(tasks: Any, cpus: Any, gpus: Any) -> None:

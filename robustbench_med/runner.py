@@ -14,11 +14,12 @@ or the number of processes); an attack's batch-level random choices are seeded b
 cell, first sample of the unit) and every sample's own stream by (…, cell, sample index), so a unit's call can be
 split to fit memory (``Attack.sample_independent`` attacks on deterministic models only) without changing a draw.
 
-A run has two phases. First rank 0 alone, for every victim × defence not finished yet, trains missing weights,
-fits the defence (``Defense.prepare``), runs the reliability checks and writes the clean rows; the fitted defences
-reach the other processes in one collective (:meth:`Defense.prepared_state`), so each defence is fitted and each clean
-pass computed once per run, whatever the number of processes (the manifest's ``work`` lists both per process). Then
-every process computes its own units, with no barrier between victims.
+A run has two phases. First the preparation: rank 0 trains missing weights; then, for every victim × defence not
+finished yet, one rank (the pairs are dealt between the ranks) fits the defence (``Defense.prepare``), runs the
+reliability checks and writes the clean rows, and the fitted defences reach every process in one collective
+(:meth:`Defense.prepared_state`), so each defence is fitted and each clean pass computed once per run, whatever the
+number of processes (the manifest's ``work`` lists both per process). Then every process computes its own units,
+with no barrier between victims.
 
 Who computes a unit follows from the plan (:mod:`robustbench_med.distributed`: a stable hash of the group's cells
 plus the unit's index), never from the order of execution, and the plan is recorded in the store. At the end of
@@ -196,12 +197,32 @@ def _clean_outcome(clean_row: dict[str, Any]) -> dict[str, Any]:
     return {"score": clean_row["score"], "pred": clean_row["pred"], "metrics": clean_row["metrics"]}
 
 
+def prepared_to_bytes(prepared: dict[str, dict[str, Any]]) -> bytes:
+    """Fitted defences (:meth:`GridRunner.prepare`) as bytes, to send to other processes of the same run."""
+    import io
+
+    buf = io.BytesIO()
+    torch.save(prepared, buf)
+    return buf.getvalue()
+
+
+def prepared_from_bytes(data: bytes | None, device: torch.device) -> dict[str, dict[str, Any]]:
+    """The inverse of :func:`prepared_to_bytes`, mapped onto ``device``. The bytes hold fitted scikit-learn models as
+    well as tensors, so they are unpickled: only ever bytes another process of the same run produced in memory
+    (a collective, a Ray object), never a file."""
+    import io
+
+    return torch.load(io.BytesIO(data), map_location=device, weights_only=False) if data else {}
+
+
 class GridRunner:
     """Runs a :class:`Grid` into a :class:`Store` (resuming whatever is already there)."""
 
     def __init__(self, grid: Grid, store: Store, device: torch.device | None = None, progress: bool = True,
-                 out_dir: Path | None = None, context: ProcessContext | None = None):
+                 out_dir: Path | None = None, context: ProcessContext | None = None,
+                 prepared: dict[str, dict[str, Any]] | None = None):
         self.grid, self.store, self.progress = grid, store, progress
+        self._given = dict(prepared or {})  # fitted defences from a preparation run elsewhere (see prepare())
         self.ctx = context or process_context()
         self.device = self.ctx.device if self.ctx.world_size > 1 and self.ctx.device is not None else (device or resolve_device(grid.device))
         self.out_dir = out_dir or store.path.parent
@@ -228,24 +249,33 @@ class GridRunner:
             raise StoreError(f"result store {self.store.path} holds shard {have} of a grid, not {want}; give every shard "
                              "its own --out (run --shard K/N does by default) and combine them with `robustbench-med merge`")
 
-    def _run(self) -> str:
+    def _data(self):
+        """(dataset, indices, images, per-sample attributes, data hash) of the grid's evaluation samples."""
         ds = create_dataset(self.grid.dataset, split=self.grid.split, **self.grid.dataset_params)
         if self.grid.n_examples > len(ds):
             raise ConfigError(f"{self.grid.source}: field 'n_examples': {self.grid.n_examples} is larger than the "
                               f"{self.grid.split!r} split of {self.grid.dataset} ({len(ds)} samples); lower n_examples or "
                               "enlarge the split (dataset params)")
+        idx = list(range(self.grid.n_examples))
+        x_all = ds.images(idx)
+        attrs = ds.attributes(idx)
+        attr_rows = [{k: attrs[k][i] for k in attrs} for i in idx]
+        return ds, idx, x_all, attr_rows, hashlib.sha256(x_all.numpy().tobytes()).hexdigest()[:16]
+
+    def prepare(self) -> dict[str, dict[str, Any]]:
+        """The preparation phase alone (see the module docstring), into this runner's store: the reliability flags and
+        clean rows of every unfinished victim × defence, and the fitted defences returned (for :func:`run_grid`'s
+        ``prepared``; the Ray driver runs this once and gives the result to every shard)."""
+        return self._prepare_all(*self._data())
+
+    def _run(self) -> str:
+        ds, idx, x_all, attr_rows, data_hash = self._data()
         if self.ctx.is_main:
             self._open_store()
         self.ctx.barrier()
-        n = self.grid.n_examples
-        idx = list(range(n))
-        x_all = ds.images(idx)
-        data_hash = hashlib.sha256(x_all.numpy().tobytes()).hexdigest()[:16]
         shard = f"-shard{self.ctx.shard + 1}of{self.ctx.shards}" if self.ctx.shards > 1 else ""
         run_id = f"{self.grid.name}-{int(time.time())}{shard}-rank{self.ctx.rank}"
         self.store.start_run(run_id, self.grid.name, self.grid.config_hash(), manifest(self.grid, self.device, data_hash, self.ctx))
-        attrs = ds.attributes(idx)
-        attr_rows = [{k: attrs[k][i] for k in attrs} for i in range(n)]
         prepared = self._prepare_all(ds, idx, x_all, attr_rows, data_hash)  # rank 0 also trains missing weights here
         for vspec in self.grid.victims:
             victim, y_all = self._load_victim(vspec, ds, idx)
@@ -354,18 +384,33 @@ class GridRunner:
         return defense, eot, group_key
 
     def _prepare_all(self, ds, idx: list[int], x_all, attrs, data_hash) -> dict[str, dict[str, Any]]:
-        """Rank 0: for every unfinished victim × defence, fit the defence, run the reliability checks and compute the
-        clean rows, once for all processes. Returns {group key: ``{"state": …}`` (the fitted defence, see
-        :meth:`Defense.prepared_state`) or ``{"skip": reason}``}; the other ranks receive it through one collective."""
+        """For every unfinished victim × defence, fit the defence, run the reliability checks and compute the clean
+        rows, once for all processes: rank 0 first trains missing weights, then the pairs are dealt between the ranks
+        (pair ``i`` to rank ``i mod W``) and the fitted defences gathered on every rank in one collective. Returns
+        {group key: ``{"state": …}`` (see :meth:`Defense.prepared_state`) or ``{"skip": reason}``}."""
+        if self.ctx.world_size > 1:  # one wait for the weights, not one per victim
+            if self.ctx.is_main:
+                train_missing_weights(self.grid, self.device, self.progress)
+            self.ctx.barrier()
         prepared: dict[str, dict[str, Any]] = {}
-        if self.ctx.is_main:
-            for vspec in self.grid.victims:
-                victim, y_all = self._load_victim(vspec, ds, idx)
-                for dspec in self._defenses_for(vspec, victim):
-                    defense, eot, group_key = self._pair(vspec, victim, dspec, len(x_all), data_hash)
-                    if not self._finished(vspec, dspec, group_key, eot, len(x_all)):
-                        prepared[group_key] = self._prepare_pair(vspec, victim, dspec, defense, group_key, eot, x_all, y_all, attrs)
-        return self._share_prepared(prepared) if self.ctx.world_size > 1 else prepared
+        pair_index = 0
+        for vspec in self.grid.victims:
+            victim, y_all = self._load_victim(vspec, ds, idx)
+            for dspec in self._defenses_for(vspec, victim):
+                mine, pair_index = pair_index % self.ctx.world_size == self.ctx.rank, pair_index + 1
+                if not mine:
+                    continue
+                defense, eot, group_key = self._pair(vspec, victim, dspec, len(x_all), data_hash)
+                if group_key in self._given:  # fitted by whoever prepared the grid (the Ray driver)
+                    prepared[group_key] = self._given[group_key]
+                elif not self._finished(vspec, dspec, group_key, eot, len(x_all)):
+                    prepared[group_key] = self._prepare_pair(vspec, victim, dspec, defense, group_key, eot, x_all, y_all, attrs)
+        if self.ctx.world_size == 1:
+            return prepared
+        merged: dict[str, dict[str, Any]] = {}
+        for rank, part in enumerate(self.ctx.gather(prepared_to_bytes(prepared))):
+            merged.update(prepared if rank == self.ctx.rank else prepared_from_bytes(part, self.device))
+        return merged
 
     def _prepare_pair(self, vspec, victim: Victim, dspec: DefenseSpec, defense, group_key: str, eot: int, x_all, y_all,
                       attrs) -> dict[str, Any]:
@@ -382,21 +427,6 @@ class GridRunner:
         self._randomized = self._reliability(group_key, defended, view, x_all, y_all, defense.randomized, eot) or defense.randomized
         self._clean(defended, group_key, x_all, y_all, attrs, label)
         return {"state": defense.prepared_state()}
-
-    def _share_prepared(self, prepared: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-        """Rank 0's prepared defences on every rank (serialised with ``torch.save`` in memory and mapped onto this
-        rank's device; the bytes come from rank 0 of the same launch, never from a file)."""
-        import io
-
-        payload = None
-        if self.ctx.is_main:
-            buf = io.BytesIO()
-            torch.save(prepared, buf)
-            payload = buf.getvalue()
-        payload = self.ctx.share(payload)
-        if self.ctx.is_main:
-            return prepared
-        return torch.load(io.BytesIO(payload), map_location=self.device, weights_only=False) if payload else {}
 
     # one victim × defence ---------------------------------------------------------------------------------
     def _victim_defense(self, vspec: VictimSpec, victim: Victim, dspec: DefenseSpec, x_all, y_all, attrs, data_hash,
@@ -726,12 +756,14 @@ def _move_aside(path: Path) -> Path | None:
 
 
 def run_grid(grid: Grid | str | Path, out_dir: str | Path, *, device: str | None = None, progress: bool = True,
-             shard: str | tuple[int, int] | None = None, fresh: bool = False) -> Path:
+             shard: str | tuple[int, int] | None = None, fresh: bool = False,
+             prepared: dict[str, dict[str, Any]] | None = None) -> Path:
     """Run ``grid`` (a :class:`Grid` or a YAML path) into ``out_dir/results.sqlite``; returns the store path.
 
     ``shard='K/N'``: compute only the K-th of N parts of the grid, into ``out_dir/shard-K-of-N/results.sqlite`` (combine
     the shards with :func:`robustbench_med.merge.merge_stores`). ``fresh``: start over, moving an existing store aside
-    (``results.sqlite.damaged-<time>``) instead of resuming it (the way out of a damaged store).
+    (``results.sqlite.damaged-<time>``) instead of resuming it (the way out of a damaged store). ``prepared``: fitted
+    defences from :meth:`GridRunner.prepare` (not fitted again).
     """
     if not isinstance(grid, Grid):
         grid = load_grid(grid)
@@ -748,7 +780,7 @@ def run_grid(grid: Grid | str | Path, out_dir: str | Path, *, device: str | None
                 print(f"robustbench-med: --fresh: moved the old store to {moved}", flush=True)
         ctx.barrier()
         with Store(path) as store:
-            GridRunner(grid, store, resolve_device(device or grid.device), progress, out, context=ctx).run()
+            GridRunner(grid, store, resolve_device(device or grid.device), progress, out, context=ctx, prepared=prepared).run()
     return path
 
 

@@ -167,8 +167,9 @@ class Task:
         raise ValueError(f"no generic metrics for task {self.name!r}")
 
     def num_classes(self, classes: Sequence[str]) -> int:
-        """Columns of :meth:`class_logits` (classifiers only)."""
-        raise ValueError(f"a {self.name} victim has no class logits")
+        """How many classes the head distinguishes (the columns of :meth:`class_logits` for single-label tasks;
+        segmentation classes, labels or landmarks otherwise): the victim's ``classes``, or 2 for a binary head."""
+        return len(classes)
 
     def class_logits(self, output: torch.Tensor) -> torch.Tensor:
         """The head as [B, C] logits whose softmax is the model's class distribution (classifiers only)."""
@@ -212,9 +213,6 @@ class Classification(Task):
 
     def metrics(self, output, target, sdr_radius=4.0):
         return {"accuracy": (self.predict(output) == target.long()).float()}
-
-    def num_classes(self, classes):
-        return len(classes)
 
     def class_logits(self, output):
         return output

@@ -267,3 +267,30 @@ def test_small_head_autoattack_has_a_fab_member_and_is_at_least_as_strong_as_apg
     ensemble = victim.score(attack(victim, x, y, seed=3), y)
     apgd = victim.score(rbm.create_attack("apgd.ce", eps=2 / 255, steps=100)(victim, x, y, seed=3), y)
     assert ensemble.sum() <= apgd.sum()
+
+
+def _victim_of(task):
+    from robustbench_med.victim import ModelVictim, VictimCard
+
+    if task in ("classification", "binary", "multilabel"):
+        return make_toy(task)
+    k = 2 if task == "segmentation" else 3
+    card = VictimCard(name=f"toy.{task}", task=task, modality="toy", input_size=(1, 16, 16),
+                      classes=tuple(f"c{i}" for i in range(k)))
+    return ModelVictim(torch.nn.Conv2d(1, k, 3, padding=1), card).eval()
+
+
+@pytest.mark.parametrize("name", rbm.list_attacks())
+@pytest.mark.parametrize("task", ["classification", "binary", "multilabel", "segmentation", "landmark"])
+def test_planning_a_cell_works_for_every_attack_on_every_task(name, task):
+    """What the runner does when it plans a cell — ``check_task`` and the recorded ``variant_for`` — either works or
+    says the task is not supported; it never fails otherwise (a segmentor in a grid with AutoAttack must not crash
+    the run). The default grid plans AutoAttack on its segmentors and landmark detector."""
+    attack = ATTACKS.get(name).factory(**({"surrogate": "cnn.phantom"} if name == "transfer.pgd" else {}))
+    victim = _victim_of(task)
+    try:
+        attack.check_task(victim)
+    except TaskNotSupportedError:
+        pass
+    if hasattr(attack, "variant_for"):
+        assert isinstance(attack.variant_for(victim), str)

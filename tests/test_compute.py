@@ -9,6 +9,7 @@ from rank_helpers import table
 
 import robustbench_med as rbm
 from robustbench_med.compute import effective, parse_compute, prepare_victim
+from robustbench_med.entries import build_entries, dumps_entry, validate_entry
 from robustbench_med.grid import parse_grid
 from robustbench_med.registry import VICTIMS
 from robustbench_med.runner import run_grid
@@ -93,6 +94,13 @@ def test_mixed_precision_attacks_with_float32_evaluation(tmp_path):
     assert all(r[5] == 1 and r[4] <= 8 / 255 + 1e-6 for r in rows)
     (extra,), = table(db, "SELECT extra FROM cells")
     assert json.loads(extra)["compute"] == {"autocast": "bf16"}
+    (entry,) = build_entries(db)  # published rows say how they were computed, and the schema checks it
+    assert {r["attack"]: r.get("compute") for r in entry["results"]}["pgd.linf"] == {"autocast": "bf16"}
+    validate_entry(json.loads(dumps_entry(entry)))
+    broken = json.loads(dumps_entry(entry))
+    next(r for r in broken["results"] if r["attack"] == "pgd.linf")["compute"] = {"autocast": "bf16", "channels_last": False}
+    with pytest.raises(rbm.ConfigError, match="compute"):
+        validate_entry(broken)
     CALLS.clear()
     run_grid(_grid(autocast="bf16", autocast_eval=True), tmp_path / "bf16eval", progress=False)
     assert (False, torch.bfloat16) in CALLS

@@ -1,7 +1,10 @@
 """The Ray executor (issue #21 item 4) on a local Ray instance: one task per shard, the stores streamed back to the
 driver and merged; the result equals a single-process run row for row, and a finished run resumes without work."""
+import json
+
 import pytest
 from rank_helpers import store_contents as _rows
+from rank_helpers import table
 
 from robustbench_med.errors import ConfigError
 from robustbench_med.grid import parse_grid
@@ -30,6 +33,9 @@ def test_a_ray_run_equals_a_single_process_run(local_ray, tmp_path):
     assert merged == tmp_path / "ray" / "results.sqlite"
     assert sorted(p.parent.name for p in (tmp_path / "ray").glob("shard-*/results.sqlite")) == [f"shard-{k}-of-3" for k in (1, 2, 3)]
     assert _rows(merged) == _rows(single)
+    for db in (tmp_path / "ray").glob("shard-*/results.sqlite"):  # the driver fitted and computed the clean passes once
+        for (manifest,) in table(db, "SELECT manifest FROM runs"):
+            assert json.loads(manifest)["work"] == {"defenses_prepared": [], "clean_passes": []}
     again = run_ray(parse_grid(GRID), tmp_path / "ray", tasks=3, progress=False)  # resumed: nothing new, same rows
     assert _rows(again) == _rows(single)
 
