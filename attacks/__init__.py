@@ -3,3 +3,4 @@ from robustbench_med.attacks import pgd, noise, torchattacks_adapters  # noqa: E
 from robustbench_med.attacks import hfc, square, transfer  # noqa: F401
 from robustbench_med.attacks import lvlm_pgd, qava, projector  # noqa: F401
 from robustbench_med.attacks import corruption  # noqa: F401
+from robustbench_med.attacks import modality  # noqa: F401

@@ -102,14 +102,19 @@ class PGD(Attack):
     def _run(self, victim: Victim, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         norm, sign = self.threat.norm, (-1.0 if self.threat.targeted else 1.0)
         alpha = _view(self._alpha(eps), x)
-        x_adv = random_start(x, eps, norm, self.rng) if self.random_start else x.clone()
+        x_adv = self.restrict(x, random_start(x, eps, norm, self.rng) if self.random_start else x.clone())
         for _ in range(self.threat.steps):
             x_adv.requires_grad_(True)
             loss = self.objective(victim, x_adv, y).sum() * sign
             grad = _input_grad(loss, x_adv)
             step = grad.sign() if norm == "Linf" else l2_normalize(grad)
-            x_adv = project(x, x_adv.detach() + alpha * step, eps, norm)
+            x_adv = self.restrict(x, project(x, x_adv.detach() + alpha * step, eps, norm))
         return x_adv.detach()
+
+    def restrict(self, x: torch.Tensor, x_adv: torch.Tensor) -> torch.Tensor:
+        """Where the attacker may act: all of ``x_adv`` here; a subclass confines it (e.g. to one MRI sequence,
+        :class:`robustbench_med.attacks.modality.ModalityPGD`). Called on the start and after every projection."""
+        return x_adv
 
     def perturb(self, victim: Victim, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         best = self._run(victim, x, y, eps)

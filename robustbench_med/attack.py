@@ -187,6 +187,12 @@ class Attack(abc.ABC):
     def perturb(self, victim: Victim, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """Return adversarial examples; ``eps`` holds each sample's radius (all equal unless eps batching)."""
 
+    def violations(self, victim: Victim, x: torch.Tensor, x_adv: torch.Tensor) -> str:
+        """What ``x_adv`` breaks of this attack's own threat model beyond the Lp budget and range that
+        :func:`~robustbench_med.threat.check_budget` checks (e.g. a sequence-restricted attack that changed another
+        sequence); ``''`` when nothing. The harness marks a cell invalid on a non-empty answer."""
+        return ""
+
     def objective(self, victim: Victim, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Per-sample objective to maximise, averaged over ``eot`` forward passes (EOT for randomised victims)."""
         return self.expectation(lambda z: victim.objective(z, y), x)

@@ -6,7 +6,9 @@
 - ``publish [GRID ...]``: run grids, write their entries into ``<out>/<dataset>/<threat>/<victim>.json`` and render
   Markdown, LaTeX, CSV and HTML from all entries there. Without grid names it publishes every packaged study
   (:data:`PUBLISH_SETS`): the robustness leaderboard (zoo, default and LVLM grids) into ``<out>``, and the detector
-  (HFC), fairness (APPLE) and F3 studies into ``<out>/detectors``, ``<out>/fairness`` and ``<out>/f3``.
+  (HFC), fairness (APPLE) and F3 studies into ``<out>/detectors``, ``<out>/fairness`` and ``<out>/f3``, and the
+  shift studies (missing modalities, site shift on the CT and vessel phantoms) into ``<out>/shift``, with each grid's
+  study tables (``modalities.md``, ``sites.md``) in ``<out>/shift/<grid name>/``.
 
 When two grids of one publish produce the same victim × threat (the default grid's zoo models are also in the zoo
 grid), the entry with more samples is published (the first grid on a tie) and the other is reported as skipped; an
@@ -23,7 +25,8 @@ from pathlib import Path
 from robustbench_med.errors import ConfigError
 
 DEFAULT_GRIDS = ("zoo", "default", "lvlm")
-PUBLISH_SETS: dict[str, tuple[str, ...]] = {"": DEFAULT_GRIDS, "detectors": ("hfc", "hfc_paper"), "fairness": ("fairness", "fairness_shortcut", "fairness_shortcut_control"), "f3": ("f3",)}
+PUBLISH_SETS: dict[str, tuple[str, ...]] = {"": DEFAULT_GRIDS, "detectors": ("hfc", "hfc_paper"), "fairness": ("fairness", "fairness_shortcut", "fairness_shortcut_control"), "f3": ("f3",),
+                                             "shift": ("modalities", "sites", "sites_vessels")}
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -104,6 +107,7 @@ def _publish_study(out: Path, grid_paths: list[Path], args: argparse.Namespace) 
             print(f"robustbench-med publish: running grid {grid.name!r} (n={grid.n_examples}) into "
                   f"{Path(args.runs) / grid.name}", flush=True)
             store = run_grid(grid, Path(args.runs) / grid.name, device=args.device, progress=not args.quiet)
+            _write_study_tables(store, out / grid.name)
             for e in build_entries(store):
                 path = entry_path(out, e)
                 if path in chosen:
@@ -124,6 +128,21 @@ def _publish_study(out: Path, grid_paths: list[Path], args: argparse.Namespace) 
     _append_defense_comparisons(paths["markdown"], grid_paths, args)
     print("written: " + ", ".join(str(p) for p in paths.values()))
     return True
+
+
+def _write_study_tables(store: Path, folder: Path) -> None:
+    """The study tables a grid's store supports (missing modalities, site shift) into ``folder`` (created only when
+    there is something to write): ``modalities.md`` / ``.csv``, ``sites.md`` / ``.csv``."""
+    from robustbench_med.leaderboard import summarize
+    from robustbench_med.modality_metrics import write_modality_tables
+    from robustbench_med.site_metrics import site_table, write_site_tables
+
+    df = summarize(store, fairness_boot=0)
+    has_modalities = "attack" in df and (df.attack == "modality.dropout").any()
+    if has_modalities or not site_table(store).empty:
+        folder.mkdir(parents=True, exist_ok=True)
+        written = {**write_modality_tables(df, folder), **write_site_tables(store, folder)}
+        print("  study tables: " + ", ".join(str(p) for p in written.values()))
 
 
 def _append_defense_comparisons(readme: Path, grid_paths: list[Path], args: argparse.Namespace) -> None:

@@ -3,7 +3,8 @@
 No existing benchmark combines adversarial robustness with group fairness (``shared/reference/anchors.md`` §8.1):
 robustness suites have no sensitive attributes and fairness suites (MEDFAIR, FairMedFM, Harvard-FairSeg, Fairlearn)
 have no attacks. Here every cell (victim × defence × attack × eps) is broken down by sensitive attribute: ``sex``,
-``age_group`` and their intersection ``sex*age_group`` (group labels such as ``F*old``). Group arithmetic goes through
+``age_group`` and their intersection ``sex*age_group`` (group labels such as ``F*old``), and on multi-site data
+(``phantom.sites``) the acquisition ``site`` as well (not intersected). Group arithmetic goes through
 Fairlearn's :class:`~fairlearn.metrics.MetricFrame` (Weerts et al., "Fairlearn: Assessing and Improving Fairness of
 AI Systems", JMLR 2023).
 
@@ -48,7 +49,8 @@ import pandas as pd
 
 from robustbench_med.errors import ConfigError
 
-ATTRIBUTES = ("sex", "age_group")
+ATTRIBUTES = ("sex", "age_group", "site")  # ``site``: only in multi-site data (phantom.sites); never intersected
+INTERSECTED = ("sex", "age_group")
 INTERSECTION = "sex*age_group"
 ECE_BINS = 15
 
@@ -58,7 +60,8 @@ ECE_BINS = 15
 
 
 def group_columns(attrs: pd.DataFrame, attributes: Iterable[str] = ATTRIBUTES) -> dict[str, np.ndarray]:
-    """The sensitive features to break down by: each attribute, and their intersection ``sex*age_group``.
+    """The features to break down by: each attribute present, and the intersection ``sex*age_group`` (``site`` is
+    reported alone).
 
     The intersection label of a sample is its values joined by ``*`` (e.g. ``F*old``). Missing attributes are left
     out; a missing value in a present attribute raises :class:`ConfigError`.
@@ -70,8 +73,9 @@ def group_columns(attrs: pd.DataFrame, attributes: Iterable[str] = ATTRIBUTES) -
         if col.isna().any():
             raise ConfigError(f"attribute {a!r} is missing for {int(col.isna().sum())} samples")
         out[a] = col.astype(str).to_numpy()
-    if len(present) >= 2:
-        out["*".join(present)] = np.array(["*".join(v) for v in zip(*(out[a] for a in present))], dtype=object)
+    crossed = [a for a in present if a in INTERSECTED]
+    if len(crossed) >= 2:
+        out["*".join(crossed)] = np.array(["*".join(v) for v in zip(*(out[a] for a in crossed))], dtype=object)
     return out
 
 
@@ -427,7 +431,7 @@ def compare_groups(
             "gap_other_ci95_low": float(q[0, 3]), "gap_other_ci95_high": float(q[1, 3])}
 
 
-def _store_frames(store: Any) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+def store_frames(store: Any) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """Cells, samples and decoded attributes of a store (a :class:`Store` or a path)."""
     from robustbench_med.store import Store
 
@@ -444,7 +448,7 @@ def _store_frames(store: Any) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]
 
 def fairness_table(store: Any, *, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
     """One row per finished cell of a store: the cell's description plus :func:`fairness_columns`."""
-    cells, samples, attrs = _store_frames(store)
+    cells, samples, attrs = store_frames(store)
     rows = []
     for _, c in cells[cells.status == "done"].iterrows() if len(cells) else []:
         sub = samples[samples.cell_id == c.cell_id]
@@ -464,7 +468,7 @@ def compare_defenses(store: Any, base: str = "identity.none", other: str = "appl
     (same attack and parameters under both defences) and attribute, on the adversarial scores. A grid may hold
     ``other`` with several parameter settings (e.g. two APPLE configurations): each is compared on its own and named
     by the ``defense_params`` column."""
-    cells, samples, attrs = _store_frames(store)
+    cells, samples, attrs = store_frames(store)
     if cells.empty:
         return pd.DataFrame()
     done = cells[cells.status == "done"]
@@ -481,7 +485,8 @@ def compare_defenses(store: Any, base: str = "identity.none", other: str = "appl
             settings = [("clean", "", None, pairs[0][0].cell_id, pairs[0][1].cell_id, "clean_score")]
             settings += [(b.attack, b.attack_params, json.loads(b.threat).get("eps"), b.cell_id, o.cell_id, "adv_score") for b, o in pairs]
             for attack, params, eps, b_id, o_id, score in settings:
-                for attr in list(attributes) + [INTERSECTION]:
+                present = group_columns(by_idx, attributes)  # site only on multi-site data
+                for attr in [a for a in list(attributes) + [INTERSECTION] if a in present]:
                     res = compare_groups(samples[samples.cell_id == b_id], samples[samples.cell_id == o_id], by_idx, attr,
                                          score=score, n_boot=n_boot, seed=seed)
                     rows.append({"victim": victim, "defense_params": d_params, "attack": attack, "attack_params": params,
@@ -510,7 +515,7 @@ def group_table(samples: pd.DataFrame, attrs: pd.DataFrame, cells: pd.DataFrame 
 
 def group_table_from_store(store: Any) -> pd.DataFrame:
     """:func:`group_table` of every finished cell of a store."""
-    cells, samples, attrs = _store_frames(store)
+    cells, samples, attrs = store_frames(store)
     done = set(cells[cells.status == "done"].cell_id) if len(cells) else set()
     sub = samples[samples.cell_id.isin(done)]
     return group_table(sub, attrs.loc[sub.index], cells)

@@ -34,7 +34,7 @@ from robustbench_med.store import Store
 from robustbench_med.threat import eps_display
 
 Z95 = 1.959963984540054
-GROUP_ATTRS = ("sex", "age_group")
+GROUP_ATTRS = ("sex", "age_group", "site")
 BLACK_BOX_MARGIN = 0.02
 
 
@@ -340,7 +340,9 @@ def plot_robustness(df: pd.DataFrame, path: str | Path) -> Path | None:
 
 def write_leaderboard(store: Store | str | Path, out_dir: str | Path) -> dict[str, Path]:
     """Write ``leaderboard.md``, ``.csv``, ``.json`` and ``robustness_vs_eps.png`` into ``out_dir`` (and, for
-    corruption cells, ``corruptions.md`` / ``.csv``: :mod:`robustbench_med.corruption_metrics`)."""
+    corruption cells, ``corruptions.md`` / ``.csv``: :mod:`robustbench_med.corruption_metrics`; for missing-modality
+    cells, ``modalities.md`` / ``.csv``: :mod:`robustbench_med.modality_metrics`; for multi-site data, ``sites.md`` /
+    ``.csv``: :mod:`robustbench_med.site_metrics`)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     df = summarize(store)
@@ -359,6 +361,12 @@ def write_leaderboard(store: Store | str | Path, out_dir: str | Path) -> dict[st
     from robustbench_med.corruption_metrics import write_corruption_tables
 
     paths.update(write_corruption_tables(df, out))  # corruptions.md / .csv when the store holds corruption cells
+    from robustbench_med.modality_metrics import write_modality_tables
+
+    paths.update(write_modality_tables(df, out))  # modalities.md / .csv when the store holds modality.dropout cells
+    from robustbench_med.site_metrics import write_site_tables
+
+    paths.update(write_site_tables(store, out))  # sites.md / .csv when the samples carry a site (phantom.sites)
     png = plot_robustness(df, out / "robustness_vs_eps.png")
     if png:
         paths["plot"] = png

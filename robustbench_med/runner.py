@@ -708,8 +708,10 @@ class GridRunner:
                    start: int, done: dict[str, set[int]], invalid: dict[str, str]) -> list[dict[str, Any]]:
         """Budget check and per-sample rows of one cell on one unit (``outcomes``: score, pred, metrics per sample)."""
         report = check_budget(x, x_adv, p.attack.threat.norm, p.attack.threat.eps)
-        if not report.valid:
-            invalid[p.cell_id] = f"budget violated: {report.reason()}"
+        broken = p.attack.violations(pair.defended, x, x_adv)
+        if not report.valid or broken:
+            invalid[p.cell_id] = "; ".join(filter(None, (f"budget violated: {report.reason()}" if not report.valid else "",
+                                                         f"threat violated: {broken}" if broken else "")))
         if self.grid.save_adversarial:
             self._save_adv(p.cell_id, start, x_adv)
         rows = []
@@ -722,7 +724,7 @@ class GridRunner:
                 "cell_id": p.cell_id, "sample_idx": i, "clean_score": cl["score"], "adv_score": out["score"],
                 "clean_correct": cl["correct"], "adv_correct": int(out["score"] >= pair.threshold), "clean_pred": cl["pred"],
                 "adv_pred": out["pred"], "eps": p.attack.threat.eps,
-                "linf": float(report.norms["Linf"][j]), "l2": float(report.norms["L2"][j]), "valid": int(report.valid),
+                "linf": float(report.norms["Linf"][j]), "l2": float(report.norms["L2"][j]), "valid": int(report.valid and not broken),
                 "metrics": {**out["metrics"], **_clean_extras(cl)}, "attrs": pair.attrs[i],
             })
         return rows

@@ -124,8 +124,8 @@ def train_victim(name: str, *, force: bool = False, device: str | torch.device |
 def is_current(name: str, path: Path) -> bool:
     """Whether cached weights at ``path`` were trained with ``name``'s current recipe on the current data.
 
-    Compares the generic training loop's version (or, for victims with their own ``trainer``, the registry's
-    ``trainer_version``) and, when the sidecar records them, the recipe and the training split's fingerprint (sha256
+    Compares the generic training loop's version, the name of the registry's training-time ``augment`` (or, for
+    victims with their own ``trainer``, the registry's ``trainer_version``) and, when the sidecar records them, the recipe and the training split's fingerprint (sha256
     of its bytes).
     """
     from robustbench_med.weights import read_sidecar
@@ -138,6 +138,9 @@ def is_current(name: str, path: Path) -> bool:
         return False  # a victim with its own training loop whose loop (or model initialisation) changed
     if "recipe" in meta and meta["recipe"] != json.loads(json.dumps(asdict(recipe))):
         return False
+    augment = entry_meta.get("augment")
+    if meta.get("augment") != (None if augment is None else augment.__name__):
+        return False  # trained with another (or without the) training-time augmentation
     if "train_fingerprint" not in meta:
         return True
     return meta["train_fingerprint"] == DATASETS.create(recipe.dataset, split="train", n=recipe.n_train).fingerprint()
@@ -163,6 +166,7 @@ def _train(name: str, path: Path, device: str | torch.device | None, progress: b
     steps = recipe.epochs * ((len(x) + recipe.batch_size - 1) // recipe.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe.lr, total_steps=steps)
     gen = torch.Generator().manual_seed(recipe.seed)
+    augment = VICTIMS.get(name).meta.get("augment")  # (x, y, gen) -> (x, y), e.g. modality dropout; draws from `gen`
     weights = segmentation_class_weights(y, victim(x[:1]).shape[1]).to(device) if victim.task == "segmentation" else None
     start = time.perf_counter()
     bar = _progress(steps, f"train {name}", progress)
@@ -171,7 +175,8 @@ def _train(name: str, path: Path, device: str | torch.device | None, progress: b
         order = torch.randperm(len(x), generator=gen).to(device)
         for i in range(0, len(x), recipe.batch_size):
             idx = order[i : i + recipe.batch_size]
-            loss = _train_loss(victim, x[idx], y[idx], weights)
+            xb, yb = (x[idx], y[idx]) if augment is None else augment(x[idx], y[idx], gen)
+            loss = _train_loss(victim, xb, yb, weights)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -187,6 +192,7 @@ def _train(name: str, path: Path, device: str | torch.device | None, progress: b
         "val_metric": {victim.spec.metric: val_metric},
         "train_seconds": round(time.perf_counter() - start, 1),
         "training_version": TRAINING_VERSION,
+        **({"augment": augment.__name__} if augment is not None else {}),
         "train_threads": torch.get_num_threads(),
         "torch": torch.__version__,
     }

@@ -88,3 +88,45 @@ def test_damaged_dicom_is_a_clear_error(tmp_path):
 @pytest.mark.parametrize("years,group", [(25, "young"), (40, "middle"), (64.9, "middle"), (65, "old"), (None, "unknown")])
 def test_age_groups(years, group):
     assert age_group(years) == group
+
+
+def test_loaded_real_data_feeds_corruptions_and_modality_threats_unchanged(tmp_path):
+    """#19 item 5: package-shipped DICOM and NIfTI files, as loaded, go through a corruption and (multi-sequence
+    NIfTI) through modality dropout and single-sequence PGD, on a user's 2-channel model."""
+    import nibabel
+    from pydicom.data import get_testdata_file
+
+    from robustbench_med.threat import check_budget
+
+    ct = rbm.create_dataset("dicom.files", files=[get_testdata_file("CT_small.dcm")], targets={"label": [1]})
+    x = ct.images()
+    blurred = rbm.create_attack("corruption.motion", severity=3)(_toy_victim(1), x, torch.zeros(1, dtype=torch.long))
+    assert check_budget(x, blurred, "corruption", 3).valid and not torch.equal(blurred, x)
+
+    path = os.path.join(os.path.dirname(nibabel.__file__), "tests", "data", "anatomical.nii")
+    vol = nibabel.load(path)
+    inverted = tmp_path / "t2.nii"
+    nibabel.save(nibabel.Nifti1Image(vol.get_fdata().max() - vol.get_fdata(), vol.affine), str(inverted))
+    ds = rbm.create_dataset("nifti.slices", path={"t1": path, "t2": inverted}, axis=2, slices=[10, 11, 12])
+    _check(ds, 3, channels=2)
+    x = ds.images()
+    assert not torch.equal(x[:, 0], x[:, 1])
+    victim = _toy_victim(2)
+    y = victim.predict(x)
+    dropped = rbm.create_attack("modality.dropout", drop=1)(victim, x, y)
+    assert (dropped[:, 1] == 0).all() and torch.equal(dropped[:, 0], x[:, 0])
+    adv = rbm.create_attack("modality.pgd", modality=0, eps="4/255", steps=2)(victim, x, y)
+    assert torch.equal(adv[:, 1], x[:, 1]) and check_budget(x, adv, "Linf", 4 / 255).valid
+    with pytest.raises(ConfigError, match="channels=1"):
+        rbm.create_dataset("nifti.slices", path={"t1": path}, channels=3)
+
+
+def _toy_victim(channels):
+    from robustbench_med.victim import ModelVictim, VictimCard
+
+    card = VictimCard(name=f"user.toy{channels}", task="classification", modality="MRI", input_size=(channels, 64, 64),
+                      classes=("a", "b"))
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(channels, 4, 3, padding=1), torch.nn.AdaptiveAvgPool2d(1),
+                              torch.nn.Flatten(), torch.nn.Linear(4, 2))
+    return ModelVictim(net, card).eval()

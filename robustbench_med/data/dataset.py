@@ -7,7 +7,8 @@ generated once per (config, split, n) and cached with ``save_to_disk`` under
 leaves a half cache, and a cache that fails to load or to validate is regenerated. ``phantom.shortcut`` and
 ``phantom.shortcut_balanced`` are the APPLE shortcut scenario (sex in the appearance, not the anatomy; see
 :mod:`robustbench_med.data.phantom`), cached the same way under their own config hash; the default world's hash does
-not change.
+not change. ``phantom.multiseq`` is the same patients in four MRI-like sequences (T1, T1ce, T2, FLAIR; see
+:mod:`robustbench_med.data.multiseq`), for the missing-modality study.
 """
 from __future__ import annotations
 
@@ -22,7 +23,9 @@ import numpy as np
 import torch
 
 from robustbench_med import paths
+from robustbench_med.data import multiseq as MS
 from robustbench_med.data import phantom as P
+from robustbench_med.data.sites import SITE_ORDER, SITES
 from robustbench_med.errors import ConfigError
 from robustbench_med.registry import register_dataset
 
@@ -152,18 +155,19 @@ class MedicalDataset:
         return MedicalDataset(self.hf.select(rows), self.name, self.split, self.target_fields, self.attribute_names)
 
 
-def phantom_features(size: int) -> Any:
-    """The Hugging Face feature layout of the phantom (shared by the real-data loaders for image / mask)."""
+def phantom_features(size: int, channels: int = 1, site: bool = False) -> Any:
+    """The Hugging Face feature layout of the phantom (shared by the real-data loaders for image / mask); ``channels``
+    4 for the multi-sequence phantom; ``site`` adds the ``site`` attribute column (``phantom.sites``)."""
     from datasets import Array2D, Array3D, Features, Value
     from datasets import Sequence as HFSequence
 
     return Features({
-        "image": Array3D((size, size, 1), "uint8"), "mask": Array2D((size, size), "uint8"),
+        "image": Array3D((size, size, channels), "uint8"), "mask": Array2D((size, size), "uint8"),
         "landmarks": Array2D((len(P.LANDMARKS), 2), "float32"), "label": Value("int64"),
         "lesion_type": Value("int64"), "n_lesions": Value("int64"),
         "findings": HFSequence(Value("float32"), length=len(P.FINDINGS)), "sex": Value("string"),
         "age_group": Value("string"), "vqa": HFSequence(Value("int64"), length=len(P.QUESTIONS)),
-        "index": Value("int64"),
+        "index": Value("int64"), **({"site": Value("string")} if site else {}),
     })
 
 
@@ -223,8 +227,10 @@ def phantom_config(seed: int = 0, size: int = 64, *, dataset: str = "phantom.ct"
 
 
 def _phantom(name: str, split: str, n: int | None, config: P.PhantomConfig,
-             cache_dir: str | os.PathLike[str] | None) -> MedicalDataset:
-    """A phantom split generated with ``config`` (cached under ``phantom-<config hash>/<split>-<n>``)."""
+             cache_dir: str | os.PathLike[str] | None, mixed_sites: bool = False) -> MedicalDataset:
+    """A phantom split generated with ``config`` (cached under ``phantom-<config hash>/<split>-<n>``); with
+    ``mixed_sites``, sample ``i`` is acquired at site ``SITE_ORDER[i % 3]`` and carries a ``site`` attribute (cached
+    under ``phantom-<hash>-sites``)."""
     if split not in P.SPLIT_CODES:
         raise ConfigError(f"{name}: unknown split {split!r}; choose one of {tuple(P.SPLIT_CODES)}")
     n = DEFAULT_SIZES[split] if n is None else n
@@ -232,15 +238,29 @@ def _phantom(name: str, split: str, n: int | None, config: P.PhantomConfig,
         raise ConfigError(f"{name}: n must be a positive integer, got {n!r}")
     n = int(n)
     root = Path(cache_dir) if cache_dir else paths.datasets_dir()
-    cache = root / f"phantom-{config.config_hash()}" / f"{split}-{n}"
+    cache = root / f"phantom-{config.config_hash()}{'-sites' if mixed_sites else ''}" / f"{split}-{n}"
 
     def build() -> Any:
         from datasets import Dataset
 
-        return Dataset.from_dict(P.generate(split, n, config), features=phantom_features(config.size))
+        channels = len(MS.SEQUENCES) if config.multiseq else 1
+        columns = generate_mixed_sites(split, n, config) if mixed_sites else P.generate(split, n, config)
+        return Dataset.from_dict(columns, features=phantom_features(config.size, channels, site=mixed_sites))
 
     hf = cached_build(cache, n, build)
-    return MedicalDataset(hf, name, split, tuple(TARGET_DTYPES), ("sex", "age_group"))
+    return MedicalDataset(hf, name, split, tuple(TARGET_DTYPES), ("sex", "age_group", "site"))
+
+
+def generate_mixed_sites(split: str, n: int, config: P.PhantomConfig) -> dict[str, Any]:
+    """``phantom.sites``' columns: sample ``i`` as generated at site ``SITE_ORDER[i % 3]`` (site A: the default world,
+    byte-identical to ``phantom.ct``'s sample ``i``), plus the ``site`` column."""
+    from dataclasses import replace
+
+    samples = [P.generate_sample(i, split, replace(config, site=SITES[SITE_ORDER[i % len(SITE_ORDER)]])) for i in range(n)]
+    columns: dict[str, Any] = {k: [smp[k] for smp in samples] for k in samples[0]} if samples else {}
+    columns["index"] = list(range(n))
+    columns["site"] = [SITE_ORDER[i % len(SITE_ORDER)] for i in range(n)]
+    return columns
 
 
 @register_dataset("phantom.ct", task="all", paper="robustbench_med procedural CT phantom (this suite)")
@@ -287,3 +307,98 @@ def phantom_shortcut_balanced(split: str = "test", n: int | None = None, seed: i
                               cache_dir: str | os.PathLike[str] | None = None, **config_overrides: Any) -> MedicalDataset:
     """``phantom.shortcut`` with an unbiased train split (``train_unannotated_f = 0``): the control's training data."""
     return _shortcut("phantom.shortcut_balanced", split, n, seed, size, cache_dir, 0.0, config_overrides)
+
+
+@register_dataset("phantom.multiseq", task="all",
+                  paper="robustbench_med procedural phantom in four MRI-like sequences (missing-modality study)")
+def phantom_multiseq(split: str = "test", n: int | None = None, seed: int = 0, size: int = 64,
+                     cache_dir: str | os.PathLike[str] | None = None, **config_overrides: Any) -> MedicalDataset:
+    """``phantom.ct``'s patients (same anatomy, lesions, masks, landmarks and attributes, sample by sample) imaged in
+    four MRI-like sequences, channels ``t1, t1ce, t2, flair`` (:mod:`robustbench_med.data.multiseq`): no sequence
+    shows every structure, so each missing subset costs differently."""
+    return _phantom("phantom.multiseq", split, n, phantom_config(seed, size, dataset="phantom.multiseq", multiseq=True,
+                                                                 **config_overrides), cache_dir)
+
+
+def _site(name: str, key: str, split: str, n: int | None, seed: int, size: int, cache_dir: Any,
+          overrides: dict[str, Any]) -> MedicalDataset:
+    return _phantom(name, split, n, phantom_config(seed, size, dataset=name, site=SITES[key], **overrides), cache_dir)
+
+
+@register_dataset("phantom.site_b", task="all", paper="robustbench_med procedural phantom, acquisition site B (domain shift)")
+def phantom_site_b(split: str = "test", n: int | None = None, seed: int = 0, size: int = 64,
+                   cache_dir: str | os.PathLike[str] | None = None, **config_overrides: Any) -> MedicalDataset:
+    """The phantom world acquired at site B (:mod:`robustbench_med.data.sites`: lower gain and gamma > 1, 1.6× noise,
+    1.6× coarser resolution, a wider field of view; an older, more often F population). Site A is ``phantom.ct``."""
+    return _site("phantom.site_b", "B", split, n, seed, size, cache_dir, config_overrides)
+
+
+@register_dataset("phantom.site_c", task="all", paper="robustbench_med procedural phantom, acquisition site C (domain shift)")
+def phantom_site_c(split: str = "test", n: int | None = None, seed: int = 0, size: int = 64,
+                   cache_dir: str | os.PathLike[str] | None = None, **config_overrides: Any) -> MedicalDataset:
+    """The phantom world acquired at site C (:mod:`robustbench_med.data.sites`: higher gain, gamma < 1, 0.7× noise,
+    a narrower field of view; a younger, more often M population)."""
+    return _site("phantom.site_c", "C", split, n, seed, size, cache_dir, config_overrides)
+
+
+@register_dataset("phantom.sites", task="all", paper="robustbench_med procedural phantom, sites A, B, C mixed (domain shift)")
+def phantom_sites(split: str = "test", n: int | None = None, seed: int = 0, size: int = 64,
+                  cache_dir: str | os.PathLike[str] | None = None, **config_overrides: Any) -> MedicalDataset:
+    """Sites A, B and C in one split: sample ``i`` from site ``'ABC'[i % 3]`` with the attribute ``site``, so one grid
+    evaluates a site-A model in-domain and on both unseen sites, and fairness columns break results down per site."""
+    return _phantom("phantom.sites", split, n, phantom_config(seed, size, dataset="phantom.sites", **config_overrides),
+                    cache_dir, mixed_sites=True)
+
+
+VESSELS_VERSION = 1  # part of the vessel phantom's cache key: bump when its rendered bytes change
+
+
+def _vessels(name: str, split: str, n: int | None, seed: int, size: int, cache_dir: Any, mixed_sites: bool) -> MedicalDataset:
+    """A split of the vessel phantom (:mod:`robustbench_med.data.vessels`), site A or sites A / B / C interleaved."""
+    import json as _json
+    from dataclasses import asdict
+
+    from robustbench_med.data import vessels as V
+
+    if split not in V.SPLIT_CODES:
+        raise ConfigError(f"{name}: unknown split {split!r}; choose one of {tuple(V.SPLIT_CODES)}")
+    n = DEFAULT_SIZES[split] if n is None else n
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n <= 0:
+        raise ConfigError(f"{name}: n must be a positive integer, got {n!r}")
+    if not isinstance(size, int) or size < 16:
+        raise ConfigError(f"{name}: size must be an integer >= 16, got {size!r}")
+    n = int(n)
+    sites = tuple(SITES[k] for k in SITE_ORDER) if mixed_sites else (None,)
+    key = _json.dumps({"v": VESSELS_VERSION, "seed": seed, "size": size,
+                       "sites": [asdict(s) if s is not None else None for s in sites]}, sort_keys=True)
+    root = Path(cache_dir) if cache_dir else paths.datasets_dir()
+    cache = root / f"vessels-{hashlib.sha256(key.encode()).hexdigest()[:12]}" / f"{split}-{n}"
+
+    def build() -> Any:
+        from datasets import Array2D, Array3D, Dataset, Features, Value
+
+        features = Features({"image": Array3D((size, size, 1), "uint8"), "mask": Array2D((size, size), "uint8"),
+                             "sex": Value("string"), "age_group": Value("string"), "index": Value("int64"),
+                             **({"site": Value("string")} if mixed_sites else {})})
+        columns = V.generate(split, n, seed, size, sites, SITE_ORDER if mixed_sites else None)
+        return Dataset.from_dict(columns, features=features)
+
+    return MedicalDataset(cached_build(cache, n, build), name, split, ("mask",), ("sex", "age_group", "site"))
+
+
+@register_dataset("phantom.vessels", task="segmentation",
+                  paper="robustbench_med procedural fundus-like vessel phantom (site A; DGSSA-style domain shift)")
+def phantom_vessels(split: str = "test", n: int | None = None, seed: int = 0, size: int = 64,
+                    cache_dir: str | os.PathLike[str] | None = None) -> MedicalDataset:
+    """Fundus-like slices with a branching vessel tree and its mask (``robustbench_med.data.vessels``), acquired at
+    site A: the training data of the vessel segmentors."""
+    return _vessels("phantom.vessels", split, n, seed, size, cache_dir, mixed_sites=False)
+
+
+@register_dataset("phantom.vessels_sites", task="segmentation",
+                  paper="robustbench_med procedural vessel phantom, sites A, B, C mixed (domain shift)")
+def phantom_vessels_sites(split: str = "test", n: int | None = None, seed: int = 0, size: int = 64,
+                          cache_dir: str | os.PathLike[str] | None = None) -> MedicalDataset:
+    """The vessel phantom with sample ``i`` acquired at site ``'ABC'[i % 3]`` and the attribute ``site`` (site-A
+    samples are ``phantom.vessels``' samples, byte for byte)."""
+    return _vessels("phantom.vessels_sites", split, n, seed, size, cache_dir, mixed_sites=True)

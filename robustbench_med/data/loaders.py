@@ -21,7 +21,7 @@ import csv
 import os
 import re
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 from PIL import Image
@@ -304,21 +304,41 @@ def _load_nifti(path: str | os.PathLike[str]) -> np.ndarray:
         raise ConfigError(f"nifti.slices: cannot read NIfTI file {path}: {type(e).__name__}: {e}") from None
 
 
-@register_dataset("nifti.slices", task="any", paper="NIfTI volumes read with nibabel")
-def nifti_slices(path: str | os.PathLike[str], axis: int = 2, slices: Sequence[int] | None = None,
-                 label_path: str | os.PathLike[str] | None = None, size: int = 64, channels: int = 1,
-                 attributes: dict[str, str] | None = None, split: str = "test") -> MedicalDataset:
-    """2D slices of a NIfTI volume (4D: first volume), min–max scaled over the whole volume; a label volume of the
-    same shape gives per-slice ``mask`` targets; ``attributes`` (one value per patient) are copied to every slice."""
+def _volume(path: str | os.PathLike[str], axis: int) -> np.ndarray:
     vol = _load_nifti(path)
     vol = vol[..., 0] if vol.ndim == 4 else vol
     if vol.ndim != 3 or axis not in (0, 1, 2):
         raise ConfigError(f"nifti.slices: need a 3D volume and axis 0–2, got shape {vol.shape} and axis {axis!r}")
+    return vol
+
+
+@register_dataset("nifti.slices", task="any", paper="NIfTI volumes read with nibabel")
+def nifti_slices(path: str | os.PathLike[str] | Mapping[str, str | os.PathLike[str]], axis: int = 2,
+                 slices: Sequence[int] | None = None, label_path: str | os.PathLike[str] | None = None, size: int = 64,
+                 channels: int = 1, attributes: dict[str, str] | None = None, split: str = "test") -> MedicalDataset:
+    """2D slices of a NIfTI volume (4D: first volume), min–max scaled over the whole volume; a label volume of the
+    same shape gives per-slice ``mask`` targets; ``attributes`` (one value per patient) are copied to every slice.
+
+    Multi-sequence MRI (BraTS-style ``t1``, ``t1ce``, ``t2``, ``flair`` files of one patient): give ``path`` as a
+    mapping ``{sequence: file}``; each sequence becomes one channel, in the mapping's order, min–max scaled over its
+    own volume (all volumes must have one shape; ``channels`` stays 1). ``modality.dropout`` / ``modality.pgd`` then
+    name the sequences by channel number (or by name on a victim whose card lists them)."""
+    if isinstance(path, Mapping):
+        if not path or channels != 1:
+            raise ConfigError("nifti.slices: a sequence mapping needs at least one {name: file} and channels=1 "
+                              f"(one channel per sequence), got {len(path)} file(s) and channels={channels!r}")
+        vols = [_volume(p, axis) for p in path.values()]
+        if len({v.shape for v in vols}) != 1:
+            raise ConfigError(f"nifti.slices: the sequences {list(path)} have different shapes {[v.shape for v in vols]}")
+    else:
+        vols = [_volume(path, axis)]
+    vol = vols[0]
     index = list(range(vol.shape[axis])) if slices is None else [int(i) for i in slices]
     if not index or min(index) < 0 or max(index) >= vol.shape[axis]:
         raise ConfigError(f"nifti.slices: slices must lie in 0–{vol.shape[axis] - 1}, got {index}")
-    scaled = minmax(vol)
-    images = [scaled_to_uint8_image(np.take(scaled, i, axis=axis), size, channels) for i in index]
+    scaled = [minmax(v) for v in vols]
+    images = [np.concatenate([scaled_to_uint8_image(np.take(sv, i, axis=axis), size, channels) for sv in scaled], -1)
+              for i in index]
     targets: dict[str, Sequence[Any]] = {}
     if label_path is not None:
         lab = _load_nifti(label_path)

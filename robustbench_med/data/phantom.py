@@ -80,6 +80,8 @@ from typing import Any
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
+from robustbench_med.data.sites import SITES, Site, acquire, draw_patient
+
 GENERATOR_VERSION = 2  # part of the cache key: bump when the rendered bytes change
 SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
 SEXES = ("F", "M")
@@ -161,6 +163,8 @@ class PhantomConfig:
     kidney_lesion_prob: float = 0.15
     blur_sigma: float = 0.6
     shortcut: Shortcut | None = None
+    multiseq: bool = False  # four MRI-like sequences instead of the CT slice (robustbench_med.data.multiseq)
+    site: Site | None = None  # an acquisition site (robustbench_med.data.sites); None and site A are the default world
 
     def __post_init__(self) -> None:
         if not isinstance(self.size, int) or self.size < 16:
@@ -172,13 +176,30 @@ class PhantomConfig:
         if self.shortcut is not None and not self.disparity.sex_independent():
             raise ValueError("the shortcut scenario needs anatomy independent of sex: give a disparity whose "
                              "lesion_contrast and body_scale are equal for F and M (e.g. Disparity.sex_neutral())")
+        if isinstance(self.site, dict):
+            object.__setattr__(self, "site", Site(**self.site))
+        if self.site is not None and not isinstance(self.site, Site):
+            raise ValueError(f"site must be a Site (or a dict of its fields), got {self.site!r}")
+        if self.site is not None and (self.shortcut is not None or self.multiseq):
+            raise ValueError("a site cannot be combined with the shortcut scenario or multi-sequence rendering")
+        if self.multiseq is not False and (self.multiseq is not True or self.shortcut is not None):
+            raise ValueError(f"multiseq must be True or False and cannot be combined with a shortcut, got {self.multiseq!r}")
+
+    def acquisition_site(self) -> Site | None:
+        """The site whose acquisition applies, or None for the default world (no site, or site A's reference)."""
+        return None if self.site is None or self.site == SITES["A"] else self.site
 
     def config_hash(self) -> str:
         """12 hex digits of sha256 over the settings and :data:`GENERATOR_VERSION` (stable across runs). Without a
-        shortcut the ``shortcut`` field is left out, so the default world's hash (and cache) predates the field."""
+        shortcut (multi-sequence rendering, a site other than the reference) the ``shortcut`` (``multiseq``, ``site``)
+        field is left out, so the default world's hash (and cache) predates those fields."""
         settings = asdict(self)
         if settings["shortcut"] is None:
             del settings["shortcut"]
+        if not settings["multiseq"]:
+            del settings["multiseq"]
+        if self.acquisition_site() is None:
+            del settings["site"]
         blob = json.dumps({"v": GENERATOR_VERSION, **settings}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
@@ -303,7 +324,8 @@ def _jitter(rng: np.random.Generator, amount: float = 0.03) -> float:
 def _anatomy(rng: np.random.Generator, config: PhantomConfig, sex: str) -> dict[str, Any]:
     """Draw body, liver, kidneys, aorta and vertebra into a float image and a label mask."""
     size = config.size
-    s = config.disparity.body_scale[sex] * rng.uniform(0.95, 1.05)
+    site = config.acquisition_site()
+    s = config.disparity.body_scale[sex] * rng.uniform(0.95, 1.05) / (site.fov if site is not None else 1.0)
     img = np.zeros((size, size), dtype=np.float32)
     mask = np.zeros((size, size), dtype=np.uint8)
     bc, br = (_jitter(rng), rng.uniform(0.0, 0.08)), (0.86 * s, 0.70 * s)
@@ -404,23 +426,32 @@ def sex_cue(sex: str, body: np.ndarray, shortcut: Shortcut) -> np.ndarray:
 
 
 def generate_sample(index: int, split: str, config: PhantomConfig) -> dict[str, Any]:
-    """One phantom sample (image uint8 [H, W, 1] and all targets), deterministic in (seed, split, index)."""
+    """One phantom sample (image uint8 [H, W, 1], or [H, W, 4] for ``multiseq``, and all targets), deterministic in
+    (seed, split, index)."""
     rng = np.random.default_rng([config.seed, SPLIT_CODES[split], index])
-    sex, age = SEXES[int(rng.integers(2))], AGE_GROUPS[int(rng.integers(3))]
+    site = config.acquisition_site()
+    sex, age = draw_patient(rng, site) if site is not None else (SEXES[int(rng.integers(2))], AGE_GROUPS[int(rng.integers(3))])
     a = _anatomy(rng, config, sex)
     organs = a["mask"].copy() if config.shortcut is not None else None
     lesions = _draw_lesions(rng, config, a, sex, age)
-    noise = rng.normal(0.0, config.disparity.noise_sigma[age], a["img"].shape)
-    img = gaussian_filter(a["img"], config.blur_sigma) + noise
+    noise = rng.normal(0.0, config.disparity.noise_sigma[age] * (site.noise_scale if site is not None else 1.0), a["img"].shape)
+    img = gaussian_filter(a["img"], config.blur_sigma)
+    img = img + noise if site is None else acquire(img, site, noise)
     if config.shortcut is not None:
         img = img + sex_cue(sex, a["mask"] > 0, config.shortcut)
         bias = config.shortcut.train_unannotated[sex] if split == "train" else 0.0
         if lesions and bias > 0 and np.random.default_rng([config.seed, SPLIT_CODES[split], index, 1]).random() < bias:
             lesion = a["mask"] == 5
             a["mask"][lesion] = organs[lesion]  # the lesions are there, only their annotation is missing
+    if config.multiseq:
+        from robustbench_med.data.multiseq import render
+
+        image = render(a, config.lesion_delta, config.blur_sigma, config.disparity.noise_sigma[age], rng)
+    else:
+        image = (np.clip(img, 0.0, 1.0) * 255.0).round().astype(np.uint8)[..., None]
     main = max(lesions, key=lambda les: les["area"]) if lesions else None
     return {
-        "image": (np.clip(img, 0.0, 1.0) * 255.0).round().astype(np.uint8)[..., None],
+        "image": image,
         "mask": a["mask"],
         "landmarks": np.asarray(a["landmarks"], dtype=np.float32),
         "label": int(bool(lesions)),
