@@ -141,7 +141,7 @@ def _write_study_tables(store: Path, folder: Path) -> None:
     has_modalities = "attack" in df and (df.attack == "modality.dropout").any()
     if has_modalities or not site_table(store).empty:
         folder.mkdir(parents=True, exist_ok=True)
-        written = {**write_modality_tables(df, folder), **write_site_tables(store, folder)}
+        written = {**write_modality_tables(df, folder, store), **write_site_tables(store, folder)}
         print("  study tables: " + ", ".join(str(p) for p in written.values()))
 
 
@@ -206,7 +206,8 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     c.set_defaults(func=cmd_check)
     p = sub.add_parser("publish", help="run grids, write leaderboard entries and render Markdown/LaTeX/CSV/HTML")
     p.add_argument("grids", nargs="*", help="grid YAML files or packaged grid names (default: every packaged study: "
-                   "zoo + default + lvlm into --out, hfc, fairness and f3 into --out/{detectors,fairness,f3})")
+                   "zoo + default + lvlm into --out, hfc, fairness, f3 and the shift studies into "
+                   "--out/{detectors,fairness,f3,shift})")
     p.add_argument("--out", default="leaderboards", help="leaderboard directory (default: leaderboards/)")
     p.add_argument("--runs", default="runs", help="where the result stores go (default: runs/<grid>; re-running resumes)")
     p.add_argument("--device", help="cpu, cuda … (default: from the grid, else auto)")

@@ -363,7 +363,7 @@ def write_leaderboard(store: Store | str | Path, out_dir: str | Path) -> dict[st
     paths.update(write_corruption_tables(df, out))  # corruptions.md / .csv when the store holds corruption cells
     from robustbench_med.modality_metrics import write_modality_tables
 
-    paths.update(write_modality_tables(df, out))  # modalities.md / .csv when the store holds modality.dropout cells
+    paths.update(write_modality_tables(df, out, store))  # modalities.md / .csv when the store holds modality.dropout cells
     from robustbench_med.site_metrics import write_site_tables
 
     paths.update(write_site_tables(store, out))  # sites.md / .csv when the samples carry a site (phantom.sites)

@@ -17,7 +17,9 @@ incomplete multi-modal segmentation literature (HeMIS, RFNet, mmFormer, DMAF-Net
 (``pgd[<sequence>@<eps>]``), next to ``pgd.linf`` on all sequences when the grid runs it (``pgd[all@<eps>]``).
 
 :func:`write_modality_tables` writes ``modalities.md``, ``modalities.csv`` (one row per victim × defence) and
-``modalities_by_subset.csv`` (one row per victim × defence × subset) next to ``leaderboard.md``.
+``modalities_by_subset.csv`` (one row per victim × defence × subset) next to ``leaderboard.md``; given the store, also
+each victim against its declared baseline (card ``extra['baseline']``) per subset and for the per-sample mean over
+subsets, with paired bootstrap intervals and verdicts (:func:`paired_table`, ``modalities_paired.csv``).
 """
 from __future__ import annotations
 
@@ -145,17 +147,67 @@ def to_markdown(summary: pd.DataFrame, subsets: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_modality_tables(df: pd.DataFrame, out_dir: str | Path) -> dict[str, Path]:
+def paired_table(store: Any, n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
+    """Each victim against its declared baseline (card ``extra['baseline']``) on the same samples: per subset of
+    available sequences, and for the per-sample mean over subsets, ``Δ = victim − baseline`` with a paired bootstrap
+    95% interval and a verdict (``better`` / ``worse`` when it excludes 0, else ``no difference shown``)."""
+    from robustbench_med.fairness import store_frames
+    from robustbench_med.gate import resample_indices
+
+    cells, samples, _ = store_frames(store)
+    if cells.empty or samples.empty:
+        return pd.DataFrame()
+    done = cells[(cells.status == "done") & (cells.attack == DROPOUT)]
+    scores: dict[tuple[str, str], pd.DataFrame] = {}
+    for (victim, defense), vc in done.groupby(["victim", "defense"]):
+        seqs = sequences_of(victim)
+        own = samples[samples.cell_id.isin(vc.cell_id)].merge(vc[["cell_id", "attack_params"]], on="cell_id")
+        kept = own.attack_params.map(lambda p: "+".join(s for s in seqs if s not in _names(json.loads(p).get("drop", 0), seqs)))
+        wide = own.assign(kept=kept).pivot_table(index="sample_idx", columns="kept", values="adv_score", aggfunc="first")
+        wide["+".join(seqs)] = own.drop_duplicates("sample_idx").set_index("sample_idx").clean_score
+        scores[(victim, defense)] = wide.assign(**{"mean over subsets": wide.mean(1)})
+    rng, rows = np.random.default_rng(seed), []
+    for (victim, defense), wide in scores.items():
+        base = VICTIMS.get(victim).meta["card"].extra.get("baseline") if victim in VICTIMS else None
+        if (base, defense) not in scores:
+            continue
+        other = scores[(base, defense)]
+        common = wide.index.intersection(other.index)
+        idx = resample_indices(len(common), n_boot, rng)
+        for column in [c for c in wide.columns if c in other.columns]:
+            diff = (wide.loc[common, column] - other.loc[common, column]).to_numpy(float)
+            lo, hi = np.percentile(diff[idx].mean(1), [2.5, 97.5])
+            rows.append({"victim": victim, "baseline": base, "defense": defense, "subset": column, "delta": float(diff.mean()),
+                         "ci95_low": float(lo), "ci95_high": float(hi),
+                         "verdict": "better" if lo > 0 else "worse" if hi < 0 else "no difference shown"})
+    return pd.DataFrame(rows)
+
+
+def _paired_markdown(paired: pd.DataFrame) -> str:
+    if paired.empty:
+        return ""
+    lines = ["", "## Against the baseline (paired, same samples)", "", "| victim | baseline | available | Δ | 95% CI | verdict |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {r.victim} | {r.baseline} | {r.subset} | {_fmt(r.delta)} | [{_fmt(r.ci95_low)}, {_fmt(r.ci95_high)}] | "
+              f"{r.verdict} |" for _, r in paired.iterrows()]
+    return "\n".join(lines) + "\n"
+
+
+def write_modality_tables(df: pd.DataFrame, out_dir: str | Path, store: Any = None) -> dict[str, Path]:
     """Write ``modalities.md`` / ``.csv`` and ``modalities_by_subset.csv`` when ``df`` holds ``modality.dropout``
-    cells; return their paths (empty otherwise)."""
+    cells (with ``store``, also the paired baseline comparisons, ``modalities_paired.csv``); return their paths."""
     subsets = dropout_rows(df)
     if subsets.empty:
         return {}
     summary = modality_summary(df)
+    paired = paired_table(store) if store is not None else pd.DataFrame()
     out = Path(out_dir)
     paths = {"modalities_markdown": out / "modalities.md", "modalities_csv": out / "modalities.csv",
              "modalities_by_subset_csv": out / "modalities_by_subset.csv"}
-    paths["modalities_markdown"].write_text(to_markdown(summary, subsets))
+    paths["modalities_markdown"].write_text(to_markdown(summary, subsets) + _paired_markdown(paired))
     summary.to_csv(paths["modalities_csv"], index=False)
     subsets.to_csv(paths["modalities_by_subset_csv"], index=False)
+    if not paired.empty:
+        paths["modalities_paired_csv"] = out / "modalities_paired.csv"
+        paired.to_csv(paths["modalities_paired_csv"], index=False)
     return paths

@@ -8,6 +8,8 @@ Read from a store whose samples carry the ``site`` attribute (``phantom.sites``:
   resamples, seeded);
 - ``drop[A→<site>]``: the in-domain score minus the unseen site's (different patients, so an unpaired bootstrap of
   the difference of means);
+- ``gap[<attr>@<site>]``: the sex / age-group gap (max − min of the group means) *within* each site, with a
+  stratified bootstrap interval: fairness under shift;
 - against a **baseline** victim (a victim card's ``extra['baseline']``, e.g. ``unet.styleaug`` → ``unet.phantom``),
   when the grid has it with the same defence: ``Δ[<site>] = victim − baseline`` on the same samples, a **paired**
   bootstrap interval (:func:`robustbench_med.gate.resample_indices`), and a verdict — ``better`` / ``worse`` when the
@@ -34,6 +36,8 @@ from robustbench_med.threat import eps_display
 
 N_BOOT = 2000
 CLEAN = "clean"
+GROUP_ATTRIBUTES = ("sex", "age_group")  # group gaps are reported within each site
+COLUMNS = ["victim", "defense", "condition", "sample_idx", "site", "score"]
 
 
 def _ci(values: np.ndarray, rng: np.random.Generator) -> tuple[float, float]:
@@ -56,16 +60,17 @@ def site_scores(store: Store | str | Path) -> pd.DataFrame:
     cells, samples, attrs = store_frames(store)
     if cells.empty or samples.empty or "site" not in attrs or attrs.site.isna().all():
         return pd.DataFrame()
-    samples = samples.assign(site=attrs.site).merge(cells[["cell_id", "victim", "defense", "attack", "attack_params", "threat", "status"]], on="cell_id")
+    groups = [a for a in GROUP_ATTRIBUTES if a in attrs]
+    samples = samples.assign(site=attrs.site, **{a: attrs[a] for a in groups}).merge(cells[["cell_id", "victim", "defense", "attack", "attack_params", "threat", "status"]], on="cell_id")
     samples = samples[samples.status == "done"]
     rows = []
     for (victim, defense), pair in samples.groupby(["victim", "defense"], sort=False):
         first = pair[pair.cell_id == pair.cell_id.iloc[0]]
-        rows.append(first.assign(condition=CLEAN, score=first.clean_score)[["victim", "defense", "condition", "sample_idx", "site", "score"]])
+        rows.append(first.assign(condition=CLEAN, score=first.clean_score)[COLUMNS + groups])
         for cell_id, cell in pair.groupby("cell_id", sort=False):
             threat = json.loads(cell.threat.iloc[0])
             label = f"{cell.attack.iloc[0]} {eps_display(threat['eps'], threat.get('norm'))}"
-            rows.append(cell.assign(condition=label, score=cell.adv_score)[["victim", "defense", "condition", "sample_idx", "site", "score"]])
+            rows.append(cell.assign(condition=label, score=cell.adv_score)[COLUMNS + groups])
     return pd.concat(rows, ignore_index=True)
 
 
@@ -92,8 +97,24 @@ def site_table(store: Store | str | Path, seed: int = 0) -> pd.DataFrame:
                     row[f"drop[A→{s}]"] = float(a.mean() - b.mean())
                     row[f"drop[A→{s}]_ci95_low"], row[f"drop[A→{s}]_ci95_high"] = (float(v) for v in np.percentile(boot, [2.5, 97.5]))
         row.update(_versus_baseline(scores, victim, defense, condition, g, sites, rng))
+        for attr in (a for a in GROUP_ATTRIBUTES if a in g):
+            for s in sites:
+                row.update(_gap(g[g.site == s], attr, s, rng))
         out.append(row)
     return pd.DataFrame(out)
+
+
+def _gap(sub: pd.DataFrame, attr: str, site: str, rng: np.random.Generator) -> dict[str, float]:
+    """``gap[<attr>@<site>]``: max − min of the group means of ``attr`` within one site, with a stratified bootstrap
+    interval (each group resampled within itself)."""
+    values = [v.score.to_numpy(float) for _, v in sub.groupby(attr) if len(v)]
+    if len(values) < 2:
+        return {}
+    boot = np.stack([v[rng.integers(0, len(v), (N_BOOT, len(v)))].mean(1) for v in values], 1)
+    means = np.array([v.mean() for v in values])
+    lo, hi = np.percentile(boot.max(1) - boot.min(1), [2.5, 97.5])
+    key = f"gap[{attr}@{site}]"
+    return {key: float(means.max() - means.min()), f"{key}_ci95_low": float(lo), f"{key}_ci95_high": float(hi)}
 
 
 def _versus_baseline(scores: pd.DataFrame, victim: str, defense: str, condition: str, g: pd.DataFrame,
@@ -137,6 +158,13 @@ def to_markdown(table: pd.DataFrame) -> str:
         cells += [f"{_fmt(r[s])} [{_fmt(r[f'{s}_ci95_low'])}, {_fmt(r[f'{s}_ci95_high'])}]" for s in sites]
         cells += [f"{_fmt(r[c])} [{_fmt(r[f'{c}_ci95_low'])}, {_fmt(r[f'{c}_ci95_high'])}]" for c in head[3 + len(sites):]]
         lines.append("| " + " | ".join(cells) + " |")
+    gap_cols = [c for c in table.columns if c.startswith("gap[") and not c.endswith(("_low", "_high"))]
+    if gap_cols:
+        lines += ["", "## Group gaps within each site (max − min of the group means, stratified bootstrap 95% CI)", "",
+                  "| victim | defense | condition | " + " | ".join(gap_cols) + " |", "|" + "---|" * (3 + len(gap_cols))]
+        for _, r in table.iterrows():
+            lines.append(f"| {r.victim} | {r.defense} | {r.condition} | " + " | ".join(
+                f"{_fmt(r[c])} [{_fmt(r[f'{c}_ci95_low'])}, {_fmt(r[f'{c}_ci95_high'])}]" for c in gap_cols) + " |")
     if "baseline" in table and table.baseline.notna().any():
         lines += ["", "## Against the baseline (paired)", "", "| victim | baseline | condition | site | Δ | 95% CI | verdict |",
                   "|---|---|---|---|---|---|---|"]

@@ -269,3 +269,23 @@ def test_publish_writes_the_study_tables_of_a_grid(modality_store, tmp_path):
     _write_study_tables(modality_store, tmp_path / "modalities")
     assert (tmp_path / "modalities" / "modalities.md").exists() and not (tmp_path / "modalities" / "sites.md").exists()
     assert {"modalities", "sites", "sites_vessels"} <= set(PUBLISH_SETS["shift"])
+
+
+def test_paired_comparison_with_the_declared_baseline(tmp_path):
+    from robustbench_med.modality_metrics import paired_table
+    from robustbench_med.runner import run_grid
+    from robustbench_med.store import Store
+
+    grid = parse_grid({"name": "mod_pair", "dataset": {"name": "phantom.multiseq", "split": "test"}, "n_examples": 6,
+                       "batch_size": 6, "victims": [{"name": "dmaf.multiseq", "weights": None},
+                                                    {"name": "unet.multiseq_dropout", "weights": None}],
+                       "attacks": [{"name": "modality.dropout", "params": {"drop": ["t1", "t2+flair"]}}]})
+    store = run_grid(grid, tmp_path, progress=False)
+    paired = paired_table(store).set_index("subset")
+    assert set(paired.victim) == {"dmaf.multiseq"} and set(paired.baseline) == {"unet.multiseq_dropout"}
+    assert set(paired.index) == {"t1ce+t2+flair", "t1+t1ce", "t1+t1ce+t2+flair", "mean over subsets"}
+    with Store(store) as st:
+        samples = st.samples_frame().merge(pd.DataFrame(st.cells())[["cell_id", "victim", "attack_params"]], on="cell_id")
+    t1 = samples[samples.attack_params.map(lambda p: json.loads(p)["drop"] == "t1")].pivot(index="sample_idx", columns="victim", values="adv_score")
+    assert paired.loc["t1ce+t2+flair", "delta"] == pytest.approx((t1["dmaf.multiseq"] - t1["unet.multiseq_dropout"]).mean())
+    assert all(paired.ci95_low <= paired.delta + 1e-12) and all(paired.delta <= paired.ci95_high + 1e-12)

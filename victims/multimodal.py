@@ -125,10 +125,10 @@ class DMAFUNet(nn.Module):
     forward = UNet.forward
 
 
-def _card(name: str, paper: str, notes: str, net: nn.Module) -> VictimCard:
+def _card(name: str, paper: str, notes: str, net: nn.Module, baseline: str | None = None) -> VictimCard:
+    extra = {"modalities": SEQUENCES, **({"baseline": baseline} if baseline else {})}
     return VictimCard(name=name, task="segmentation", modality="MRI-like, 4 sequences (phantom)", input_size=MULTISEQ_INPUT,
-                      classes=SEG_CLASSES, paper=paper, notes=f"{notes} {count_parameters(net):,} parameters.",
-                      extra={"modalities": SEQUENCES})
+                      classes=SEG_CLASSES, paper=paper, notes=f"{notes} {count_parameters(net):,} parameters.", extra=extra)
 
 
 UNET_PAPER = "Ronneberger et al., MICCAI 2015 (U-Net), early fusion of the sequences"
@@ -141,10 +141,12 @@ def _unet() -> UNet:
 
 UNET_CARD = _card("unet.multiseq", UNET_PAPER, "Trained on complete inputs only.", _unet())
 UNET_DROPOUT_CARD = _card("unet.multiseq_dropout", UNET_PAPER + "; modality-dropout training (RFNet, ICCV 2021)",
-                          "unet.multiseq trained with random modality dropout (one of 15 subsets per image).", _unet())
+                          "unet.multiseq trained with random modality dropout (one of 15 subsets per image).", _unet(),
+                          baseline="unet.multiseq")
 DMAF_CARD = _card("dmaf.multiseq", "Lan et al., arXiv 2506.11691 (DMAF-Net): the DMAF fusion module only",
                   "Per-sequence encoders, dynamic modality-aware fusion at 4 scales, modality-dropout training; no "
-                  "relation / prototype distillation, no dynamic training monitoring.", DMAFUNet())
+                  "relation / prototype distillation, no dynamic training monitoring.", DMAFUNet(),
+                  baseline="unet.multiseq_dropout")  # the same training, so Δ isolates the fusion architecture
 
 
 @register_victim("unet.multiseq", card=UNET_CARD, recipe=RECIPE)
