@@ -9,7 +9,8 @@ Read from a store whose samples carry the ``site`` attribute (``phantom.sites``:
 - ``drop[A→<site>]``: the in-domain score minus the unseen site's (different patients, so an unpaired bootstrap of
   the difference of means);
 - ``gap[<attr>@<site>]``: the sex / age-group gap (max − min of the group means) *within* each site, with a
-  stratified bootstrap interval: fairness under shift;
+  stratified bootstrap interval, and ``gap_change[<attr> A→<site>]`` = its change from the training site (unpaired
+  bootstrap interval): fairness under shift, as ``gap_change`` is fairness under attack;
 - against a **baseline** victim (a victim card's ``extra['baseline']``, e.g. ``unet.styleaug`` → ``unet.phantom``),
   when the grid has it with the same defence: ``Δ[<site>] = victim − baseline`` on the same samples, a **paired**
   bootstrap interval (:func:`robustbench_med.gate.resample_indices`), and a verdict — ``better`` / ``worse`` when the
@@ -98,23 +99,31 @@ def site_table(store: Store | str | Path, seed: int = 0) -> pd.DataFrame:
                     row[f"drop[A→{s}]_ci95_low"], row[f"drop[A→{s}]_ci95_high"] = (float(v) for v in np.percentile(boot, [2.5, 97.5]))
         row.update(_versus_baseline(scores, victim, defense, condition, g, sites, rng))
         for attr in (a for a in GROUP_ATTRIBUTES if a in g):
+            boots = {}
             for s in sites:
-                row.update(_gap(g[g.site == s], attr, s, rng))
+                columns, boots[s] = _gap(g[g.site == s], attr, s, rng)
+                row.update(columns)
+            for s in (s for s in sites if s != "A" and boots.get(s) is not None and boots.get("A") is not None):
+                key = f"gap_change[{attr} A→{s}]"  # different patients at each site: unpaired bootstrap
+                lo, hi = np.percentile(boots[s] - boots["A"], [2.5, 97.5])
+                row[key] = row[f"gap[{attr}@{s}]"] - row[f"gap[{attr}@A]"]
+                row[f"{key}_ci95_low"], row[f"{key}_ci95_high"] = float(lo), float(hi)
         out.append(row)
     return pd.DataFrame(out)
 
 
-def _gap(sub: pd.DataFrame, attr: str, site: str, rng: np.random.Generator) -> dict[str, float]:
+def _gap(sub: pd.DataFrame, attr: str, site: str, rng: np.random.Generator) -> tuple[dict[str, float], np.ndarray | None]:
     """``gap[<attr>@<site>]``: max − min of the group means of ``attr`` within one site, with a stratified bootstrap
-    interval (each group resampled within itself)."""
+    interval (each group resampled within itself); also the bootstrap replicates of the gap."""
     values = [v.score.to_numpy(float) for _, v in sub.groupby(attr) if len(v)]
     if len(values) < 2:
-        return {}
+        return {}, None
     boot = np.stack([v[rng.integers(0, len(v), (N_BOOT, len(v)))].mean(1) for v in values], 1)
+    gaps = boot.max(1) - boot.min(1)
     means = np.array([v.mean() for v in values])
-    lo, hi = np.percentile(boot.max(1) - boot.min(1), [2.5, 97.5])
+    lo, hi = np.percentile(gaps, [2.5, 97.5])
     key = f"gap[{attr}@{site}]"
-    return {key: float(means.max() - means.min()), f"{key}_ci95_low": float(lo), f"{key}_ci95_high": float(hi)}
+    return {key: float(means.max() - means.min()), f"{key}_ci95_low": float(lo), f"{key}_ci95_high": float(hi)}, gaps
 
 
 def _versus_baseline(scores: pd.DataFrame, victim: str, defense: str, condition: str, g: pd.DataFrame,
@@ -158,9 +167,10 @@ def to_markdown(table: pd.DataFrame) -> str:
         cells += [f"{_fmt(r[s])} [{_fmt(r[f'{s}_ci95_low'])}, {_fmt(r[f'{s}_ci95_high'])}]" for s in sites]
         cells += [f"{_fmt(r[c])} [{_fmt(r[f'{c}_ci95_low'])}, {_fmt(r[f'{c}_ci95_high'])}]" for c in head[3 + len(sites):]]
         lines.append("| " + " | ".join(cells) + " |")
-    gap_cols = [c for c in table.columns if c.startswith("gap[") and not c.endswith(("_low", "_high"))]
+    gap_cols = [c for c in table.columns if c.startswith(("gap[", "gap_change[")) and not c.endswith(("_low", "_high"))]
     if gap_cols:
-        lines += ["", "## Group gaps within each site (max − min of the group means, stratified bootstrap 95% CI)", "",
+        lines += ["", "## Group gaps within each site (max − min of the group means, stratified bootstrap 95% CI) and "
+                  "their change from site A", "",
                   "| victim | defense | condition | " + " | ".join(gap_cols) + " |", "|" + "---|" * (3 + len(gap_cols))]
         for _, r in table.iterrows():
             lines.append(f"| {r.victim} | {r.defense} | {r.condition} | " + " | ".join(

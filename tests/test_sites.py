@@ -145,6 +145,7 @@ def test_site_tables_break_scores_down_per_site_with_a_paired_baseline_compariso
     at_b = per.loc[site[site == "B"].index, "unet.styleaug"]
     by_sex = at_b.groupby(sex.loc[at_b.index]).mean()
     assert row["gap[sex@B]"] == pytest.approx(by_sex.max() - by_sex.min())  # fairness within a site
+    assert row["gap_change[sex A→B]"] == pytest.approx(row["gap[sex@B]"] - row["gap[sex@A]"])
     assert len(site_scores(sites_store)) == 2 * 2 * 24  # 2 victims × (clean + 1 cell) × 24 samples
     df = summarize(sites_store)
     assert "robust_gap_site" in df.columns and df.robust_gap_site.notna().any()
