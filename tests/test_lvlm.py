@@ -329,7 +329,7 @@ def _objectives(victim, x, y, monkeypatch):
     monkeypatch.setattr(LVLMAttack, "run_pgd", lambda self, loss_fn, x0, eps: captured.setdefault("fn", loss_fn) is not None and x0)
     out = {}
     for name in rbm.list_attacks():
-        if name.startswith(("corruption.", "noise.", "transfer.", "projector.transfer", "lvlm_autoattack.")):
+        if name.startswith(("corruption.", "modality.dropout", "noise.", "transfer.", "projector.transfer", "lvlm_autoattack.")):
             continue  # no objective on the victim (never queried), or AutoAttack's own losses on first-token logits
         attack = rbm.create_attack(name, eps=EPS, steps=1)
         if "vqa" not in attack.tasks:
