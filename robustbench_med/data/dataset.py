@@ -226,17 +226,22 @@ def phantom_config(seed: int = 0, size: int = 64, *, dataset: str = "phantom.ct"
         raise ConfigError(f"{dataset}: bad setting: {e}") from None
 
 
-def _phantom(name: str, split: str, n: int | None, config: P.PhantomConfig,
-             cache_dir: str | os.PathLike[str] | None, mixed_sites: bool = False) -> MedicalDataset:
-    """A phantom split generated with ``config`` (cached under ``phantom-<config hash>/<split>-<n>``); with
-    ``mixed_sites``, sample ``i`` is acquired at site ``SITE_ORDER[i % 3]`` and carries a ``site`` attribute (cached
-    under ``phantom-<hash>-sites``)."""
+def split_size(name: str, split: str, n: Any) -> int:
+    """``n`` checked (a positive integer; None: the split's default size) after checking ``split``."""
     if split not in P.SPLIT_CODES:
         raise ConfigError(f"{name}: unknown split {split!r}; choose one of {tuple(P.SPLIT_CODES)}")
     n = DEFAULT_SIZES[split] if n is None else n
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n <= 0:
         raise ConfigError(f"{name}: n must be a positive integer, got {n!r}")
-    n = int(n)
+    return int(n)
+
+
+def _phantom(name: str, split: str, n: int | None, config: P.PhantomConfig,
+             cache_dir: str | os.PathLike[str] | None, mixed_sites: bool = False) -> MedicalDataset:
+    """A phantom split generated with ``config`` (cached under ``phantom-<config hash>/<split>-<n>``); with
+    ``mixed_sites``, sample ``i`` is acquired at site ``SITE_ORDER[i % 3]`` and carries a ``site`` attribute (cached
+    under ``phantom-<hash>-sites``)."""
+    n = split_size(name, split, n)
     root = Path(cache_dir) if cache_dir else paths.datasets_dir()
     cache = root / f"phantom-{config.config_hash()}{'-sites' if mixed_sites else ''}" / f"{split}-{n}"
 
@@ -360,14 +365,9 @@ def _vessels(name: str, split: str, n: int | None, seed: int, size: int, cache_d
 
     from robustbench_med.data import vessels as V
 
-    if split not in V.SPLIT_CODES:
-        raise ConfigError(f"{name}: unknown split {split!r}; choose one of {tuple(V.SPLIT_CODES)}")
-    n = DEFAULT_SIZES[split] if n is None else n
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n <= 0:
-        raise ConfigError(f"{name}: n must be a positive integer, got {n!r}")
+    n = split_size(name, split, n)
     if not isinstance(size, int) or size < 16:
         raise ConfigError(f"{name}: size must be an integer >= 16, got {size!r}")
-    n = int(n)
     sites = tuple(SITES[k] for k in SITE_ORDER) if mixed_sites else (None,)
     key = _json.dumps({"v": VESSELS_VERSION, "seed": seed, "size": size,
                        "sites": [asdict(s) if s is not None else None for s in sites]}, sort_keys=True)

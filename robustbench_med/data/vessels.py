@@ -37,19 +37,13 @@ from typing import Any
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
-from robustbench_med.data.sites import AGE_GROUPS, SITES, Site, acquire, draw_patient
+from robustbench_med.data.phantom import AGE_GROUPS, SEXES, SPLIT_CODES, _grid
+from robustbench_med.data.sites import SITES, Site, acquire, draw_patient
 
-SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
-SEXES = ("F", "M")
 VESSEL_CLASSES = ("background", "vessel")
 HAZE = {"young": 1.0, "middle": 0.85, "old": 0.70}
 NOISE = {"young": 0.020, "middle": 0.030, "old": 0.045}
 FOV_RADIUS, CONTRAST, MAX_SEGMENTS = 0.95, 0.22, 400
-
-
-def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
-    lin = np.linspace(-1.0, 1.0, size, dtype=np.float32)
-    return np.meshgrid(lin, lin)
 
 
 def vessel_tree(rng: np.random.Generator, roots: list[tuple[float, float, float, float]], avoid: tuple[float, float] | None,
