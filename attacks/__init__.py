@@ -4,3 +4,4 @@ from robustbench_med.attacks import hfc, square, transfer  # noqa: F401
 from robustbench_med.attacks import lvlm_pgd, qava, projector  # noqa: F401
 from robustbench_med.attacks import corruption  # noqa: F401
 from robustbench_med.attacks import modality  # noqa: F401
+from robustbench_med.attacks import apgd  # noqa: F401

@@ -328,6 +328,7 @@ class Corruption(Attack):
     """
 
     tasks: ClassVar[frozenset[str]] = ALL_IMAGE_TASKS
+    spatial_dims: ClassVar[frozenset[int]] = frozenset({2})  # the corruptions are 2D image operations
     knowledge: ClassVar[str] = "none"
     sample_independent: ClassVar[bool] = True  # each image's draws are seeded by its own bytes
     uses_eot: ClassVar[bool] = False

@@ -9,7 +9,8 @@ pairing is the harness's gradient-masking check: when Square beats PGD at the sa
 flagged (``black_box_beats_white_box``), e.g. on the top-k routing models of the zoo.
 
 Algorithm (L∞ version of the paper): start from vertical stripes δ = ±ε per column and channel; at query i draw one
-square window of side s_i = round(√(p_i · H · W)) at a uniform position and set δ inside it to a fresh ±ε per channel;
+square window of side s_i = round(√(p_i · H · W)) at a uniform position (on volumes a cube of side
+round(∛(p_i · D · H · W)), the paper's square in 3D; stripes run along the last axis) and set δ inside it to a fresh ±ε per channel;
 keep the candidate for the samples whose objective increased. p_i follows the paper's piecewise-halving schedule from
 ``p_init`` rescaled to ``n_queries`` (the paper's breakpoints are for 10,000 queries).
 """
@@ -64,28 +65,38 @@ class SquareObjective(Attack):
 
     @torch.no_grad()
     def perturb(self, victim: Victim, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
-        e = _view(eps, x)
-        stripes = torch.randint(0, 2, (b, c, 1, w), device=x.device).to(x.dtype) * 2 - 1
-        delta = stripes.expand(b, c, h, w) * e
-        best = (x + delta).clamp(0, 1)
+        b, c, spatial = len(x), x.shape[1], tuple(x.shape[2:])
+        e, ones = _view(eps, x), [1] * len(spatial)
+        stripes = torch.randint(0, 2, (b, c, *ones[1:], spatial[-1]), device=x.device).to(x.dtype) * 2 - 1
+        best = (x + stripes.expand_as(x) * e).clamp(0, 1)
         best_score = self._score(victim, best, y)
         for i in range(self.n_queries):
-            side = max(1, min(h, w, round((square_fraction(self.p_init, i, self.n_queries) * h * w) ** 0.5)))
-            r = torch.randint(0, h - side + 1, (b,), device=x.device)
-            s = torch.randint(0, w - side + 1, (b,), device=x.device)
-            rows = torch.arange(h, device=x.device).view(1, h, 1)
-            cols = torch.arange(w, device=x.device).view(1, 1, w)
-            window = ((rows >= r.view(b, 1, 1)) & (rows < (r + side).view(b, 1, 1))
-                      & (cols >= s.view(b, 1, 1)) & (cols < (s + side).view(b, 1, 1))).unsqueeze(1)
-            signs = torch.randint(0, 2, (b, c, 1, 1), device=x.device).to(x.dtype) * 2 - 1
-            cand_delta = torch.where(window, signs * e, best - x)
-            cand = (x + cand_delta).clamp(0, 1)
+            window = random_window(b, spatial, square_fraction(self.p_init, i, self.n_queries), x.device)
+            signs = torch.randint(0, 2, (b, c, *ones), device=x.device).to(x.dtype) * 2 - 1
+            cand = (x + torch.where(window, signs * e, best - x)).clamp(0, 1)
             score = self._score(victim, cand, y)
             better = score > best_score
             best = torch.where(_view(better, x), cand, best)
             best_score = torch.where(better, score, best_score)
         return best
+
+
+def random_window(b: int, spatial: tuple[int, ...], fraction: float, device: torch.device) -> torch.Tensor:
+    """A boolean mask [b, 1, *spatial] of one square (slices) or cube (volumes) per sample covering about
+    ``fraction`` of the pixels / voxels (side ``round((fraction · Π spatial)^(1/d))``), at a uniform position."""
+    numel = 1
+    for n in spatial:
+        numel *= n
+    side = max(1, min(*spatial, round((fraction * numel) ** (1.0 / len(spatial)))))
+    window = torch.ones((b, 1, *spatial), dtype=torch.bool, device=device)
+    for axis, n in enumerate(spatial):
+        start = torch.randint(0, n - side + 1, (b,), device=device)
+        shape = [1] * len(spatial)
+        shape[axis] = n
+        idx = torch.arange(n, device=device).view(1, 1, *shape)
+        lo = start.view(b, 1, *[1] * len(spatial))
+        window &= (idx >= lo) & (idx < lo + side)
+    return window
 
 
 @register_attack("square.objective", norm="Linf", knowledge="black-box", paper="Andriushchenko et al., ECCV 2020")

@@ -107,9 +107,13 @@ class CWL2(TorchattacksAttack):
         return project(x, x_adv, eps, "L2")
 
 
+SLICES_ONLY = frozenset({2})  # torchattacks' APGD and Square assume 4-D images; volumes: apgd.objective, square.objective
+
+
 class APGD(TorchattacksAttack):
     """Auto-PGD (Croce & Hein, ICML 2020) with the CE or DLR loss."""
 
+    spatial_dims: ClassVar[frozenset[int]] = SLICES_ONLY
     default_steps: ClassVar[int] = 10
 
     def __init__(self, *, loss: str = "ce", rho: float = 0.75, **kw) -> None:
@@ -132,6 +136,7 @@ class APGD(TorchattacksAttack):
 class Square(TorchattacksAttack):
     """Square Attack (Andriushchenko et al., ECCV 2020): score-based black-box random search."""
 
+    spatial_dims: ClassVar[frozenset[int]] = SLICES_ONLY
     knowledge: ClassVar[str] = "black-box"
 
     def __init__(self, *, n_queries: int = 1000, p_init: float = 0.8, **kw) -> None:
@@ -157,6 +162,7 @@ class AutoAttack(TorchattacksAttack):
     #21 item 8). The variant used is recorded with the results.
     """
 
+    spatial_dims: ClassVar[frozenset[int]] = SLICES_ONLY
     def __init__(self, *, version: str = "standard", n_queries: int = 5000, **kw) -> None:
         super().__init__(**kw)
         if version not in ("standard", "plus", "rand"):

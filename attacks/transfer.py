@@ -61,6 +61,9 @@ class TransferPGD(PGD):
         if source.task != victim.task:
             raise TaskNotSupportedError(f"surrogate {self.surrogate_name} solves {source.task!r}, the victim "
                                         f"{victim.card.name} solves {victim.task!r}")
+        if source.card.input_size != victim.card.input_size:
+            raise TaskNotSupportedError(f"surrogate {self.surrogate_name} takes inputs {source.card.input_size}, the victim "
+                                        f"{victim.card.name} {victim.card.input_size}: choose a surrogate of the same input size")
         return super().perturb(source, x, y, eps)
 
 

@@ -91,6 +91,9 @@ class Attack(abc.ABC):
             objective evaluations over ``eot`` passes (:meth:`expectation`); one that does not (noise, corruptions,
             transfer from a surrogate) refuses ``eot > 1`` instead of ignoring it.
         knowledge: ``'white-box'``, ``'black-box'``, ``'transfer'`` or ``'none'``.
+        spatial_dims: the inputs the attack works on: 2 (slices, NCHW) and / or 3 (volumes, NCDHW). An attack built on
+            2D operations (image corruptions, torchattacks' Square) declares ``{2}`` and refuses volumes in
+            :meth:`check_task`.
         supports_eps_batch: whether :meth:`perturb` accepts a different eps per sample (eps sweeps in one batch).
         sample_independent: whether each sample's result depends only on that sample, its eps and its seed: every
             random draw comes from :attr:`rng` (one stream per sample) and nothing couples the samples of a batch
@@ -101,6 +104,7 @@ class Attack(abc.ABC):
 
     tasks: ClassVar[frozenset[str]] = frozenset()
     knowledge: ClassVar[str] = "white-box"
+    spatial_dims: ClassVar[frozenset[int]] = frozenset({2, 3})
     supports_eps_batch: ClassVar[bool] = False
     default_norm: ClassVar[str] = "Linf"
     default_steps: ClassVar[int] = 1
@@ -145,6 +149,10 @@ class Attack(abc.ABC):
             raise TaskNotSupportedError(
                 f"{self.name} supports tasks {sorted(self.tasks)}, not {victim.task!r} (victim {victim.card.name})"
             )
+        if victim.card.spatial_dims not in self.spatial_dims:
+            kind = "volumes (NCDHW)" if victim.card.spatial_dims == 3 else "slices (NCHW)"
+            raise TaskNotSupportedError(f"{self.name} works on {' and '.join('volumes' if d == 3 else 'slices' for d in sorted(self.spatial_dims))} "
+                                        f"only, not on {kind} (victim {victim.card.name})")
 
     def __call__(self, victim: Victim, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor | None = None,
                  seed: int | None = None, seeds: Sequence[int] | None = None) -> torch.Tensor:
@@ -244,17 +252,18 @@ def validate_attack_params(name: str, params: dict[str, Any], declared_norm: str
 def check_targets(victim: Victim, y: Any, n: int | None = None, where: str = "targets") -> None:
     """Raise :class:`ConfigError` unless ``y`` fits ``victim``'s task (see :mod:`robustbench_med.tasks`): one
     integer class index per sample (classification, in range), 0/1 per sample (binary), [n, L] 0/1 (multi-label,
-    L = the victim's classes), a [n, H, W] class map of the input's size (segmentation), finite [n, L, 2] pixel
-    coordinates (landmarks); ``n`` samples when given."""
+    L = the victim's classes), a [n, H, W] or [n, D, H, W] class map of the input's size (segmentation), finite
+    [n, L, 2] pixel or [n, L, 3] voxel coordinates (landmarks); ``n`` samples when given."""
     task, card = get_task(victim.task), victim.card
     if not isinstance(y, torch.Tensor):
         raise ConfigError(f"{where}: must be a torch.Tensor, got {type(y).__name__}")
     if n is not None and (y.dim() == 0 or len(y) != n):
         raise ConfigError(f"{where}: {n} images but {0 if y.dim() == 0 else len(y)} targets")
-    if task.target_dims is None:  # vqa: answers are defined by the LVLM victims
+    dims, shape = task.target_layout(card)
+    if dims is None:  # vqa: answers are defined by the LVLM victims
         return
-    if y.dim() != task.target_dims:
-        raise ConfigError(f"{where}: a {task.name} victim ({card.name}) takes targets of shape {task.target_shape}, got {list(y.shape)}")
+    if y.dim() != dims:
+        raise ConfigError(f"{where}: a {task.name} victim ({card.name}) takes targets of shape {shape}, got {list(y.shape)}")
     if task.integer_targets and y.is_floating_point():
         raise ConfigError(f"{where}: {task.name} targets must be integer class indices, got dtype {y.dtype}")
     if y.is_floating_point() and not torch.isfinite(y).all():

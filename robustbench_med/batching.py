@@ -87,10 +87,10 @@ def probe_objective(view, x: torch.Tensor, y: Any, eot: int = 1) -> Callable[[in
 
 def _probe(victim, device: torch.device) -> Callable[[int], bool]:
     """``fits(b)`` for a forward and backward of ``victim`` on ``b`` random inputs (no sample at hand)."""
-    c, h, w = victim.card.input_size
+    size = victim.card.input_size
 
     def step(b: int) -> None:
-        victim(torch.rand(b, c, h, w, device=device, requires_grad=True)).float().sum().backward()
+        victim(torch.rand(b, *size, device=device, requires_grad=True)).float().sum().backward()
 
     return _fits(step, device)
 

@@ -28,18 +28,23 @@ TIDY_COLUMNS = ("victim", "task", "metric", "defense", "attack_through", "attack
                 "mean_l2", "flags")
 
 
-def attack_suite(suite: str, task: str, norm: str) -> list[dict[str, Any]]:
+def attack_suite(suite: str, task: str, norm: str, spatial_dims: int = 2) -> list[dict[str, Any]]:
     """The attacks of a named suite for ``task`` under ``norm`` (eps is added by the caller).
 
     ``'standard'``: AutoAttack (Croce & Hein, ICML 2020) for classifiers; for dense and multi-label tasks, which
     AutoAttack cannot attack, 20-step PGD on the victim's own loss plus (L∞) the Square Attack on the same objective
-    (Andriushchenko et al., ECCV 2020) as a gradient-masking check. ``'fast'``: 10-step PGD only.
+    (Andriushchenko et al., ECCV 2020) as a gradient-masking check. On volumes (``spatial_dims`` 3), where
+    torchattacks' AutoAttack does not run, every task gets 50-step APGD on the victim's objective plus (L∞) the
+    Square Attack on it. ``'fast'``: 10-step PGD only.
     """
     if suite not in ATTACK_SUITES:
         raise ConfigError(f"attack suite must be one of {ATTACK_SUITES} or a list of attacks, got {suite!r}")
     pgd = {"name": "pgd.linf" if norm == "Linf" else "pgd.l2"}
     if suite == "fast":
         return [{**pgd, "params": {"steps": 10}}]
+    if spatial_dims == 3:
+        apgd = {"name": "apgd.objective", "params": {"steps": 50, **({} if norm == "Linf" else {"norm": "L2"})}}
+        return [apgd, *([{"name": "square.objective", "params": {"n_queries": 500}}] if norm == "Linf" else [])]
     if get_task(task).single_label:
         return [{"name": "autoattack.standard", "params": {} if norm == "Linf" else {"norm": "L2"}}]
     out = [{**pgd, "params": {"steps": 20}}]
@@ -128,7 +133,8 @@ def benchmark(model: nn.Module | str | Victim, *, dataset: str = "phantom.ct", s
     if tuple(victim.card.input_size) != size:
         raise ConfigError(f"the model takes {victim.card.input_size} images; dataset {dataset!r} has {size}")
     eps_list = list(eps) if isinstance(eps, (list, tuple)) else [eps]
-    specs = attack_suite(attacks, victim.task, threat) if isinstance(attacks, str) else [_attack_entry(a) for a in attacks]
+    specs = (attack_suite(attacks, victim.task, threat, victim.card.spatial_dims) if isinstance(attacks, str)
+             else [_attack_entry(a) for a in attacks])
     for spec in specs:
         spec["params"] = {"eps": eps_list, **spec.get("params", {})}
     raw = {"name": "benchmark", "dataset": {"name": dataset, "split": split, "params": params}, "n_examples": n,

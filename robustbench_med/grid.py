@@ -60,7 +60,7 @@ TOP_KEYS = {"name", "dataset", "n_examples", "unit_size", "batch_size", "seed", 
 VICTIM_KEYS = {"name", "factory", "wrap", "weights", "target_field", "params", "defenses"}
 ATTACK_KEYS = {"name", "factory", "params", "victims", "defenses", "attack_through"}
 DEFENSE_KEYS = {"name", "factory", "params", "attack_through", "eot"}
-WRAP_KEYS = {"task", "input_size", "classes", "mean", "std", "output", "feature_layers", "target_field", "modality", "paper", "sdr_radius"}
+WRAP_KEYS = {"task", "input_size", "classes", "mean", "std", "output", "feature_layers", "target_field", "modality", "paper", "sdr_radius", "sliding_window"}
 DATASET_KEYS = {"name", "split", "params"}
 ATTACK_THROUGH = ("adaptive", "transfer", "detach")
 

@@ -607,7 +607,8 @@ class GridRunner:
         (the cells share the unit's time)."""
         t0 = time.perf_counter()
         k, m = len(group), stop - start
-        xb = pair.x_all[start:stop].to(self.device).repeat(k, 1, 1, 1)
+        xb = pair.x_all[start:stop].to(self.device)
+        xb = xb.repeat(k, *([1] * (xb.dim() - 1)))
         yb = pair.y_all[start:stop].to(self.device)
         yb = yb.repeat(k, *([1] * (yb.dim() - 1)))
         eps = torch.cat([torch.full((m,), p.attack.threat.eps) for p in group]).to(self.device, xb.dtype)

@@ -12,14 +12,18 @@ counts as *correct* (score ≥ ``success_threshold``), which defines the attack 
 | classification  | logits [B, C]     | class index [B]         | accuracy (1 if argmax == target)            |
 | binary          | logits [B, 1|2]   | {0, 1} [B]              | accuracy (1 if (logit > 0) == target)       |
 | multilabel      | logits [B, L]     | {0, 1} [B, L]           | label_accuracy (mean over L of correct)     |
-| segmentation    | logits [B, K, H, W]| class map [B, H, W]    | dice_fg (mean Dice over foreground classes) |
-| landmark        | heatmaps [B, L, H, W]| (x, y) px [B, L, 2]  | sdr@Rpx (fraction within R pixels)          |
+| segmentation    | logits [B, K, *S] | class map [B, *S]       | dice_fg (mean Dice over foreground classes) |
+| landmark        | heatmaps [B, L, *S]| (x, y[, z]) px [B, L, d]| sdr@Rpx (fraction within R pixels/voxels) |
 | vqa             | LM output         | answers                 | vqa accuracy (defined by the LVLM victims)  |
 
 Secondary per-sample metrics follow the primary one: ``prob_pos`` (binary: the positive-class probability, for
 per-group calibration), ``iou_fg`` (segmentation: mean IoU over the foreground classes present, for ES-IoU),
 ``exact_match`` (multi-label), ``mre_px`` (landmarks). Dice and IoU average over the foreground classes present in the
 prediction or the target, so a slice with a lesion has one more (harder) class than one without.
+
+``*S`` is the spatial size: ``(H, W)`` for slices, ``(D, H, W)`` for volumes (issue #20); on a volume Dice and IoU are
+per volume (over all its voxels), landmarks are ``(x, y, z)`` voxel coordinates (x along W, y along H, z along D) and
+``sdr@Rpx`` / ``mre_px`` count voxels.
 """
 from __future__ import annotations
 
@@ -63,21 +67,29 @@ def two_class_logits(output: torch.Tensor) -> torch.Tensor:
     return torch.stack([torch.zeros_like(z), z], dim=1)
 
 
-def landmark_heatmaps(coords: torch.Tensor, size: tuple[int, int], sigma: float) -> torch.Tensor:
-    """Gaussian target heatmaps [B, L, H, W] with peak 1 at each (x, y) landmark."""
-    h, w = size
-    ys = torch.arange(h, device=coords.device, dtype=torch.float32).view(1, 1, h, 1)
-    xs = torch.arange(w, device=coords.device, dtype=torch.float32).view(1, 1, 1, w)
-    cx = coords[..., 0].float()[..., None, None]
-    cy = coords[..., 1].float()[..., None, None]
-    return torch.exp(-((xs - cx) ** 2 + (ys - cy) ** 2) / (2 * sigma**2))
+def landmark_heatmaps(coords: torch.Tensor, size: Sequence[int], sigma: float) -> torch.Tensor:
+    """Gaussian target heatmaps [B, L, *size] with peak 1 at each landmark: ``size`` (H, W) with (x, y) coordinates
+    [B, L, 2], or (D, H, W) with (x, y, z) [B, L, 3] (coordinate k runs along spatial axis −1−k)."""
+    nd = len(size)
+    sq = torch.zeros((), device=coords.device)
+    for k in range(nd):  # x along the last axis, y along the one before, z before that
+        n = int(size[nd - 1 - k])
+        shape = [1] * nd
+        shape[nd - 1 - k] = n
+        axis = torch.arange(n, device=coords.device, dtype=torch.float32).view(1, 1, *shape)
+        sq = sq + (axis - coords[..., k].float().reshape(*coords.shape[:2], *[1] * nd)) ** 2
+    return torch.exp(-sq / (2 * sigma**2))
 
 
 def heatmap_argmax(heatmaps: torch.Tensor) -> torch.Tensor:
-    """(x, y) pixel coordinates [B, L, 2] of each heatmap's maximum."""
-    b, n, h, w = heatmaps.shape
+    """Coordinates [B, L, d] of each heatmap's maximum: (x, y) pixels for [B, L, H, W], (x, y, z) voxels for
+    [B, L, D, H, W]."""
     idx = heatmaps.flatten(2).argmax(-1)
-    return torch.stack([(idx % w).float(), torch.div(idx, w, rounding_mode="floor").float()], dim=-1)
+    coords = []
+    for n in reversed(heatmaps.shape[2:]):  # x (last axis) first
+        coords.append((idx % n).float())
+        idx = torch.div(idx, n, rounding_mode="floor")
+    return torch.stack(coords, dim=-1)
 
 
 def dice_per_class(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -94,8 +106,8 @@ def iou_per_class(pred: torch.Tensor, target: torch.Tensor, num_classes: int) ->
 
 def _overlaps(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per foreground class: |P ∩ T| and |P| + |T| [B, K−1]."""
-    p = F.one_hot(pred.long(), num_classes).flatten(1, 2)[..., 1:].float()
-    t = F.one_hot(target.long(), num_classes).flatten(1, 2)[..., 1:].float()
+    p = F.one_hot(pred.long(), num_classes).flatten(1, -2)[..., 1:].float()
+    t = F.one_hot(target.long(), num_classes).flatten(1, -2)[..., 1:].float()
     return (p * t).sum(1), p.sum(1) + t.sum(1)
 
 
@@ -109,7 +121,7 @@ def mean_present(per_class: torch.Tensor) -> torch.Tensor:
 def soft_dice_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Per-sample 1 − soft Dice over foreground classes (a differentiable segmentation loss)."""
     prob = output.softmax(1)[:, 1:].flatten(2)
-    onehot = F.one_hot(target.long(), output.shape[1]).permute(0, 3, 1, 2)[:, 1:].flatten(2).float()
+    onehot = F.one_hot(target.long(), output.shape[1]).movedim(-1, 1)[:, 1:].flatten(2).float()
     inter = (prob * onehot).sum(2)
     denom = prob.sum(2) + onehot.sum(2)
     return 1 - ((2 * inter + 1) / (denom + 1)).mean(1)
@@ -182,9 +194,15 @@ class Task:
         """The target class of a targeted attack: the other class (binary) or the next one (multi-class)."""
         raise ConfigError(f"targeted attacks need a binary or multi-class classifier, not a {self.name} victim")
 
-    def output_ok(self, shape: tuple[int, ...]) -> bool:
-        """Whether a model output of ``shape`` fits the task (checked when a user's model is wrapped)."""
-        return len(shape) == (4 if self.dense else 2)
+    def output_ok(self, shape: tuple[int, ...], spatial_dims: int = 2) -> bool:
+        """Whether a model output of ``shape`` fits the task (checked when a user's model is wrapped) for inputs with
+        ``spatial_dims`` spatial axes (2: slices, 3: volumes)."""
+        return len(shape) == (2 + spatial_dims if self.dense else 2)
+
+    def target_layout(self, card: Any) -> tuple[int | None, str]:
+        """How many dimensions the targets of a victim with ``card`` have, and their shape in words (the class map
+        follows the input's spatial size; landmarks carry one coordinate per spatial axis)."""
+        return self.target_dims, self.target_shape
 
     def output_classes(self, shape: tuple[int, ...]) -> int:
         """How many classes (or landmarks) an output of ``shape`` has."""
@@ -199,7 +217,7 @@ class Classification(Task):
     integer_targets = zero_one = classifier = single_label = True
     output_shape = "[B, C] logits with C >= 2"
 
-    def output_ok(self, shape):
+    def output_ok(self, shape, spatial_dims=2):
         return len(shape) == 2 and shape[1] >= 2
 
     def next_class(self, y, classes):
@@ -228,7 +246,7 @@ class Binary(Task):
     integer_targets = zero_one = classifier = single_label = True
     output_shape = "[B, 1] or [B, 2] logits"
 
-    def output_ok(self, shape):
+    def output_ok(self, shape, spatial_dims=2):
         return len(shape) == 2 and shape[1] in (1, 2)
 
     def output_classes(self, shape):
@@ -283,7 +301,10 @@ class Multilabel(Task):
 class Segmentation(Task):
     name, metric, target_shape, target_dims = "segmentation", "dice_fg", "[n, H, W]", 3
     integer_targets = dense = True
-    output_shape = "[B, K, H, W] logits"
+    output_shape = "[B, K, H, W] (slices) or [B, K, D, H, W] (volumes) logits"
+
+    def target_layout(self, card):
+        return 1 + card.spatial_dims, "[n, H, W]" if card.spatial_dims == 2 else "[n, D, H, W]"
 
     def loss(self, output, target, heatmap_sigma=2.0):
         return F.cross_entropy(output, target.long(), reduction="none").flatten(1).mean(1)
@@ -305,13 +326,16 @@ class Segmentation(Task):
 class Landmark(Task):
     name, metric, target_shape, target_dims = "landmark", "sdr", "[n, L, 2]", 3
     dense = True
-    output_shape, output_unit = "[B, L, H, W] heatmaps", "landmarks"
+    output_shape, output_unit = "[B, L, H, W] (slices) or [B, L, D, H, W] (volumes) heatmaps", "landmarks"
+
+    def target_layout(self, card):
+        return 3, "[n, L, 2]" if card.spatial_dims == 2 else "[n, L, 3] (x, y, z voxels)"
 
     def metric_name(self, sdr_radius=4.0):
         return f"sdr@{sdr_radius:g}px"
 
     def loss(self, output, target, heatmap_sigma=2.0):
-        hm = landmark_heatmaps(target, output.shape[-2:], heatmap_sigma)
+        hm = landmark_heatmaps(target, output.shape[2:], heatmap_sigma)
         return (output - hm).pow(2).flatten(1).mean(1)
 
     def predict(self, output):
@@ -322,8 +346,9 @@ class Landmark(Task):
         return {self.metric_name(sdr_radius): (err <= sdr_radius).float().mean(1), "mre_px": err.mean(1)}
 
     def check_values(self, y, card, where):
-        if y.shape[-1] != 2:
-            raise ConfigError(f"{where}: a landmark victim ({card.name}) takes targets of shape {self.target_shape}, got {list(y.shape)}")
+        if y.shape[-1] != card.spatial_dims:
+            shape = self.target_layout(card)[1]
+            raise ConfigError(f"{where}: a landmark victim ({card.name}) takes targets of shape {shape}, got {list(y.shape)}")
 
 
 class VQA(Task):

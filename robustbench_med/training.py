@@ -216,9 +216,10 @@ def batch_soft_dice_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Te
     """1 − soft Dice over foreground classes with the sums taken over the whole batch ("batch Dice", as in nnU-Net,
     Isensee et al., Nature Methods 2021): a lesion-free image does not push the lesion probability to zero alone."""
     prob = output.softmax(1)[:, 1:]
-    onehot = F.one_hot(target.long(), output.shape[1]).permute(0, 3, 1, 2)[:, 1:].float()
-    inter = (prob * onehot).sum((0, 2, 3))
-    denom = prob.sum((0, 2, 3)) + onehot.sum((0, 2, 3))
+    onehot = F.one_hot(target.long(), output.shape[1]).movedim(-1, 1)[:, 1:].float()
+    axes = (0, *range(2, output.dim()))  # batch and every spatial axis (slices or volumes)
+    inter = (prob * onehot).sum(axes)
+    denom = prob.sum(axes) + onehot.sum(axes)
     return 1 - ((2 * inter + 1) / (denom + 1)).mean()
 
 

@@ -1,7 +1,8 @@
 """The victim interface: every model the suite attacks sits behind :class:`Victim`.
 
-Contract (``shared/reference/anchors.md`` §"fixed input contract"): images are float tensors in [0, 1], NCHW, with the
-channel count and size the card declares; normalisation happens *inside* the victim. ``forward`` returns the task's
+Contract (``shared/reference/anchors.md`` §"fixed input contract"): images are float tensors in [0, 1], NCHW (slices)
+or NCDHW (volumes, issue #20), with the channel count and size the card declares (``input_size`` is ``(C, H, W)`` or
+``(C, D, H, W)``); normalisation happens *inside* the victim. ``forward`` returns the task's
 raw output (see :mod:`robustbench_med.tasks`); ``loss``, ``predict`` and ``score`` are per sample; ``features``
 returns named intermediate activations through forward hooks.
 """
@@ -16,7 +17,9 @@ import torch
 from torch import nn
 
 from robustbench_med import tasks as T
-from robustbench_med.errors import InputContractError
+from robustbench_med.errors import ConfigError, InputContractError
+
+LAYOUTS = {2: "NCHW", 3: "NCDHW"}
 
 
 @dataclass(frozen=True)
@@ -26,7 +29,7 @@ class VictimCard:
     name: str
     task: str
     modality: str
-    input_size: tuple[int, int, int]  # (C, H, W)
+    input_size: tuple[int, ...]  # (C, H, W) for slices, (C, D, H, W) for volumes
     classes: tuple[str, ...] = ()
     paper: str = ""
     weights_file: str | None = None
@@ -39,7 +42,14 @@ class VictimCard:
     def __post_init__(self) -> None:
         T.get_task(self.task)  # an unknown name raises ConfigError, with the closest task names
         object.__setattr__(self, "input_size", tuple(int(v) for v in self.input_size))
+        if len(self.input_size) not in (3, 4):
+            raise ConfigError(f"victim {self.name!r}: input_size must be (C, H, W) or (C, D, H, W), got {self.input_size}")
         object.__setattr__(self, "classes", tuple(self.classes))
+
+    @property
+    def spatial_dims(self) -> int:
+        """2 for slices (NCHW), 3 for volumes (NCDHW)."""
+        return len(self.input_size) - 1
 
     def with_weights(self, path: str, sha256: str) -> "VictimCard":
         return replace(self, weights_file=path, weights_sha256=sha256)
@@ -49,18 +59,22 @@ class VictimCard:
 
 
 def validate_images(x: torch.Tensor, input_size: Sequence[int] | None = None, *, full: bool = True) -> None:
-    """Raise :class:`InputContractError` unless ``x`` is a float NCHW batch (of ``input_size``) in [0, 1], finite.
+    """Raise :class:`InputContractError` unless ``x`` is a float NCHW (slices) or NCDHW (volumes) batch (of
+    ``input_size``) in [0, 1], finite.
 
     ``full=False`` checks only shape and dtype (no device synchronisation), for use inside attack loops.
     """
     if not isinstance(x, torch.Tensor):
         raise InputContractError(f"images must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 4:
-        raise InputContractError(f"images must be NCHW (4 dims), got shape {tuple(x.shape)}")
+    expected = (1 + len(input_size),) if input_size is not None else (4, 5)
+    if x.dim() not in expected:
+        layout = " or ".join(LAYOUTS.get(d - 2, f"{d}-D") for d in expected)
+        raise InputContractError(f"images must be {layout} ({' or '.join(map(str, expected))} dims), got shape {tuple(x.shape)}")
     if not x.is_floating_point():
         raise InputContractError(f"images must be floating point in [0, 1], got dtype {x.dtype}")
     if input_size is not None and tuple(x.shape[1:]) != tuple(input_size):
-        raise InputContractError(f"images must have (C, H, W) = {tuple(input_size)}, got {tuple(x.shape[1:])}")
+        axes = "(C, H, W)" if len(input_size) == 3 else "(C, D, H, W)"
+        raise InputContractError(f"images must have {axes} = {tuple(input_size)}, got {tuple(x.shape[1:])}")
     if full and x.numel():
         if not torch.isfinite(x).all():
             raise InputContractError("images contain NaN or infinite values")
@@ -108,9 +122,9 @@ class Victim(nn.Module, abc.ABC):
     def __init__(self, card: VictimCard, mean: Sequence[float] | None = None, std: Sequence[float] | None = None):
         super().__init__()
         self.card = card
-        c = card.input_size[0]
-        self.register_buffer("mean", torch.tensor(mean if mean is not None else [0.0] * c).view(1, c, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std if std is not None else [1.0] * c).view(1, c, 1, 1), persistent=False)
+        c, ones = card.input_size[0], [1] * card.spatial_dims
+        self.register_buffer("mean", torch.tensor(mean if mean is not None else [0.0] * c).view(1, c, *ones), persistent=False)
+        self.register_buffer("std", torch.tensor(std if std is not None else [1.0] * c).view(1, c, *ones), persistent=False)
         self.sdr_radius = float(card.extra.get("sdr_radius", 4.0))
         self.heatmap_sigma = float(card.extra.get("heatmap_sigma", 2.0))
 
@@ -249,15 +263,22 @@ class ModelVictim(Victim):
     """A victim around a plain ``nn.Module`` ``net`` (the usual case for classifiers and segmentors).
 
     If ``net`` has ``encode`` / ``decode`` methods, they are exposed so latent-space defences can sit between them.
+    With a ``window`` (:class:`robustbench_med.sliding.SlidingWindow`) the net runs by sliding-window inference over
+    the whole input, as volumetric segmentors trained on patches are used (attacks differentiate through it); the
+    window is recorded on the card (``extra['sliding_window']``).
     """
 
-    def __init__(self, net: nn.Module, card: VictimCard, mean=None, std=None, feature_layers: Sequence[str] = ()):
+    def __init__(self, net: nn.Module, card: VictimCard, mean=None, std=None, feature_layers: Sequence[str] = (),
+                 window: Any = None):
+        if window is not None and card.extra.get("sliding_window") != window.as_dict():
+            card = replace(card, extra={**card.extra, "sliding_window": window.as_dict()})
         super().__init__(card, mean, std)
         self.net = net
+        self.window = window
         self.feature_layers = tuple(f"net.{n}" if not n.startswith("net.") else n for n in feature_layers)
 
     def forward_normalized(self, z: torch.Tensor) -> torch.Tensor:
-        return self.net(z)
+        return self.window(self.net, z) if self.window is not None else self.net(z)
 
     @property
     def has_latent(self) -> bool:

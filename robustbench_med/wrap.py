@@ -24,6 +24,7 @@ from torch import nn
 
 from robustbench_med import tasks as T
 from robustbench_med.errors import ConfigError
+from robustbench_med.sliding import SlidingWindow
 from robustbench_med.victim import ModelVictim, VictimCard, eval_mode
 
 WRAP_TASKS = T.WRAP_TASKS
@@ -79,19 +80,25 @@ class OutputAdapter:
 class UserModelVictim(ModelVictim):
     """A :class:`ModelVictim` around a user's network whose output goes through an :class:`OutputAdapter`.
 
-    Dense outputs (segmentation, landmark heatmaps) smaller than the input are resized bilinearly to the input size,
-    as Hugging Face's semantic-segmentation post-processing does (e.g. SegFormer predicts at 1/4 resolution).
+    Dense outputs (segmentation, landmark heatmaps) smaller than the input are resized (bilinearly, trilinearly on
+    volumes) to the input size, as Hugging Face's semantic-segmentation post-processing does (e.g. SegFormer predicts
+    at 1/4 resolution). With a ``window`` (:class:`~robustbench_med.sliding.SlidingWindow`) the network runs by
+    sliding-window inference over the whole input, and attacks differentiate through it.
     """
 
     def __init__(self, net: nn.Module, card: VictimCard, mean=None, std=None, feature_layers: Sequence[str] = (),
-                 output: str | int | None = None):
-        super().__init__(net, card, mean, std, feature_layers)
+                 output: str | int | None = None, window: SlidingWindow | None = None):
+        super().__init__(net, card, mean, std, feature_layers, window)
         self.adapter = OutputAdapter(output)
 
     def forward_normalized(self, z: torch.Tensor) -> torch.Tensor:
+        return self.window(self._net_output, z) if self.window is not None else self._net_output(z)
+
+    def _net_output(self, z: torch.Tensor) -> torch.Tensor:
         out = self.adapter(self.net(z))
-        if T.get_task(self.task).dense and out.dim() == 4 and tuple(out.shape[-2:]) != tuple(z.shape[-2:]):
-            out = F.interpolate(out, size=z.shape[-2:], mode="bilinear", align_corners=False)
+        spatial = tuple(z.shape[2:])
+        if T.get_task(self.task).dense and out.dim() == z.dim() and tuple(out.shape[2:]) != spatial:
+            out = F.interpolate(out, size=spatial, mode="bilinear" if len(spatial) == 2 else "trilinear", align_corners=False)
         return out
 
 
@@ -99,13 +106,14 @@ def wrap(model: nn.Module | str, task: str, *, input_size: Sequence[int] | None 
          mean: float | Sequence[float] | None = None, std: float | Sequence[float] | None = None, name: str | None = None,
          output: str | int | None = None, feature_layers: Sequence[str] = (), weights: str | os.PathLike[str] | None = None,
          target_field: str | None = None, modality: str = "unspecified", paper: str = "", sdr_radius: float | None = None,
-         **model_kwargs: Any) -> UserModelVictim:
+         sliding_window: SlidingWindow | dict[str, Any] | None = None, **model_kwargs: Any) -> UserModelVictim:
     """Wrap ``model`` (an ``nn.Module``, or a builder name such as ``'timm:resnet18'``) as a victim of ``task``.
 
     Args:
         task: one of :data:`WRAP_TASKS` (VQA models use the LVLM victims in ``victims/lvlm``).
-        input_size: ``(C, H, W)``. Inferred where possible: C from the first convolution or a Hugging Face
-            ``config.num_channels``, H and W from ``config.image_size``; otherwise it must be given.
+        input_size: ``(C, H, W)``, or ``(C, D, H, W)`` for a volumetric (3D) model. Inferred where possible: C from
+            the first convolution or a Hugging Face ``config.num_channels``, H and W from ``config.image_size``;
+            otherwise it must be given (always for volumes).
         classes: class (or label, landmark) names; default ``'0'``, ``'1'``, … from the output size.
         mean, std: the model's input normalisation (scalars or per channel), applied inside the victim.
         name: the victim's name in tables and entries (``family.tag``; default ``user.<class name>``).
@@ -115,6 +123,9 @@ def wrap(model: nn.Module | str, task: str, *, input_size: Sequence[int] | None 
             (the module's own keys, or the wrapper's ``net.``-prefixed ones), or a Hugging Face folder
             (``save_pretrained``); its sha256 is recorded on the card and in every manifest and entry.
         target_field: the dataset field holding the targets (default: the phantom's field for ``task``).
+        sliding_window: run the model by sliding-window inference (MONAI's), e.g. ``{'roi_size': (32, 32, 32),
+            'overlap': 0.5}`` for a 3D segmentor trained on patches; attacks then go through the window blending
+            (:mod:`robustbench_med.sliding`). Recorded on the card.
         model_kwargs: arguments of :func:`build_model` when ``model`` is a builder name.
 
     Without ``weights`` the card records the sha256 of the model's in-memory state dict (serialised as
@@ -128,16 +139,20 @@ def wrap(model: nn.Module | str, task: str, *, input_size: Sequence[int] | None 
     if model_kwargs and not isinstance(model, str):
         raise ConfigError(f"unexpected arguments {sorted(model_kwargs)} (they are only for builder names like 'timm:resnet18')")
     size = _input_size(net, input_size)
+    window = SlidingWindow.parse(sliding_window)
+    if window is not None:
+        window.check(size[1:])
     card = VictimCard(name=name or default_name(net), task=task, modality=modality, input_size=size, paper=paper,
                       extra={"target_field": target_field or DEFAULT_TARGET_FIELD[task], "wrapped": type(net).__name__,
                              **({"sdr_radius": float(sdr_radius)} if sdr_radius is not None else {})})
-    victim = UserModelVictim(net, card, _per_channel(mean, size[0], 0.0), _per_channel(std, size[0], 1.0), feature_layers, output)
+    victim = UserModelVictim(net, card, _per_channel(mean, size[0], 0.0), _per_channel(std, size[0], 1.0), feature_layers,
+                             output, window)
     victim.to(next(net.parameters(), torch.empty(0)).device)  # the normalisation buffers follow a model already on a GPU
     from robustbench_med.weights import load_weights
 
     digest = load_weights(victim, weights) if weights is not None else state_sha256(net)
     out = _probe(victim)
-    victim.card = replace(victim.card, classes=_classes(task, out, classes), weights_file=None if weights is None else str(weights),
+    victim.card = replace(victim.card, classes=_classes(task, out, classes, victim.card.spatial_dims), weights_file=None if weights is None else str(weights),
                           weights_sha256=digest, extra={**victim.card.extra, "weights_source": "file" if weights is not None else "in-memory state dict"})
     return victim
 
@@ -219,18 +234,19 @@ def _hf_model(folder: Path, task: str, kwargs: dict[str, Any]) -> nn.Module:
     return auto.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False, **kwargs)
 
 
-def _input_size(net: nn.Module, given: Sequence[int] | None) -> tuple[int, int, int]:
+def _input_size(net: nn.Module, given: Sequence[int] | None) -> tuple[int, ...]:
     if given is not None:
         size = tuple(int(v) for v in given)
-        if len(size) != 3 or min(size) < 1:
-            raise ConfigError(f"input_size must be (C, H, W) with positive entries, got {tuple(given)}")
-        return size  # type: ignore[return-value]
+        if len(size) not in (3, 4) or min(size) < 1:
+            raise ConfigError(f"input_size must be (C, H, W) or, for volumes, (C, D, H, W) with positive entries, got {tuple(given)}")
+        return size
     config = getattr(net, "config", None)
     channels = getattr(config, "num_channels", None) or _first_conv_channels(net)
     image = getattr(config, "image_size", None)
     if channels is None or image is None:
         what = "the channel count (no convolution found)" if channels is None else "the image size"
-        raise ConfigError(f"cannot infer {what} of {type(net).__name__}: pass input_size=(C, H, W)")
+        shape = "(C, D, H, W)" if any(isinstance(m, nn.Conv3d) for m in net.modules()) else "(C, H, W)"
+        raise ConfigError(f"cannot infer {what} of {type(net).__name__}: pass input_size={shape}")
     h, w = (image, image) if isinstance(image, int) else tuple(image)
     return int(channels), int(h), int(w)
 
@@ -266,10 +282,10 @@ def _probe(victim: UserModelVictim) -> torch.Tensor:
                           f"batch failed ({type(e).__name__}: {e}); check input_size and output") from None
 
 
-def _classes(task: str, out: torch.Tensor, given: Sequence[str] | None) -> tuple[str, ...]:
+def _classes(task: str, out: torch.Tensor, given: Sequence[str] | None, spatial_dims: int = 2) -> tuple[str, ...]:
     """Class names checked against the output shape the task needs."""
     shape, spec = tuple(out.shape), T.get_task(task)
-    if not spec.output_ok(shape):
+    if not spec.output_ok(shape, spatial_dims):
         hint = " (a single logit is task='binary')" if task == "classification" and shape[1:] == (1,) else ""
         raise ConfigError(f"task {task!r} needs {spec.output_shape}; the model returned shape {shape}{hint}")
     k = spec.output_classes(shape)

@@ -1,14 +1,18 @@
 """``MedicalDataset``: one API over a Hugging Face ``datasets.Dataset`` split (phantom or real data).
 
 Images are stored as uint8 ``Array3D((H, W, C))`` and returned by :meth:`MedicalDataset.images` as float NCHW in
-[0, 1] (the victim input contract). Targets and patient attributes are columns. The phantom (``phantom.ct``) is
+[0, 1] (the victim input contract); volumes are stored as uint8 ``Array4D((D, H, W, C))`` and returned as float
+NCDHW (:attr:`MedicalDataset.spatial_dims` is 2 or 3, :attr:`~MedicalDataset.input_size` (C, H, W) or
+(C, D, H, W)). Targets and patient attributes are columns. The phantom (``phantom.ct``) is
 generated once per (config, split, n) and cached with ``save_to_disk`` under
 ``<home>/datasets/phantom-<config hash>/<split>-<n>``: written to a temporary directory and renamed, so a crash never
 leaves a half cache, and a cache that fails to load or to validate is regenerated. ``phantom.shortcut`` and
 ``phantom.shortcut_balanced`` are the APPLE shortcut scenario (sex in the appearance, not the anatomy; see
 :mod:`robustbench_med.data.phantom`), cached the same way under their own config hash; the default world's hash does
 not change. ``phantom.multiseq`` is the same patients in four MRI-like sequences (T1, T1ce, T2, FLAIR; see
-:mod:`robustbench_med.data.multiseq`), for the missing-modality study.
+:mod:`robustbench_med.data.multiseq`), for the missing-modality study. ``phantom.volumes`` is the volumetric phantom
+(:mod:`robustbench_med.data.volumes`: 1 × 32 × 48 × 48 volumes, 3D masks and (x, y, z) landmarks), cached under
+``volumes-<settings hash>/<split>-<n>``.
 """
 from __future__ import annotations
 
@@ -56,10 +60,12 @@ class MedicalDataset:
     def __init__(self, hf: Any, name: str, split: str, target_fields: Sequence[str], attribute_names: Sequence[str]):
         if "image" not in hf.column_names:
             raise ConfigError(f"dataset {name!r} has no 'image' column; columns are {hf.column_names}")
-        dtype = getattr(hf.features["image"], "dtype", None)
-        if dtype != "uint8":  # float pixels would be cast (NaN and [0, 1] values alike) to meaningless bytes
-            raise ConfigError(f"dataset {name!r}: the 'image' column must be uint8 Array3D((H, W, C)), got {hf.features['image']}; "
-                              "build it with robustbench_med.data.loaders.build_dataset (or hf.dataset), which convert images")
+        feature = hf.features["image"]
+        # float pixels would be cast (NaN and [0, 1] values alike) to meaningless bytes
+        if getattr(feature, "dtype", None) != "uint8" or len(getattr(feature, "shape", ())) not in (3, 4):
+            raise ConfigError(f"dataset {name!r}: the 'image' column must be uint8 Array3D((H, W, C)) (images) or "
+                              f"Array4D((D, H, W, C)) (volumes), got {feature}; build it with "
+                              "robustbench_med.data.loaders.build_dataset (or hf.dataset), which convert images")
         self.hf = hf
         self.name = name
         self.split = split
@@ -77,10 +83,15 @@ class MedicalDataset:
         return f"MedicalDataset({self.name!r}, split={self.split!r}, n={len(self)}, input_size={self.input_size})"
 
     @property
-    def input_size(self) -> tuple[int, int, int]:
-        """(C, H, W) of every image."""
-        h, w, c = self.hf.features["image"].shape
-        return (int(c), int(h), int(w))
+    def input_size(self) -> tuple[int, ...]:
+        """(C, H, W) of every image, or (C, D, H, W) of every volume."""
+        *spatial, c = self.hf.features["image"].shape
+        return (int(c), *(int(v) for v in spatial))
+
+    @property
+    def spatial_dims(self) -> int:
+        """2 for images (NCHW), 3 for volumes (NCDHW)."""
+        return len(self.hf.features["image"].shape) - 1
 
     def _rows(self, idx: Index) -> slice | list[int]:
         """Normalise ``idx`` (None, slice, int, list, bool mask, tensor, array) to a slice or a list of row ids."""
@@ -104,11 +115,12 @@ class MedicalDataset:
     def _images(self) -> torch.Tensor:
         if self._image_cache is None:  # datasets returns uint8 Array3D as int64 (stack.md §8): ask for uint8
             arr = self.hf.with_format("torch", columns=["image"], dtype=torch.uint8)[:]["image"]
-            self._image_cache = torch.as_tensor(arr, dtype=torch.uint8).permute(0, 3, 1, 2).contiguous()
+            order = (0, 3, 1, 2) if self.spatial_dims == 2 else (0, 4, 1, 2, 3)  # channels first
+            self._image_cache = torch.as_tensor(arr, dtype=torch.uint8).permute(*order).contiguous()
         return self._image_cache
 
     def images(self, idx: Index = None) -> torch.Tensor:
-        """Float images [n, C, H, W] in [0, 1]."""
+        """Float images [n, C, H, W] (volumes: [n, C, D, H, W]) in [0, 1]."""
         return self._images[self._rows(idx)].float().div_(255.0)
 
     def targets(self, field: str, idx: Index = None) -> torch.Tensor:
@@ -226,11 +238,12 @@ def phantom_config(seed: int = 0, size: int = 64, *, dataset: str = "phantom.ct"
         raise ConfigError(f"{dataset}: bad setting: {e}") from None
 
 
-def split_size(name: str, split: str, n: Any) -> int:
-    """``n`` checked (a positive integer; None: the split's default size) after checking ``split``."""
+def split_size(name: str, split: str, n: Any, defaults: dict[str, int] | None = None) -> int:
+    """``n`` checked (a positive integer; None: the split's default size in ``defaults``, else
+    :data:`DEFAULT_SIZES`) after checking ``split``."""
     if split not in P.SPLIT_CODES:
         raise ConfigError(f"{name}: unknown split {split!r}; choose one of {tuple(P.SPLIT_CODES)}")
-    n = DEFAULT_SIZES[split] if n is None else n
+    n = (defaults or DEFAULT_SIZES)[split] if n is None else n
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n <= 0:
         raise ConfigError(f"{name}: n must be a positive integer, got {n!r}")
     return int(n)
@@ -402,3 +415,52 @@ def phantom_vessels_sites(split: str = "test", n: int | None = None, seed: int =
     """The vessel phantom with sample ``i`` acquired at site ``'ABC'[i % 3]`` and the attribute ``site`` (site-A
     samples are ``phantom.vessels``' samples, byte for byte)."""
     return _vessels("phantom.vessels_sites", split, n, seed, size, cache_dir, mixed_sites=True)
+
+
+VOLUMES_VERSION = 1  # part of the volume phantom's cache key: bump when its rendered bytes change
+VOLUME_SIZES = {"train": 160, "val": 32, "test": 64}
+
+
+def volume_features(depth: int, size: int, channels: int = 1) -> Any:
+    """The Hugging Face feature layout of ``phantom.volumes``: image Array4D (D, H, W, C), mask Array3D (D, H, W),
+    landmarks Array2D (4, 3) ((x, y, z) voxels)."""
+    from datasets import Array2D, Array3D, Array4D, Features, Value
+
+    from robustbench_med.data.volumes import VOLUME_LANDMARKS
+
+    return Features({
+        "image": Array4D((depth, size, size, channels), "uint8"), "mask": Array3D((depth, size, size), "uint8"),
+        "landmarks": Array2D((len(VOLUME_LANDMARKS), 3), "float32"), "label": Value("int64"),
+        "lesion_type": Value("int64"), "n_lesions": Value("int64"), "sex": Value("string"),
+        "age_group": Value("string"), "index": Value("int64"),
+    })
+
+
+@register_dataset("phantom.volumes", task="all", paper="robustbench_med procedural volumetric CT phantom (this suite)")
+def phantom_volumes(split: str = "test", n: int | None = None, seed: int = 0, size: int = 48, depth: int = 32,
+                    cache_dir: str | os.PathLike[str] | None = None) -> MedicalDataset:
+    """The volumetric CT phantom (:mod:`robustbench_med.data.volumes`): uint8 volumes 1 × ``depth`` × ``size`` ×
+    ``size`` with ``mask`` [D, H, W], ``label``, ``lesion_type``, ``n_lesions`` and ``landmarks`` [4, 3] ((x, y, z)
+    voxels); the 2D phantom's disparity by sex and age. ``n=None`` → train 160, val 32, test 64."""
+    import json as _json
+    from dataclasses import asdict
+
+    from robustbench_med.data import volumes as VOL
+
+    name = "phantom.volumes"
+    n = split_size(name, split, n, VOLUME_SIZES)
+    for key, value, low in (("seed", seed, 0), ("size", size, 16), ("depth", depth, 8)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+            raise ConfigError(f"{name}: {key} must be an integer >= {low}, got {value!r}")
+    seed, size, depth = int(seed), int(size), int(depth)
+    settings = {"v": VOLUMES_VERSION, "seed": seed, "size": size, "depth": depth, "disparity": asdict(P.Disparity())}
+    digest = hashlib.sha256(_json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    cache = (Path(cache_dir) if cache_dir else paths.datasets_dir()) / f"volumes-{digest}" / f"{split}-{n}"
+
+    def build() -> Any:
+        from datasets import Dataset
+
+        return Dataset.from_dict(VOL.generate(split, n, seed, size, depth), features=volume_features(depth, size))
+
+    return MedicalDataset(cached_build(cache, n, build), name, split,
+                          ("mask", "label", "lesion_type", "n_lesions", "landmarks"), ("sex", "age_group"))

@@ -9,11 +9,22 @@
   from the ``PatientSex`` / ``PatientAge`` tags unless given.
 - ``nifti.slices``: 2D slices of a NIfTI volume (nibabel, imported lazily) along an axis, with an optional label
   volume of the same shape giving ``mask`` targets.
+- ``nifti.volumes``: whole NIfTI volumes (one file per patient), resampled to ``shape`` = (D, H, W) and min–max
+  scaled per volume; the NIfTI array (i, j, k) becomes (D, H, W) = (k, j, i) as stored (depth = the last NIfTI axis,
+  the affine is not applied: reorient beforehand, e.g. ``nibabel.as_closest_canonical``, to fix the direction);
+  optional label volumes give 3D ``mask`` targets.
+- ``dicom.series``: DICOM series (a directory of one series' slices, or a multi-frame file) as volumes: slices
+  sorted along the slice normal by ImagePositionPatient, most superior (largest patient z) first as in
+  ``phantom.volumes`` (falling back to InstanceNumber, then the file name), rescaled and windowed over the whole
+  volume (``dicom.files``' rules), resampled to ``shape``; sex / age group from the first slice's header.
 
-Every loader resizes to ``size`` × ``size`` (PIL, antialiased bilinear in float precision for images, nearest for
+Every 2D loader resizes to ``size`` × ``size`` (PIL, antialiased bilinear in float precision for images, nearest for
 masks), converts to ``channels`` 1 (ITU-R BT.601 luma) or 3 (grey replicated), and stores uint8 images in the same
 Hugging Face layout as the phantom (``image``: ``Array3D((H, W, C), "uint8")``, ``mask``: ``Array2D``, ``index``), so
-victims, attacks and the harness treat real and phantom data alike.
+victims, attacks and the harness treat real and phantom data alike. The volume loaders resample with
+``scipy.ndimage.zoom`` (images: Gaussian antialiasing σ = (1/f − 1)/2 voxels along each shrunk axis, then linear;
+labels: nearest) and store ``image`` as ``Array4D((D, H, W, 1), "uint8")`` and ``mask`` as ``Array3D`` like
+``phantom.volumes``.
 """
 from __future__ import annotations
 
@@ -101,32 +112,39 @@ def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
 
 
 def _target_feature(key: str, arr: np.ndarray) -> tuple[Any, list[Any]]:
-    """HF feature and column values of a target: ``mask`` → Array2D uint8, scalars → Value, vectors → Sequence."""
-    from datasets import Array2D, Sequence as HFSequence, Value
+    """HF feature and column values of a target: ``mask`` → Array2D (slices) or Array3D (volumes) uint8, scalars →
+    Value, vectors → Sequence, matrices → Array2D float32."""
+    from datasets import Array2D, Array3D, Sequence as HFSequence, Value
 
     if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
         raise ConfigError(f"target {key!r} must be numeric, got values like {arr.flat[0]!r}")
     integer = np.issubdtype(arr.dtype, np.integer) or arr.dtype == bool
-    if key == "mask":
-        return Array2D(arr.shape[1:], "uint8"), list(arr.astype(np.uint8))
+    if key == "mask" and arr.ndim in (3, 4):
+        return (Array2D if arr.ndim == 3 else Array3D)(arr.shape[1:], "uint8"), list(arr.astype(np.uint8))
     if arr.ndim == 1:
         return Value("int64" if integer else "float32"), arr.tolist()
     if arr.ndim == 2:
         return HFSequence(Value("int64" if integer else "float32"), length=arr.shape[1]), arr.tolist()
     if arr.ndim == 3:
         return Array2D(arr.shape[1:], "float32"), list(arr.astype(np.float32))
-    raise ConfigError(f"target {key!r} has {arr.ndim - 1} dimensions per sample; at most 2 are supported")
+    raise ConfigError(f"target {key!r} has {arr.ndim - 1} dimensions per sample; at most 2 are supported "
+                      "(3 for a volume mask)")
 
 
 def build_dataset(images: Sequence[np.ndarray], targets: dict[str, Sequence[Any]], attributes: dict[str, Sequence[Any]],
                   name: str, split: str) -> MedicalDataset:
-    """A :class:`MedicalDataset` from uint8 images (H, W, C) and per-sample target / attribute lists."""
-    from datasets import Array3D, Dataset, Features, Value
+    """A :class:`MedicalDataset` from uint8 images (H, W, C) or volumes (D, H, W, C), all of one shape, and
+    per-sample target / attribute lists (a volume's ``mask`` is (D, H, W))."""
+    from datasets import Array3D, Array4D, Dataset, Features, Value
 
     if len(images) == 0:
         raise ConfigError(f"{name}: no images to load")
-    h, w, c = images[0].shape
-    features: dict[str, Any] = {"image": Array3D((h, w, c), "uint8"), "index": Value("int64")}
+    shape = tuple(images[0].shape)
+    if len(shape) not in (3, 4) or any(tuple(im.shape) != shape for im in images):
+        raise ConfigError(f"{name}: images must all be (H, W, C) or all (D, H, W, C) of one shape, got "
+                          f"{sorted({tuple(im.shape) for im in images})}")
+    array = Array3D if len(shape) == 3 else Array4D
+    features: dict[str, Any] = {"image": array(shape, "uint8"), "index": Value("int64")}
     columns: dict[str, Any] = {"image": list(images), "index": list(range(len(images)))}
     for key, values in {**targets, **attributes}.items():
         if len(values) != len(images):
@@ -229,15 +247,28 @@ def _first(value: Any) -> float:
         return float(value)
 
 
+def _colour(ds: Any) -> bool:
+    return str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2")) not in ("MONOCHROME1", "MONOCHROME2")
+
+
+def _modality(ds: Any, arr: np.ndarray) -> np.ndarray:
+    """Stored pixel values → modality units (rescale slope / intercept)."""
+    return arr * float(getattr(ds, "RescaleSlope", 1) or 1) + float(getattr(ds, "RescaleIntercept", 0) or 0)
+
+
 def dicom_pixels(ds: Any, window: tuple[float, float] | str | None = None) -> np.ndarray:
     """Pixel data in [0, 1]: modality units (rescale slope/intercept), then the window (centre, width), the file's
     own VOI window (``"dicom"``, falling back to min–max) or min–max; MONOCHROME1 inverted; multi-frame data give
     their middle frame."""
     arr = ds.pixel_array.astype(np.float64)
-    colour = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2")) not in ("MONOCHROME1", "MONOCHROME2")
-    if arr.ndim == (4 if colour else 3):
+    if arr.ndim == (4 if _colour(ds) else 3):
         arr = arr[arr.shape[0] // 2]
-    arr = arr * float(getattr(ds, "RescaleSlope", 1) or 1) + float(getattr(ds, "RescaleIntercept", 0) or 0)
+    return dicom_window(_modality(ds, arr), ds, window)
+
+
+def dicom_window(arr: np.ndarray, ds: Any, window: tuple[float, float] | str | None = None) -> np.ndarray:
+    """Modality units (an image or a whole volume) → [0, 1] by the window (centre, width), ``ds``'s own VOI window
+    (``"dicom"``, falling back to min–max) or min–max over ``arr``; MONOCHROME1 inverted."""
     if window == "dicom":
         has_tags = getattr(ds, "WindowCenter", None) is not None and getattr(ds, "WindowWidth", None) is not None
         window = (_first(ds.WindowCenter), _first(ds.WindowWidth)) if has_tags else None
@@ -293,15 +324,15 @@ def dicom_files(files: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
 
 
 # ------------------------------------------------------------------------------------------------------- NIfTI
-def _load_nifti(path: str | os.PathLike[str]) -> np.ndarray:
+def _load_nifti(path: str | os.PathLike[str], who: str = "nifti.slices") -> np.ndarray:
     import nibabel  # optional dependency: imported only when NIfTI data is asked for
 
     if not Path(path).is_file():
-        raise ConfigError(f"nifti.slices: NIfTI file {path} does not exist")
+        raise ConfigError(f"{who}: NIfTI file {path} does not exist")
     try:
         return np.asarray(nibabel.load(str(path)).get_fdata(), dtype=np.float64)
     except Exception as e:  # noqa: BLE001 - nibabel raises several types on bad files
-        raise ConfigError(f"nifti.slices: cannot read NIfTI file {path}: {type(e).__name__}: {e}") from None
+        raise ConfigError(f"{who}: cannot read NIfTI file {path}: {type(e).__name__}: {e}") from None
 
 
 def _volume(path: str | os.PathLike[str], axis: int) -> np.ndarray:
@@ -349,6 +380,169 @@ def nifti_slices(path: str | os.PathLike[str] | Mapping[str, str | os.PathLike[s
                            for i in index]
     attrs = {k: [v] * len(images) for k, v in (attributes or {}).items()}
     return build_dataset(images, targets, attrs, "nifti.slices", split)
+
+
+# ------------------------------------------------------------------------------------------------------ volumes
+def volume_shape(shape: Any, who: str) -> tuple[int, int, int]:
+    """``shape`` checked: three positive integers (D, H, W)."""
+    try:
+        dims = tuple(int(v) for v in shape)
+        ok = len(dims) == 3 and min(dims) >= 1 and all(float(v) == int(v) for v in shape)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ConfigError(f"{who}: shape must be three positive integers (D, H, W), got {shape!r}")
+    return dims
+
+
+def resample_volume(vol: np.ndarray, shape: tuple[int, int, int], order: int) -> np.ndarray:
+    """A 3D array resampled to ``shape`` with ``scipy.ndimage.zoom`` (corners aligned); ``order`` 1 (images:
+    Gaussian antialiasing σ = (1/f − 1)/2 along each shrunk axis first) or 0 (labels: nearest)."""
+    from scipy.ndimage import gaussian_filter, zoom
+
+    factors = [t / s for t, s in zip(shape, vol.shape)]
+    if order > 0 and min(factors) < 1:
+        vol = gaussian_filter(vol, [max(0.0, (1 / f - 1) / 2) for f in factors], mode="nearest")
+    out = zoom(vol, factors, order=order, mode="nearest")
+    if out.shape != tuple(shape):  # zoom rounds the output shape; guard against a float off-by-one
+        raise ConfigError(f"cannot resample a volume of shape {vol.shape} to {shape}")
+    return out
+
+
+def to_uint8_volume(unit: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+    """A float volume in [0, 1] (D, H, W) → uint8 (D, H, W, 1) of ``shape``."""
+    require_finite_pixels(unit, "volume")
+    return (np.clip(resample_volume(unit, shape, 1), 0.0, 1.0) * 255.0).round().astype(np.uint8)[..., None]
+
+
+def _as_list(items: Any) -> list[Any]:
+    return [items] if isinstance(items, (str, os.PathLike)) else list(items)
+
+
+def _per_volume(attributes: Mapping[str, Any] | None, n: int) -> dict[str, list[str]]:
+    """Attribute lists, one value per volume (a single string is given to every volume)."""
+    return {k: [str(v)] * n if isinstance(v, str) else [str(x) for x in v] for k, v in (attributes or {}).items()}
+
+
+def _nifti_volume(path: str | os.PathLike[str], who: str) -> np.ndarray:
+    """A NIfTI file's 3D array (4D: the first volume) as (D, H, W) = (k, j, i), finite voxels checked."""
+    vol = _load_nifti(path, who)
+    vol = vol[..., 0] if vol.ndim == 4 else vol
+    if vol.ndim != 3:
+        raise ConfigError(f"{who}: {path} must hold a 3D (or 4D) volume, got an array of shape {vol.shape}")
+    require_finite_pixels(vol, f"{who}: volume {path}")
+    return vol.transpose(2, 1, 0)
+
+
+@register_dataset("nifti.volumes", task="any", paper="NIfTI volumes read with nibabel (one per patient)")
+def nifti_volumes(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+                  label_paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None = None,
+                  shape: Sequence[int] = (32, 48, 48), attributes: Mapping[str, Any] | None = None,
+                  split: str = "test") -> MedicalDataset:
+    """One volume per NIfTI file (4D: its first volume): array (i, j, k) → (D, H, W) = (k, j, i), min–max scaled
+    per volume and resampled to ``shape``; ``label_paths`` (one per file, each of its volume's shape) give ``mask``
+    targets (nearest resampling); ``attributes``: a list per attribute, one value per volume (a string: all)."""
+    who = "nifti.volumes"
+    files, shape = _as_list(paths), volume_shape(shape, who)
+    labels = _as_list(label_paths) if label_paths is not None else None
+    if not files or (labels is not None and len(labels) != len(files)):
+        raise ConfigError(f"{who}: need at least one file and one label file per volume, got {len(files)} file(s) "
+                          f"and {'no' if labels is None else len(labels)} label file(s)")
+    images, masks = [], []
+    for k, f in enumerate(files):
+        vol = _nifti_volume(f, who)
+        images.append(to_uint8_volume(minmax(vol), shape))
+        if labels is not None:
+            lab = np.rint(_nifti_volume(labels[k], who))
+            if lab.shape != vol.shape:
+                raise ConfigError(f"{who}: label volume {labels[k]} has shape {lab.shape[::-1]}, the image volume "
+                                  f"{f} {vol.shape[::-1]} (NIfTI axis order)")
+            if lab.min() < 0 or lab.max() > 255:
+                raise ConfigError(f"{who}: labels in {labels[k]} must lie in 0–255, got {lab.min()}–{lab.max()}")
+            masks.append(resample_volume(lab.astype(np.uint8), shape, 0))
+    targets = {"mask": masks} if labels is not None else {}
+    return build_dataset(images, targets, _per_volume(attributes, len(files)), who, split)
+
+
+def _slice_position(ds: Any) -> float | None:
+    """The slice's position along its normal (ImageOrientationPatient row × column; patient z without one)."""
+    ipp = getattr(ds, "ImagePositionPatient", None)
+    if ipp is None or len(ipp) != 3:
+        return None
+    iop = getattr(ds, "ImageOrientationPatient", None)
+    normal = np.cross(np.asarray(iop[:3], float), np.asarray(iop[3:], float)) if iop is not None and len(iop) == 6 \
+        else np.array([0.0, 0.0, 1.0])
+    return float(np.dot(np.asarray(ipp, float), normal))
+
+
+def _sorted_slices(slices: list[Any]) -> list[Any]:
+    """Slices most superior first (descending position along the normal), else by InstanceNumber, else as given."""
+    positions = [_slice_position(ds) for ds in slices]
+    if all(p is not None for p in positions):
+        return [ds for _, ds in sorted(zip(positions, slices), key=lambda t: -t[0])]
+    if all(getattr(ds, "InstanceNumber", None) is not None for ds in slices):
+        return sorted(slices, key=lambda ds: int(ds.InstanceNumber))
+    return slices
+
+
+def _read_dicom(path: Path, who: str) -> Any:
+    from pydicom import dcmread
+
+    try:
+        ds = dcmread(str(path))
+        ds.pixel_array  # noqa: B018 - decode now, so a file without pixels fails here with its name
+    except Exception as e:  # noqa: BLE001 - pydicom raises many types on damaged or pixel-less files
+        raise ConfigError(f"{who}: cannot read DICOM file {path}: {type(e).__name__}: {e}") from None
+    if _colour(ds):
+        raise ConfigError(f"{who}: {path} is a colour image ({ds.PhotometricInterpretation}); "
+                          "series must be monochrome")
+    return ds
+
+
+def dicom_volume(source: str | os.PathLike[str], who: str = "dicom.series") -> tuple[np.ndarray, Any]:
+    """(modality units [D, H, W], the first slice's header) of a series directory or a multi-frame file."""
+    path = Path(source)
+    if not path.exists():
+        raise ConfigError(f"{who}: {path} does not exist")
+    files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")) if path.is_dir() else [path]
+    if not files:
+        raise ConfigError(f"{who}: no files in the series directory {path}")
+    slices = [_read_dicom(f, who) for f in files]
+    if len(slices) == 1:
+        ds = slices[0]
+        if ds.pixel_array.ndim != 3:
+            raise ConfigError(f"{who}: {files[0]} is a single 2D image, not a volume: give its series directory "
+                              "(or a multi-frame file)")
+        return _modality(ds, ds.pixel_array.astype(np.float64)), ds
+    slices = _sorted_slices(slices)
+    planes = [ds.pixel_array for ds in slices]
+    if len({p.shape for p in planes}) != 1 or planes[0].ndim != 2:
+        raise ConfigError(f"{who}: the slices of {path} must be 2D images of one size, "
+                          f"got {sorted({p.shape for p in planes})}")
+    return np.stack([_modality(ds, p.astype(np.float64)) for ds, p in zip(slices, planes)]), slices[0]
+
+
+@register_dataset("dicom.series", task="any",
+                  paper="DICOM series (slice directories or multi-frame files) read with pydicom")
+def dicom_series(series: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], shape: Sequence[int] = (32, 48, 48),
+                 window: tuple[float, float] | str | None = None, attributes: Mapping[str, Any] | None = None,
+                 split: str = "test") -> MedicalDataset:
+    """One volume per series (a directory of one series' slice files, or a multi-frame DICOM file; a list of them
+    for several): slices sorted (module docstring), modality units windowed over the whole volume like
+    :func:`dicom_pixels`, resampled to ``shape``. ``attributes`` default to ``sex`` / ``age_group`` from the first
+    slice's PatientSex / PatientAge ('unknown' where missing)."""
+    who, shape = "dicom.series", volume_shape(shape, "dicom.series")
+    sources = _as_list(series)
+    if not sources:
+        raise ConfigError(f"{who}: no series given")
+    images, sexes, ages = [], [], []
+    for src in sources:
+        vol, ds = dicom_volume(src, who)
+        images.append(to_uint8_volume(dicom_window(vol, ds, window), shape))
+        sexes.append(str(getattr(ds, "PatientSex", "") or "unknown"))
+        ages.append(age_group(dicom_age(ds)))
+    attrs = _per_volume(attributes, len(images)) if attributes is not None else {"sex": sexes, "age_group": ages}
+    return build_dataset(images, {}, attrs, who, split)
 
 
 # ------------------------------------------------------------------------------------------ Hugging Face datasets
