@@ -123,10 +123,10 @@ def test_the_readme_github_actions_commands_run_locally(repo):
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 
-@pytest.mark.parametrize("index", range(4))
+@pytest.mark.parametrize("index", range(5))
 def test_readme_python_snippets_run_as_written(index):
     blocks = readme_blocks("python")
-    assert len(blocks) == 4, "plain PyTorch, timm, MONAI and Hugging Face"
+    assert len(blocks) == 5, "plain PyTorch, timm, MONAI, Hugging Face and MONAI 3D"
     scope: dict = {}
     exec(compile(blocks[index], f"README snippet {index + 1}", "exec"), scope)
     df = scope["df"]

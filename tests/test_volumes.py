@@ -37,9 +37,18 @@ def _cls():
     return ModelVictim(Lin3D(), card).eval()
 
 
+def _landmarks():
+    torch.manual_seed(0)
+    card = VictimCard(name="toy3d.lm", task="landmark", modality="toy", input_size=SIZE, classes=("p", "q"),
+                      extra={"sdr_radius": 2.0})
+    return ModelVictim(torch.nn.Conv3d(1, 2, 3, padding=1), card).eval()
+
+
 def _batch(victim):
     x = torch.rand(4, *SIZE, generator=torch.Generator().manual_seed(1))
     out = victim(x)
+    if victim.task == "landmark":
+        return x, T.heatmap_argmax(out)
     y = out.argmax(1) if victim.task == "segmentation" else (out[:, 0] > 0).long()
     return x, y
 
@@ -80,12 +89,12 @@ def _make(name):
 
 
 @pytest.mark.parametrize("name", rbm.list_attacks())
-@pytest.mark.parametrize("kind", ["segmentation", "binary"])
+@pytest.mark.parametrize("kind", ["segmentation", "binary", "landmark"])
 def test_every_attack_runs_within_budget_on_volumes_or_refuses_them_clearly(name, kind):
     """On a volumetric segmentor and classifier an attack either refuses at planning time (check_task) or runs: a
     result within its budget and range, robust ≤ clean. HFC needs fitted statistics and transfer a surrogate of the
     volume's size (both refuse clearly otherwise: tested elsewhere)."""
-    victim = _seg() if kind == "segmentation" else _cls()
+    victim = {"segmentation": _seg, "binary": _cls, "landmark": _landmarks}[kind]()
     attack = _make(name)
     try:
         attack.check_task(victim)
@@ -218,3 +227,31 @@ def test_pgd_through_sliding_window_lowers_dice_monotonically_in_eps_on_the_trai
     assert dice[0] > 0.8, dice
     assert all(a > b for a, b in zip(dice, dice[1:])), dice
     assert dice[-1] < dice[0] - 0.2, dice
+
+
+def test_volume_dice_and_hd95_agree_with_monai_metrics():
+    """Per-volume Dice equals MONAI's DiceMetric where every foreground class is present in both maps; hd95_vox is
+    MONAI's 95th-percentile Hausdorff distance, with the volume diagonal for a class only one map has."""
+    from monai.metrics import DiceMetric, compute_hausdorff_distance
+
+    g = torch.Generator().manual_seed(0)
+    target = torch.zeros(2, 8, 12, 12, dtype=torch.long)
+    target[:, 2:6, 3:9, 3:9] = 1
+    target[:, 3:5, 5:7, 5:7] = 2
+    pred = target.clone()
+    pred[0, 2:6, 3:9, 8] = 0
+    pred[1] = torch.roll(pred[1], 1, dims=1)
+    pred[:, 0, 0, :2] = torch.randint(0, 2, (2, 2), generator=g)
+    logits = torch.nn.functional.one_hot(pred, 3).movedim(-1, 1).float()
+    ours = T.get_task("segmentation").metrics(logits, target)
+    oh = lambda m: torch.nn.functional.one_hot(m, 3).movedim(-1, 1).float()  # noqa: E731
+    expected = torch.stack([DiceMetric(include_background=False, reduction="mean")(oh(pred[i:i + 1]), oh(target[i:i + 1])).mean()
+                            for i in range(2)])
+    assert torch.allclose(ours["dice_fg"], expected, atol=1e-6)
+    hd = compute_hausdorff_distance(oh(pred), oh(target), include_background=False, percentile=95).mean(1)
+    assert torch.allclose(ours["hd95_vox"], hd.float(), atol=1e-5) and (ours["hd95_vox"] > 0).all()
+    pred[0][pred[0] == 2] = 1  # class 2 missing from the prediction of volume 0
+    ours = T.get_task("segmentation").metrics(torch.nn.functional.one_hot(pred, 3).movedim(-1, 1).float(), target)
+    diag = (8 ** 2 + 12 ** 2 + 12 ** 2) ** 0.5
+    hd1 = compute_hausdorff_distance(oh(pred[:1]), oh(target[:1]), include_background=False, percentile=95)[0, 0]
+    assert ours["hd95_vox"][0].item() == pytest.approx((hd1.item() + diag) / 2, rel=1e-5)
