@@ -367,6 +367,9 @@ def write_leaderboard(store: Store | str | Path, out_dir: str | Path) -> dict[st
     from robustbench_med.site_metrics import write_site_tables
 
     paths.update(write_site_tables(store, out))  # sites.md / .csv when the samples carry a site (phantom.sites)
+    from robustbench_med.paired_metrics import write_baseline_tables
+
+    paths.update(write_baseline_tables(store, out))  # baselines.md / .csv when a victim and its declared baseline ran
     png = plot_robustness(df, out / "robustness_vs_eps.png")
     if png:
         paths["plot"] = png

@@ -188,11 +188,6 @@ def to_markdown(table: pd.DataFrame) -> str:
 
 def write_site_tables(store: Store | str | Path, out_dir: str | Path) -> dict[str, Path]:
     """Write ``sites.md`` / ``sites.csv`` when the store's samples carry a ``site``; return their paths."""
-    table = site_table(store)
-    if table.empty:
-        return {}
-    out = Path(out_dir)
-    paths = {"sites_markdown": out / "sites.md", "sites_csv": out / "sites.csv"}
-    paths["sites_markdown"].write_text(to_markdown(table))
-    table.to_csv(paths["sites_csv"], index=False)
-    return paths
+    from robustbench_med.paired_metrics import write_study_table
+
+    return write_study_table(site_table(store), to_markdown, out_dir, "sites")

@@ -128,6 +128,7 @@ def hd95_per_volume(pred: torch.Tensor, target: torch.Tensor, num_classes: int) 
     if bool(both.any()):
         with warnings.catch_warnings():  # MONAI warns for each class absent from a map; those are handled below
             warnings.simplefilter("ignore", UserWarning)
+            warnings.simplefilter("ignore", FutureWarning)  # MONAI 1.5+ deprecation notices from inside its own metric
             hd = compute_hausdorff_distance(p, t, include_background=False, percentile=95).double().cpu()
     diag = float(torch.tensor([float(n) for n in pred.shape[1:]]).norm())
     hd = torch.where((in_p ^ in_t).cpu(), torch.full_like(hd, diag), torch.nan_to_num(hd, nan=0.0, posinf=diag))

@@ -255,3 +255,25 @@ def test_volume_dice_and_hd95_agree_with_monai_metrics():
     diag = (8 ** 2 + 12 ** 2 + 12 ** 2) ** 0.5
     hd1 = compute_hausdorff_distance(oh(pred[:1]), oh(target[:1]), include_background=False, percentile=95)[0, 0]
     assert ours["hd95_vox"][0].item() == pytest.approx((hd1.item() + diag) / 2, rel=1e-5)
+
+
+def test_baseline_table_pairs_samples_and_gives_verdicts(monkeypatch):
+    """``baselines.md``: Δ = victim − declared baseline on the same samples, paired bootstrap CI, verdict."""
+    import numpy as np
+    import pandas as pd
+
+    from robustbench_med import paired_metrics as PM
+
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0.5, 0.9, 64)
+    frames = {("unet3d.meanteacher", "identity.none"): pd.DataFrame({"clean": base + 0.05, "pgd.linf 2/255": base - 0.3}),
+              ("unet3d.fewlabels", "identity.none"): pd.DataFrame({"clean": base, "pgd.linf 2/255": base - 0.3 + rng.normal(0, 0.01, 64)}),
+              ("unet3d.phantom", "identity.none"): pd.DataFrame({"clean": base})}
+    monkeypatch.setattr(PM, "condition_scores", lambda store: frames)
+    assert PM.declared_baseline("unet3d.meanteacher") == "unet3d.fewlabels" and PM.declared_baseline("unet3d.phantom") is None
+    table = PM.baseline_table(None).set_index("condition")
+    assert list(table.victim.unique()) == ["unet3d.meanteacher"] and table.loc["clean", "n"] == 64
+    assert table.loc["clean", "delta"] == pytest.approx(0.05) and table.loc["clean", "verdict"] == "better"
+    assert table.loc["clean", "ci95_low"] == pytest.approx(0.05) == table.loc["clean", "ci95_high"]  # constant difference
+    assert table.loc["pgd.linf 2/255", "verdict"] == "no difference shown"
+    assert "| unet3d.meanteacher | unet3d.fewlabels |" in PM.to_markdown(table.reset_index())
