@@ -6,3 +6,4 @@ from robustbench_med.victims import shortcut as _shortcut  # noqa: F401
 from robustbench_med.victims import multimodal as _multimodal  # noqa: F401
 from robustbench_med.victims import site_shift as _site_shift  # noqa: F401
 from robustbench_med.victims import volumes as _volumes  # noqa: F401
+from robustbench_med.victims import hyspark as _hyspark  # noqa: F401

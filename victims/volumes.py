@@ -10,7 +10,6 @@ way they are used: by sliding-window inference over the whole volume (windows 32
 | ``swinunetr.phantom`` | MONAI ``SwinUNETR`` (feature size 12, depths 1-1-1-1, batch norm) | 160 labelled volumes |
 | ``unet3d.fewlabels`` | as ``unet3d.phantom`` | the first 8 volumes only (supervised baseline) |
 | ``unet3d.meanteacher`` | as ``unet3d.phantom`` | 8 labelled + 152 unlabelled volumes, mean teacher |
-| ``unet3d.landmark`` | MONAI ``UNet`` (whole volume, no window), 4 heatmaps | liver, kidneys, spine landmarks, 160 volumes |
 
 ``unet3d.meanteacher`` is the mean-teacher framework (Tarvainen & Valpola, "Mean teachers are better role models",
 NeurIPS 2017) that semi-supervised 3D segmentors such as ERANet (arXiv 2502.07331) build on: the student is trained on
@@ -92,7 +91,7 @@ def _batches(n: int, size: int, gen: torch.Generator):
 def train_volume_segmentor(name: str, path: Path, device: torch.device, progress: bool) -> None:
     """Train registered volume segmentor ``name`` on patches by its :class:`VolumeRecipe` (mean teacher when
     ``consistency`` > 0) and save its weights with the sidecar ``is_current`` checks."""
-    from robustbench_med.training import _eval_metric, _progress
+    from robustbench_med.training import _eval_metric
     from robustbench_med.weights import save_weights
     from robustbench_med.wrap import build_victim
 
@@ -105,28 +104,20 @@ def train_volume_segmentor(name: str, path: Path, device: torch.device, progress
     x, y = train.images().to(device), train.targets(recipe.target_field).to(device)
     z = (x - victim.mean) / victim.std
     weights = segmentation_class_weights(y[:n_lab], len(victim.card.classes)).to(device)
-    opt = torch.optim.AdamW(victim.net.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe.lr, total_steps=recipe.steps)
     gen = torch.Generator().manual_seed(recipe.seed)
     teacher = _ema_copy(victim.net) if recipe.consistency > 0 else None
     labelled, unlabelled = _batches(n_lab, recipe.batch_size, gen), _batches(len(train) - n_lab or 1, recipe.batch_size, gen)
-    start, bar = time.perf_counter(), _progress(recipe.steps, f"train {name}", progress)
-    victim.net.train()
-    for step in range(recipe.steps):
-        xb, yb = _labelled_batch(z, y, next(labelled), gen)
-        out = victim.net(xb)
-        loss = F.cross_entropy(out, yb, weight=weights) + batch_soft_dice_loss(out, yb)
+
+    def step_loss(step: int) -> torch.Tensor:
+        loss = supervised_loss(victim.net, z, y, next(labelled), gen, weights)
         if teacher is not None:
             loss = loss + _consistency(victim.net, teacher, z[n_lab:][next(unlabelled)], gen, recipe, step)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if teacher is not None:
-            _ema_update(teacher, victim.net, recipe.ema_decay)
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-    bar.close()
+        return loss
+
+    start = time.perf_counter()
+    victim.net.train()
+    optimise(victim.net.parameters(), recipe.steps, recipe.lr, recipe.weight_decay, step_loss, f"train {name}", progress,
+             None if teacher is None else lambda: _ema_update(teacher, victim.net, recipe.ema_decay))
     val_metric = _eval_metric(victim, val.images().to(device), val.targets(recipe.target_field).to(device), 8)
     save_weights(victim, path, {"victim": name, "recipe": asdict(recipe), "train_fingerprint": train.fingerprint(),
                                 "val_metric": {victim.spec.metric: val_metric}, "train_seconds": round(time.perf_counter() - start, 1),
@@ -134,10 +125,37 @@ def train_volume_segmentor(name: str, path: Path, device: torch.device, progress
                                 "torch": torch.__version__})
 
 
-def _labelled_batch(z: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def supervised_loss(net: nn.Module, z: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, gen: torch.Generator,
+                    weights: torch.Tensor) -> torch.Tensor:
+    """Class-weighted CE + batch soft Dice of ``net`` on one random patch of each volume ``idx`` of ``z`` / ``y``."""
     idx = idx.to(z.device)
     xb, yb = _crop(z[idx], y[idx], gen)
-    return xb, yb.long()
+    out = net(xb)
+    return F.cross_entropy(out, yb.long(), weight=weights) + batch_soft_dice_loss(out, yb.long())
+
+
+def optimise(params: Any, steps: int, lr: float, weight_decay: float, step_loss: Any, desc: str, progress: bool,
+             after_step: Any = None) -> list[float]:
+    """``steps`` AdamW steps with a one-cycle schedule on ``step_loss(step)`` (``after_step()`` after each, e.g. the
+    mean teacher's EMA); returns the losses."""
+    from robustbench_med.training import _progress
+
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
+    bar, losses = _progress(steps, desc, progress), []
+    for step in range(steps):
+        loss = step_loss(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if after_step is not None:
+            after_step()
+        losses.append(loss.item())
+        bar.update(1)
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    bar.close()
+    return losses
 
 
 def _consistency(student: nn.Module, teacher: nn.Module, zu: torch.Tensor, gen: torch.Generator, recipe: VolumeRecipe,
@@ -199,10 +217,6 @@ CARDS = {
                                 "Mean teacher (Tarvainen & Valpola, NeurIPS 2017) on a MONAI 3D UNet",
                                 "8 labelled + 152 unlabelled volumes; not ERANet or SWDL-Net (no edge replacement, "
                                 "prototype consistency, self-training or Laplacian pyramid).", baseline="unet3d.fewlabels"),
-    "unet3d.landmark": _card("unet3d.landmark", "landmark", ("liver", "left_kidney", "right_kidney", "spine"),
-                             "MONAI UNet, Gaussian-heatmap landmark regression in 3D (as unet.landmark in 2D)",
-                             "Whole-volume 3D heatmaps (σ 2 voxels); landmarks (x, y, z) in voxels, SDR within 3 voxels.",
-                             sdr_radius=3.0, heatmap_sigma=2.0),
 }
 
 RECIPES = {
@@ -231,10 +245,3 @@ _register_segmentor("swinunetr.phantom", monai_swinunetr)
 _register_segmentor("unet3d.fewlabels", monai_unet3d)
 _register_segmentor("unet3d.meanteacher", monai_unet3d)
 
-
-@register_victim("unet3d.landmark", card=CARDS["unet3d.landmark"],
-                 recipe=TrainRecipe(dataset="phantom.volumes", target_field="landmarks", n_train=160, n_val=32, epochs=30,
-                                    batch_size=8, lr=3e-3))
-def unet3d_landmark() -> ModelVictim:
-    """Four 3D landmarks (liver and kidney centroids, spine) by Gaussian-heatmap regression on the whole volume."""
-    return ModelVictim(monai_unet3d(out_ch=4), CARDS["unet3d.landmark"], VOLUME_MEAN, VOLUME_STD)
