@@ -11,7 +11,7 @@ SMALL = [n for n in rbm.list_victims() if VICTIMS.get(n).meta.get("recipe") is n
 
 
 def random_target(victim, b: int) -> torch.Tensor:
-    c, h, w = victim.card.input_size
+    c, *spatial = victim.card.input_size  # (H, W) for slices, (D, H, W) for volumes
     g = torch.Generator().manual_seed(0)
     k = max(2, len(victim.card.classes))
     if victim.task == "classification":
@@ -21,9 +21,13 @@ def random_target(victim, b: int) -> torch.Tensor:
     if victim.task == "multilabel":
         return torch.randint(0, 2, (b, k), generator=g)
     if victim.task == "segmentation":
-        return torch.randint(0, k, (b, h, w), generator=g)
+        return torch.randint(0, k, (b, *spatial), generator=g)
     if victim.task == "landmark":
-        return torch.rand(b, len(victim.card.classes), 2, generator=g) * (w - 1)
+        return torch.rand(b, len(victim.card.classes), len(spatial), generator=g) * (min(spatial) - 1)
+    if victim.task == "vqa" and len(spatial) == 3:
+        from robustbench_med.data.volumes import VOLUME_QUESTIONS
+
+        return torch.randint(0, len(victim.card.classes), (b, len(VOLUME_QUESTIONS)), generator=g)
     if victim.task == "vqa":
         from robustbench_med.data.phantom import ANSWERS, QUESTIONS
 
@@ -57,11 +61,11 @@ def test_outputs_are_deterministic_and_metrics_bounded(victim):
 
 
 def test_input_contract_is_enforced(victim):
-    c, h, w = victim.card.input_size
+    c, *spatial = victim.card.input_size
     with pytest.raises(rbm.InputContractError):
-        victim(torch.rand(2, c + 1, h, w))
+        victim(torch.rand(2, c + 1, *spatial))
     with pytest.raises(rbm.InputContractError):
-        victim.score(torch.full((1, c, h, w), 2.0), random_target(victim, 1))
+        victim.score(torch.full((1, c, *spatial), 2.0), random_target(victim, 1))
 
 
 def test_card_is_frozen(victim):
