@@ -198,21 +198,19 @@ def _clean_outcome(clean_row: dict[str, Any]) -> dict[str, Any]:
 
 
 def prepared_to_bytes(prepared: dict[str, dict[str, Any]]) -> bytes:
-    """Fitted defences (:meth:`GridRunner.prepare`) as bytes, to send to other processes of the same run."""
-    import io
+    """Fitted defences (:meth:`GridRunner.prepare`) as bytes, to send to other processes of the same run
+    (:func:`robustbench_med.safe_state.dumps`)."""
+    from robustbench_med.safe_state import dumps
 
-    buf = io.BytesIO()
-    torch.save(prepared, buf)
-    return buf.getvalue()
+    return dumps(prepared)
 
 
 def prepared_from_bytes(data: bytes | None, device: torch.device) -> dict[str, dict[str, Any]]:
-    """The inverse of :func:`prepared_to_bytes`, mapped onto ``device``. The bytes hold fitted scikit-learn models as
-    well as tensors, so they are unpickled: only ever bytes another process of the same run produced in memory
-    (a collective, a Ray object), never a file."""
-    import io
+    """The inverse of :func:`prepared_to_bytes`, mapped onto ``device``: a restricted load that builds only arrays,
+    scikit-learn classes and torch modules (:func:`robustbench_med.safe_state.loads`), never arbitrary code."""
+    from robustbench_med.safe_state import loads
 
-    return torch.load(io.BytesIO(data), map_location=device, weights_only=False) if data else {}
+    return loads(data, device) if data else {}
 
 
 class GridRunner:
