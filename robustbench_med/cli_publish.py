@@ -133,19 +133,21 @@ def _publish_study(out: Path, grid_paths: list[Path], args: argparse.Namespace) 
 
 def _write_study_tables(store: Path, folder: Path) -> None:
     """The study tables a grid's store supports (missing modalities, site shift, victims against their declared
-    baselines) into ``folder`` (created only when there is something to write): ``modalities.md`` / ``.csv``,
-    ``sites.md`` / ``.csv``, ``baselines.md`` / ``.csv``."""
+    baselines, two arms across training seeds) into ``folder`` (created only when there is something to write):
+    ``modalities.md`` / ``.csv``, ``sites.md`` / ``.csv``, ``baselines.md`` / ``.csv``, ``seed_studies.md`` / ``.csv``."""
     from robustbench_med.leaderboard import summarize
     from robustbench_med.modality_metrics import write_modality_tables
     from robustbench_med.paired_metrics import baseline_table, write_baseline_tables
+    from robustbench_med.seed_studies import seed_study_table, write_seed_study_tables
     from robustbench_med.site_metrics import site_table, write_site_tables
 
     df = summarize(store, fairness_boot=0)
     has_modalities = "attack" in df and (df.attack == "modality.dropout").any()
-    if has_modalities or not site_table(store).empty or not baseline_table(store).empty:
+    studies = seed_study_table(store)
+    if has_modalities or not site_table(store).empty or not baseline_table(store).empty or not studies.empty:
         folder.mkdir(parents=True, exist_ok=True)
         written = {**write_modality_tables(df, folder, store), **write_site_tables(store, folder),
-                   **write_baseline_tables(store, folder)}
+                   **write_baseline_tables(store, folder), **write_seed_study_tables(store, folder)}
         print("  study tables: " + ", ".join(str(p) for p in written.values()))
 
 

@@ -368,8 +368,10 @@ def write_leaderboard(store: Store | str | Path, out_dir: str | Path) -> dict[st
 
     paths.update(write_site_tables(store, out))  # sites.md / .csv when the samples carry a site (phantom.sites)
     from robustbench_med.paired_metrics import write_baseline_tables
+    from robustbench_med.seed_studies import write_seed_study_tables
 
     paths.update(write_baseline_tables(store, out))  # baselines.md / .csv when a victim and its declared baseline ran
+    paths.update(write_seed_study_tables(store, out))  # seed_studies.md / .csv when a two-arm seed study ran
     png = plot_robustness(df, out / "robustness_vs_eps.png")
     if png:
         paths["plot"] = png

@@ -277,3 +277,34 @@ def test_baseline_table_pairs_samples_and_gives_verdicts(monkeypatch):
     assert table.loc["clean", "ci95_low"] == pytest.approx(0.05) == table.loc["clean", "ci95_high"]  # constant difference
     assert table.loc["pgd.linf 2/255", "verdict"] == "no difference shown"
     assert "| unet3d.meanteacher | unet3d.fewlabels |" in PM.to_markdown(table.reset_index())
+
+
+def test_seed_study_table_covers_samples_and_training_seeds(monkeypatch):
+    """``seed_studies.md``: the 3D projector study's arms over 3 training seeds; a difference smaller than the seed
+    spread is not a finding, a consistent one is; fewer than 3 seeds give no verdict."""
+    import numpy as np
+    import pandas as pd
+
+    from robustbench_med import seed_studies as SS
+
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0.5, 0.9, 48)
+    frames = {}
+    for seed, offset in zip((0, 1, 2), (-0.2, 0.0, 0.2)):
+        tag = f"_s{seed}" if seed else ""
+        # clean: compressed 0.1 above in every seed; attacked: a 0.05 mean difference under a ±0.2 seed spread
+        frames[(f"vlm3d.perceiver{tag}", "identity.none")] = pd.DataFrame({"clean": base + 0.1, "pgd.linf 2/255": base - 0.3 + offset + 0.05})
+        frames[(f"vlm3d.mlp{tag}", "identity.none")] = pd.DataFrame({"clean": base, "pgd.linf 2/255": base - 0.3 - offset})
+    frames[("unet3d.phantom", "identity.none")] = pd.DataFrame({"clean": base})
+    monkeypatch.setattr(SS, "condition_scores", lambda store: frames)
+    assert SS.study_membership("vlm3d.perceiver_s2")[1:] == ("compressed", 2) and SS.study_membership("unet3d.phantom") is None
+    table = SS.seed_study_table(None).set_index("condition")
+    assert list(table.arm_a.unique()) == ["compressed"] and table.loc["clean", "n"] == 48
+    assert table.loc["clean", "delta"] == pytest.approx(0.1) and table.loc["clean", "verdict"] == "compressed higher"
+    attacked = table.loc["pgd.linf 2/255"]
+    assert attacked.delta == pytest.approx(0.05) and attacked.seed_range_a == pytest.approx(0.4)
+    assert attacked.verdict == "no difference shown" and attacked.ci95_high - attacked.ci95_low > 0.3
+    assert attacked.drop_delta == pytest.approx(0.05)  # clean Δ 0.1 − attacked Δ 0.05
+    assert "| 3D projector (compressed vs uncompressed) |" in SS.to_markdown(table.reset_index())
+    del frames[("vlm3d.mlp_s2", "identity.none")]
+    assert set(SS.seed_study_table(None).verdict) == {"too few seeds"}
