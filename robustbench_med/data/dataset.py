@@ -55,9 +55,15 @@ class MedicalDataset:
 
     The image tensor, each target tensor and each attribute list are read once and cached; the fingerprint is a
     sha256 over image bytes, targets and attributes (it identifies the exact data a result was computed on).
+
+    ``extra_targets`` are columns :meth:`targets` reads like any target but that stay out of :attr:`target_fields`
+    and of the fingerprint (:attr:`extra_target_fields`): targets added to a dataset after its fingerprint was in use
+    (``phantom.volumes``' ``vqa``), so the weights and results that name the fingerprint stay current. Whoever trains
+    on such a column must version it separately (the 3D VLM victims' ``trainer_version``).
     """
 
-    def __init__(self, hf: Any, name: str, split: str, target_fields: Sequence[str], attribute_names: Sequence[str]):
+    def __init__(self, hf: Any, name: str, split: str, target_fields: Sequence[str], attribute_names: Sequence[str],
+                 extra_targets: Sequence[str] = ()):
         if "image" not in hf.column_names:
             raise ConfigError(f"dataset {name!r} has no 'image' column; columns are {hf.column_names}")
         feature = hf.features["image"]
@@ -71,6 +77,7 @@ class MedicalDataset:
         self.split = split
         self.target_fields = tuple(f for f in target_fields if f in hf.column_names)
         self.attribute_names = tuple(a for a in attribute_names if a in hf.column_names)
+        self.extra_target_fields = tuple(f for f in extra_targets if f in hf.column_names and f not in self.target_fields)
         self._image_cache: torch.Tensor | None = None
         self._target_cache: dict[str, torch.Tensor] = {}
         self._attr_cache: dict[str, list[str]] = {}
@@ -124,10 +131,10 @@ class MedicalDataset:
         return self._images[self._rows(idx)].float().div_(255.0)
 
     def targets(self, field: str, idx: Index = None) -> torch.Tensor:
-        """Target tensor of ``field`` (one of :attr:`target_fields`)."""
-        if field not in self.target_fields:
+        """Target tensor of ``field`` (one of :attr:`target_fields` or :attr:`extra_target_fields`)."""
+        if field not in self.target_fields and field not in self.extra_target_fields:
             raise ConfigError(f"dataset {self.name!r} has no target field {field!r}; "
-                              f"valid fields: {list(self.target_fields)}")
+                              f"valid fields: {list(self.target_fields + self.extra_target_fields)}")
         if field not in self._target_cache:
             arr = np.asarray(self.hf.with_format("numpy", columns=[field])[:][field])
             default = torch.long if np.issubdtype(arr.dtype, np.integer) else torch.float32
@@ -164,7 +171,8 @@ class MedicalDataset:
         """A new dataset holding rows ``indices`` (in that order)."""
         rows = self._rows(indices)
         rows = list(range(len(self)))[rows] if isinstance(rows, slice) else rows
-        return MedicalDataset(self.hf.select(rows), self.name, self.split, self.target_fields, self.attribute_names)
+        return MedicalDataset(self.hf.select(rows), self.name, self.split, self.target_fields, self.attribute_names,
+                              self.extra_target_fields)
 
 
 def phantom_features(size: int, channels: int = 1, site: bool = False) -> Any:
@@ -417,22 +425,24 @@ def phantom_vessels_sites(split: str = "test", n: int | None = None, seed: int =
     return _vessels("phantom.vessels_sites", split, n, seed, size, cache_dir, mixed_sites=True)
 
 
-VOLUMES_VERSION = 1  # part of the volume phantom's cache key: bump when its rendered bytes change
+VOLUMES_VERSION = 2  # part of the volume phantom's cache key: bump when its rendered bytes or columns change (2: vqa)
 VOLUME_SIZES = {"train": 160, "val": 32, "test": 64}
 
 
 def volume_features(depth: int, size: int, channels: int = 1) -> Any:
     """The Hugging Face feature layout of ``phantom.volumes``: image Array4D (D, H, W, C), mask Array3D (D, H, W),
-    landmarks Array2D (4, 3) ((x, y, z) voxels)."""
+    landmarks Array2D (4, 3) ((x, y, z) voxels), vqa Sequence(int64) (an answer id per volume question)."""
     from datasets import Array2D, Array3D, Array4D, Features, Value
+    from datasets import Sequence as HFSequence
 
-    from robustbench_med.data.volumes import VOLUME_LANDMARKS
+    from robustbench_med.data.volumes import VOLUME_LANDMARKS, VOLUME_QUESTIONS
 
     return Features({
         "image": Array4D((depth, size, size, channels), "uint8"), "mask": Array3D((depth, size, size), "uint8"),
         "landmarks": Array2D((len(VOLUME_LANDMARKS), 3), "float32"), "label": Value("int64"),
         "lesion_type": Value("int64"), "n_lesions": Value("int64"), "sex": Value("string"),
-        "age_group": Value("string"), "index": Value("int64"),
+        "age_group": Value("string"), "vqa": HFSequence(Value("int64"), length=len(VOLUME_QUESTIONS)),
+        "index": Value("int64"),
     })
 
 
@@ -441,7 +451,9 @@ def phantom_volumes(split: str = "test", n: int | None = None, seed: int = 0, si
                     cache_dir: str | os.PathLike[str] | None = None) -> MedicalDataset:
     """The volumetric CT phantom (:mod:`robustbench_med.data.volumes`): uint8 volumes 1 × ``depth`` × ``size`` ×
     ``size`` with ``mask`` [D, H, W], ``label``, ``lesion_type``, ``n_lesions`` and ``landmarks`` [4, 3] ((x, y, z)
-    voxels); the 2D phantom's disparity by sex and age. ``n=None`` → train 160, val 32, test 64."""
+    voxels); the 2D phantom's disparity by sex and age. ``n=None`` → train 160, val 32, test 64. ``vqa`` [12] (the
+    answer id of every question of :data:`~robustbench_med.data.volumes.VOLUME_QUESTIONS`) is an extra target: readable
+    with ``targets('vqa')``, outside ``target_fields`` and the fingerprint, which are those of version 1."""
     import json as _json
     from dataclasses import asdict
 
@@ -463,4 +475,4 @@ def phantom_volumes(split: str = "test", n: int | None = None, seed: int = 0, si
         return Dataset.from_dict(VOL.generate(split, n, seed, size, depth), features=volume_features(depth, size))
 
     return MedicalDataset(cached_build(cache, n, build), name, split,
-                          ("mask", "label", "lesion_type", "n_lesions", "landmarks"), ("sex", "age_group"))
+                          ("mask", "label", "lesion_type", "n_lesions", "landmarks"), ("sex", "age_group"), ("vqa",))

@@ -38,13 +38,21 @@ fainter (and smaller), old patients' volumes noisier, so volume models show a fa
 4 spine, 5 lesion); ``label`` (lesion present); ``lesion_type`` (0 none, 1 cyst, 2 tumour; the largest lesion by
 voxels); ``n_lesions``; ``landmarks`` float32 [4, 3], (x, y, z) voxel coordinates (x along W, y along H, z along D) of
 :data:`VOLUME_LANDMARKS`: the liver centroid, the image-left (smaller x) and image-right kidney centroids, and the
-spine's axis at the kidneys' mean centre z. Attributes ``sex``, ``age_group``; ``index``.
+spine's axis at the kidneys' mean centre z; ``vqa``: the answer id (into the 2D phantom's ``ANSWERS``) of each of the
+12 questions of :data:`VOLUME_QUESTIONS` (two phrasings of each of the 2D bank's types, all trained and scored): lesion
+present (yes / no), count (0 / 1 / 2), location (upper / lower: the largest lesion's voxel centroid in the superior or
+inferior half in z), organ (liver / kidney), size (large / small: the radius range it was drawn from; kidney lesions are
+small) and type (cyst / tumour) of the largest lesion, ``none`` for the last four without a lesion. The ``vqa`` column
+draws no random numbers, so every other column is the bytes it was before it existed. Attributes ``sex``,
+``age_group``; ``index``.
 
 **Measured** (defaults, 32 × 48 × 48, one CPU thread): 2.2–2.5 ms a volume (``generate``, 600 volumes). On 600
 train volumes (313 F / 287 M; 190 young / 181 middle / 229 old): lesion prevalence F 0.48 / M 0.50, young 0.28 /
 middle 0.47 / old 0.68; mean lesion voxels (volumes with a lesion) F 41 / M 49, young 41 / middle 46 / old 46; mean
 |lesion − surrounding organ| (uint8, a 2-voxel organ ring, after blur and noise) F 19.5 / M 44.6; 0 / 1 / 2 lesions
-in 307 / 238 / 55 volumes, the largest a cyst in 144 and a tumour in 149. All 2,400 volumes of seeds 0–1 × three
+in 307 / 238 / 55 volumes, the largest a cyst in 144 and a tumour in 149, in the liver in 262 and a kidney in 31,
+large in 142 and small in 151; the location answer equals the organ answer in all 600 (the liver lies in the
+superior half, the kidneys in the inferior one), so it adds no information here. All 2,400 volumes of seeds 0–1 × three
 splits × 400 have every landmark voxel inside its organ (or a lesion in it) and ``n_lesions`` equal to the 26-connected
 lesion regions.
 """
@@ -56,13 +64,43 @@ from typing import Any
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
-from robustbench_med.data.phantom import AGE_GROUPS, LESION_TYPES, MASK_CLASSES, SEXES, SPLIT_CODES, Disparity
+from robustbench_med.data.phantom import ANSWERS, AGE_GROUPS, LESION_TYPES, MASK_CLASSES, SEXES, SPLIT_CODES, Disparity, Question
 
 VOLUME_LANDMARKS = ("liver", "left_kidney", "right_kidney", "spine")
 STREAM = 3  # 4th entry of a volume's generator key (the 2D phantom has none, its shortcut bias 1, the vessels 7)
 LESION_DELTA, SECOND_LESION_PROB, KIDNEY_LESION_PROB, BLUR_SIGMA = 0.30, 0.25, 0.15, 0.6
 MIN_LESION_VOXELS, PLACEMENT_TRIES, DISC_PERIOD, DISC_THICKNESS = 4, 6, 0.25, 0.06
-__all__ = ["MASK_CLASSES", "VOLUME_LANDMARKS", "generate", "generate_volume"]
+__all__ = ["MASK_CLASSES", "VOLUME_LANDMARKS", "VOLUME_QUESTIONS", "generate", "generate_volume", "vqa_answers"]
+
+# The volume VQA bank: two phrasings of each of the 2D phantom's six question types, all of them trained and scored
+# (pool "volume"); answers are ids into the 2D phantom's ANSWERS. "upper" / "lower" is the superior / inferior half in z.
+_VOLUME_PHRASINGS = {
+    "presence": ("Is there a lesion in the volume?", "Does the scan show a lesion?"),
+    "count": ("How many lesions are there?", "How many lesions does the volume contain?"),
+    "location": ("Is the lesion in the upper or lower half of the volume?", "In which half of the volume is the lesion?"),
+    "organ": ("Which organ contains the lesion?", "In which organ is the lesion?"),
+    "size": ("Is the lesion small or large?", "What is the size of the lesion?"),
+    "type": ("Is the lesion a cyst or a tumour?", "What type of lesion is present?"),
+}
+VOLUME_QUESTIONS: tuple[Question, ...] = tuple(
+    Question(i, text, qtype, "volume")
+    for i, (qtype, text) in enumerate((qtype, text) for qtype, texts in _VOLUME_PHRASINGS.items() for text in texts))
+_ANSWER_ID = {a: i for i, a in enumerate(ANSWERS)}
+
+
+def vqa_answers(lesions: list[dict[str, Any]], depth: int) -> list[int]:
+    """Answer id (into ``ANSWERS``) of every question of :data:`VOLUME_QUESTIONS` for a volume with ``lesions`` (as
+    returned by ``_draw_lesions``; the largest by voxels speaks, as for ``lesion_type``)."""
+    main = max(lesions, key=lambda les: les["voxels"]) if lesions else None
+    truth = {
+        "presence": "yes" if lesions else "no",
+        "count": str(len(lesions)),
+        "location": ("upper" if main["z"] < (depth - 1) / 2 else "lower") if main else "none",
+        "organ": main["organ"] if main else "none",
+        "size": ("large" if main["large"] else "small") if main else "none",
+        "type": main["type"] if main else "none",
+    }
+    return [_ANSWER_ID[truth[q.qtype]] for q in VOLUME_QUESTIONS]
 
 
 @lru_cache(maxsize=8)
@@ -157,19 +195,21 @@ def _place_lesion(rng: np.random.Generator, s: float, a: dict[str, Any]) -> dict
         u = rng.normal(size=3)
         offset = u / np.linalg.norm(u) * np.cbrt(rng.uniform(0, 1)) * 0.5  # uniform in half the liver's radii
         c = tuple(float(a["liver_c"][i] + offset[i] * a["liver_r"][i]) for i in range(3))
-        r = s * (rng.uniform(0.11, 0.15) if rng.random() < 0.5 else rng.uniform(0.065, 0.09))
-        region, base = a["liver"], a["liver_int"]
+        large = bool(rng.random() < 0.5)
+        r = s * (rng.uniform(0.11, 0.15) if large else rng.uniform(0.065, 0.09))
+        organ, region, base = "liver", a["liver"], a["liver_int"]
     else:
         side = int(rng.integers(2))
-        c, r = a["kid_c"][side], s * rng.uniform(0.05, 0.07)
-        region, base = a["kidneys"][side], a["kid_int"]
+        c, r, large = a["kid_c"][side], s * rng.uniform(0.05, 0.07), False
+        organ, region, base = "kidney", a["kidneys"][side], a["kid_int"]
     kind = "cyst" if rng.random() < 0.5 else "tumour"
-    return {"region": region, "c": c, "r": float(r), "type": kind, "base": base}
+    return {"region": region, "c": c, "r": float(r), "type": kind, "base": base, "organ": organ, "large": large}
 
 
 def _draw_lesions(rng: np.random.Generator, a: dict[str, Any], s: float, contrast: float, prevalence: float,
                   depth: int, size: int) -> list[dict[str, Any]]:
-    """0–2 separate lesions drawn into ``a['img']`` / ``a['mask']``; returns their type and voxel count."""
+    """0–2 separate lesions drawn into ``a['img']`` / ``a['mask']``; returns their type, voxel count, organ, size
+    class and centroid z (voxels)."""
     if rng.random() >= prevalence:
         return []
     count = 2 if rng.random() < SECOND_LESION_PROB else 1
@@ -188,7 +228,8 @@ def _draw_lesions(rng: np.random.Generator, a: dict[str, Any], s: float, contras
         a["img"][region] = les["base"] + (-delta if les["type"] == "cyst" else delta)
         a["mask"][region] = 5
         taken |= region
-        lesions.append({"type": les["type"], "voxels": int(region.sum())})
+        lesions.append({"type": les["type"], "voxels": int(region.sum()), "organ": les["organ"], "large": les["large"],
+                        "z": float(np.nonzero(region)[0].mean())})
     return lesions
 
 
@@ -214,6 +255,7 @@ def generate_volume(index: int, split: str, seed: int = 0, size: int = 48, depth
         "n_lesions": len(lesions),
         "sex": sex,
         "age_group": age,
+        "vqa": vqa_answers(lesions, depth),
     }
 
 
