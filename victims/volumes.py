@@ -21,10 +21,12 @@ is **not** ERANet (no edge replacement augmentation, prototype consistency or co
 SWDL-Net: the name claims the mean teacher only. ``unet3d.fewlabels`` has the same labelled volumes, steps and seed,
 so the pair asks whether semi-supervision changes robustness.
 
-No volumetric *classifier* is registered: a 3D CNN detecting lesion presence from the whole volume (pooled-feature
-and max-over-a-logit-map heads, batch or group norm, 160–1000 training volumes) stayed at chance on this phantom,
-whose lesions are ~45 of 73,728 voxels. A user's 3D classifier is evaluated like any other (``wrap`` with
-``input_size=(C, D, H, W)``; tested on a toy).
+Other volume victims live beside this file: ``eranet.phantom`` and ``swdlnet.phantom`` (ERANet- and SWDL-Net-style
+semi-supervised segmentors on the same 8 + 152 volumes, :mod:`robustbench_med.victims.semisup3d`), ``hyspark.phantom``
+(:mod:`robustbench_med.victims.hyspark`), ``cls3d.phantom`` (a lesion-presence classifier; a 3D CNN trained on the
+volume label alone stayed at chance on this phantom, whose lesions are ~45 of 73,728 voxels, so it is trained with
+voxel-level lesion supervision: :mod:`robustbench_med.victims.classifier3d`), ``unet3d.landmark``
+(:mod:`robustbench_med.victims.landmark3d`) and the 3D VLMs (:mod:`robustbench_med.victims.vlm3d`).
 """
 from __future__ import annotations
 
