@@ -69,9 +69,9 @@ def two_class_logits(output: torch.Tensor) -> torch.Tensor:
     return torch.stack([torch.zeros_like(z), z], dim=1)
 
 
-def landmark_heatmaps(coords: torch.Tensor, size: Sequence[int], sigma: float) -> torch.Tensor:
-    """Gaussian target heatmaps [B, L, *size] with peak 1 at each landmark: ``size`` (H, W) with (x, y) coordinates
-    [B, L, 2], or (D, H, W) with (x, y, z) [B, L, 3] (coordinate k runs along spatial axis −1−k)."""
+def landmark_sq_distances(coords: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Squared distance [B, L, *size] of every pixel / voxel to each landmark: ``size`` (H, W) with (x, y)
+    coordinates [B, L, 2], or (D, H, W) with (x, y, z) [B, L, 3] (coordinate k runs along spatial axis −1−k)."""
     nd = len(size)
     sq = torch.zeros((), device=coords.device)
     for k in range(nd):  # x along the last axis, y along the one before, z before that
@@ -80,7 +80,23 @@ def landmark_heatmaps(coords: torch.Tensor, size: Sequence[int], sigma: float) -
         shape[nd - 1 - k] = n
         axis = torch.arange(n, device=coords.device, dtype=torch.float32).view(1, 1, *shape)
         sq = sq + (axis - coords[..., k].float().reshape(*coords.shape[:2], *[1] * nd)) ** 2
-    return torch.exp(-sq / (2 * sigma**2))
+    return sq
+
+
+def landmark_heatmaps(coords: torch.Tensor, size: Sequence[int], sigma: float) -> torch.Tensor:
+    """Gaussian target heatmaps [B, L, *size] with peak 1 at each landmark (layout of :func:`landmark_sq_distances`)."""
+    return torch.exp(-landmark_sq_distances(coords, size) / (2 * sigma**2))
+
+
+def landmark_margin(heatmaps: torch.Tensor, coords: torch.Tensor, radius: float, kappa: float = 0.1) -> torch.Tensor:
+    """Per-sample mean over landmarks of min(κ, max of the heatmap farther than ``radius`` from the landmark − max
+    within it) [B]: positive once the decoded landmark (the arg-max) leaves the SDR radius; capped at κ so that an
+    attack maximising it moves on to the landmarks still found (a Carlini–Wagner-style margin on heatmaps)."""
+    far = landmark_sq_distances(coords, heatmaps.shape[2:]) > radius**2
+    low = torch.finfo(heatmaps.dtype).min
+    outside = heatmaps.masked_fill(~far, low).flatten(2).amax(-1)
+    inside = heatmaps.masked_fill(far, low).flatten(2).amax(-1)
+    return (outside - inside).clamp(max=kappa).mean(1)
 
 
 def heatmap_argmax(heatmaps: torch.Tensor) -> torch.Tensor:

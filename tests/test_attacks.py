@@ -3,6 +3,7 @@ import functools
 
 import pytest
 import torch
+from torch import nn
 
 import robustbench_med as rbm
 from robustbench_med.errors import ConfigError, TaskNotSupportedError
@@ -296,3 +297,41 @@ def test_planning_a_cell_works_for_every_attack_on_every_task(name, task):
         pass
     if hasattr(attack, "variant_for"):
         assert isinstance(attack.variant_for(victim), str)
+
+
+def test_landmark_margin_is_positive_exactly_when_the_landmark_is_decoded_outside_the_radius():
+    from robustbench_med.tasks import heatmap_argmax, landmark_margin
+
+    g = torch.Generator().manual_seed(0)
+    for size in ((20, 24), (8, 12, 10)):
+        hm = torch.rand(16, 3, *size, generator=g)
+        coords = torch.stack([torch.randint(0, n, (16, 3), generator=g) for n in reversed(size)], -1).float()
+        for b in range(16):  # half the heatmaps peak at their landmark
+            if b % 2 == 0:
+                for k in range(3):
+                    hm[(b, k, *reversed(coords[b, k].long().tolist()))] = 2.0
+        missed = (heatmap_argmax(hm) - coords).norm(dim=-1) > 3.0
+        per_landmark = torch.stack([landmark_margin(hm[:, k:k + 1], coords[:, k:k + 1], 3.0, kappa=float("inf"))
+                                    for k in range(3)], 1)
+        assert torch.equal(per_landmark > 0, missed) and missed.any() and (~missed).any()
+        assert landmark_margin(hm, coords, 3.0).max() <= 0.1  # capped at kappa
+
+
+def test_pgd_landmark_moves_decoded_landmarks_within_budget():
+    """A blur 'detector' that finds a faint bump: the heatmap margin moves the arg-max out of the SDR radius."""
+    net = nn.Conv2d(1, 1, 5, padding=2, bias=False)
+    with torch.no_grad():
+        net.weight.fill_(1 / 25)
+    victim = rbm.wrap(net, "landmark", input_size=(1, 24, 24), sdr_radius=2.0)
+    g = torch.Generator().manual_seed(0)
+    coords = torch.randint(4, 20, (6, 1, 2), generator=g).float()
+    from robustbench_med.tasks import landmark_heatmaps
+
+    x = 0.5 + 0.05 * landmark_heatmaps(coords, (24, 24), 2.0)
+    clean = victim.evaluate(x, coords)["sdr@2px"]
+    attack = rbm.create_attack("pgd.landmark", eps=8 / 255, steps=20)
+    x_adv = attack(victim, x, coords)
+    assert (x_adv - x).abs().max() <= 8 / 255 + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
+    assert clean.mean() == 1.0 and victim.evaluate(x_adv, coords)["sdr@2px"].mean() == 0.0
+    with pytest.raises(TaskNotSupportedError):
+        attack.check_task(rbm.wrap(nn.Conv2d(1, 3, 1), "segmentation", input_size=(1, 8, 8)))
