@@ -3,8 +3,9 @@
 Scores follow :meth:`robustbench_med.defense.Detector.score`: higher = more likely adversarial. The negatives are the
 detector's scores on clean inputs, the positives its scores on adversarial inputs.
 
-- ``detector_auroc`` = P(s_adv > s_clean) + ½ P(s_adv = s_clean), the area under the ROC curve computed exactly as
-  the normalised Mann–Whitney U statistic over all (clean, adversarial) pairs (Hanley & McNeil, Radiology 1982).
+- ``detector_auroc`` = P(s_adv > s_clean) + ½ P(s_adv = s_clean), the area under the ROC curve
+  (``sklearn.metrics.roc_auc_score``; it equals the normalised Mann–Whitney U statistic over all (clean, adversarial)
+  pairs, Hanley & McNeil, Radiology 1982).
 - ``detector_tpr_at_90tnr``: the threshold τ is taken from the clean scores alone, τ = the smallest clean score with
   at least 90% of the clean scores ≤ τ (numpy ``quantile(…, 0.9, method='higher')``), so TNR = P(s_clean ≤ τ) ≥ 0.9;
   then TPR = P(s_adv > τ). This is the metric the released HFC code (Yao et al., MICCAI 2021, ``get_TPR_at_TNR``)
@@ -46,17 +47,13 @@ def _scores(values: Any, name: str) -> np.ndarray:
 
 
 def auroc(clean_scores: Any, adv_scores: Any) -> float:
-    """Area under the ROC curve: P(s_adv > s_clean) + ½ P(s_adv = s_clean) (Mann–Whitney U / (n_clean·n_adv))."""
+    """Area under the ROC curve, P(s_adv > s_clean) + ½ P(s_adv = s_clean), by ``sklearn.metrics.roc_auc_score``
+    (clean = 0, adversarial = 1; equal to the Mann–Whitney U / (n_clean·n_adv), tested)."""
+    from sklearn.metrics import roc_auc_score
+
     neg, pos = _scores(clean_scores, "clean_scores"), _scores(adv_scores, "adv_scores")
-    allv = np.concatenate([neg, pos])
-    order = allv.argsort(kind="mergesort")
-    ranks = np.empty(len(allv), dtype=np.float64)
-    ranks[order] = np.arange(1, len(allv) + 1)
-    _, inv, counts = np.unique(allv, return_inverse=True, return_counts=True)  # average ranks of ties
-    sums = np.bincount(inv, weights=ranks)
-    ranks = (sums / counts)[inv]
-    u = ranks[len(neg):].sum() - len(pos) * (len(pos) + 1) / 2
-    return float(u / (len(neg) * len(pos)))
+    labels = np.concatenate([np.zeros(len(neg)), np.ones(len(pos))])
+    return float(roc_auc_score(labels, np.concatenate([neg, pos])))
 
 
 def tpr_at_tnr(clean_scores: Any, adv_scores: Any, tnr: float = TNR_LEVEL) -> float:

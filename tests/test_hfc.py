@@ -275,6 +275,10 @@ def test_detection_metrics_formulas():
     clean = [0.0, 1, 2, 3, 4, 5, 6, 7, 8, 9]
     assert auroc(clean, [10, 11]) == 1.0 and auroc(clean, [-1]) == 0.0
     assert auroc([0, 1], [1, 2]) == pytest.approx((1 + 1 + 0.5 + 1) / 4)  # one tie counts ½
+    rng = np.random.default_rng(0)  # roc_auc_score equals counting every (clean, adversarial) pair, ties ½
+    neg, pos = rng.integers(0, 6, 40).astype(float), rng.integers(2, 9, 30).astype(float)
+    pairs = (pos[None] > neg[:, None]).mean() + 0.5 * (pos[None] == neg[:, None]).mean()
+    assert auroc(neg, pos) == pytest.approx(pairs, abs=1e-12)
     assert tpr_at_tnr(clean, [8.5, 9.5, 10]) == pytest.approx(2 / 3)  # τ = 9: TNR = 1.0 ≥ 0.9
     m = detection_metrics(torch.tensor(clean), np.array([9.5, 3.5]))
     assert m == {"detector_auroc": pytest.approx(0.7), "detector_tpr_at_90tnr": 0.5}
