@@ -4,7 +4,7 @@ Public API (everything else is internal)::
 
     create_victim, list_victims, create_attack, list_attacks, create_defense, list_defenses,
     create_dataset, list_datasets, Victim, Attack, Defense, ThreatModel, check_budget,
-    wrap, build_model, benchmark, check_regression, allow_imports, run_grid, load_grid, summarize
+    wrap, build_model, benchmark, check_regression, allow_imports, run_grid, load_grid, summarize, build_entries
 
 Your own model: ``rbm.wrap(net, task="classification", mean=..., std=...)`` gives a victim;
 ``rbm.benchmark(net, task=..., eps="8/255")`` evaluates it and returns a DataFrame (see the README).
@@ -21,7 +21,6 @@ from robustbench_med.errors import (
     UnknownNameError,
     WeightsError,
 )
-from robustbench_med.registry import ATTACKS, DATASETS, DEFENSES, VICTIMS
 from robustbench_med.threat import ThreatModel, check_budget
 from robustbench_med.victim import ModelVictim, Victim, VictimCard
 from robustbench_med.attack import Attack
@@ -49,7 +48,8 @@ from robustbench_med.wrap import build_model, wrap  # noqa: E402
 __version__ = "0.1.0"
 
 _LAZY = {"benchmark": "robustbench_med.evaluation", "check_regression": "robustbench_med.gate",
-         "run_grid": "robustbench_med.runner", "load_grid": "robustbench_med.grid", "summarize": "robustbench_med.leaderboard"}
+         "run_grid": "robustbench_med.runner", "load_grid": "robustbench_med.grid", "summarize": "robustbench_med.leaderboard",
+         "build_entries": "robustbench_med.entries"}
 
 
 def __getattr__(name: str):
@@ -78,6 +78,7 @@ __all__ = [
     "WeightsError",
     "allow_imports",
     "benchmark",
+    "build_entries",
     "build_model",
     "check_budget",
     "check_regression",

@@ -58,8 +58,13 @@ def test_undeclared_exceptions_are_installed_by_the_set_up_commands():
 
 
 def test_public_api_names_resolve_and_readme_imports_no_private_module():
+    import inspect
+
     for name in rbm.__all__:
         assert getattr(rbm, name) is not None
-    assert {"wrap", "benchmark", "check_regression", "run_grid", "load_grid", "summarize", "allow_imports"} <= set(rbm.__all__)
+    public = {n for n, v in vars(rbm).items() if not n.startswith("_") and not inspect.ismodule(v) and n != "annotations"}
+    assert public | set(rbm._LAZY) == set(rbm.__all__), "__all__ must be exactly the public names"
+    assert {"wrap", "benchmark", "check_regression", "run_grid", "load_grid", "summarize", "build_entries",
+            "allow_imports"} <= set(rbm.__all__)
     readme = (ROOT / "README.md").read_text()
     assert not re.findall(r"from robustbench_med\.\w*\._\w+|import robustbench_med\.\w*\._\w+", readme)
