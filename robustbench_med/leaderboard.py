@@ -66,13 +66,16 @@ def mean_ci(values: np.ndarray) -> tuple[float, float]:
     return bootstrap_ci(values)
 
 
-def _load(store: Store) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
-    cells = pd.DataFrame(store.cells())
+def _load(store: Store) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, dict[str, Any]]:
+    """Cells (with their seconds), samples, decoded attributes and flags of an open store (frames read once per
+    store version: :func:`robustbench_med.fairness.store_frames`)."""
+    from robustbench_med.fairness import store_frames
+
+    cells, samples, attrs = store_frames(store)
     timings = store.timings()
     if not cells.empty:
         cells["seconds"] = [timings.get(c, (float("nan"), 0))[0] for c in cells.cell_id]
-    samples = store.samples_frame()
-    return cells, samples, store.flags()
+    return cells, samples, attrs, store.flags()
 
 
 def _group_stats(sub: pd.DataFrame, attrs: pd.DataFrame, task: str, metric: str, n_boot: int) -> dict[str, Any]:
@@ -108,13 +111,12 @@ def summarize(store: Store | str | Path, fairness_boot: int = 200) -> pd.DataFra
     own = not isinstance(store, Store)
     st = Store(store) if own else store
     try:
-        cells, samples, flags = _load(st)
+        cells, samples, attrs, flags = _load(st)
     finally:
         if own:
             st.close()
     if cells.empty:
         return pd.DataFrame()
-    attrs = _parse_json_column(samples["attrs"])
     by_cell = dict(tuple(samples.groupby("cell_id", sort=False)))
     empty = samples.iloc[0:0]
     rows = [_cell_row(c, by_cell.get(c["cell_id"], empty), attrs, flags, fairness_boot) for _, c in cells.iterrows()]
@@ -122,11 +124,6 @@ def summarize(store: Store | str | Path, fairness_boot: int = 200) -> pd.DataFra
     df = pd.concat([df, _worst_case_rows(df, cells, samples, attrs, fairness_boot)], ignore_index=True)
     _flag_black_box(df)
     return df.sort_values(["victim", "defense", "norm", "eps", "attack"], na_position="last").reset_index(drop=True)
-
-
-def _parse_json_column(column: pd.Series) -> pd.DataFrame:
-    """Decode a column of JSON objects once (e.g. per-sample attributes) into a frame on the same index."""
-    return pd.DataFrame([json.loads(v) if isinstance(v, str) else {} for v in column], index=column.index)
 
 
 def _cell_row(cell: pd.Series, sub: pd.DataFrame, all_attrs: pd.DataFrame, flags: dict[str, Any], n_boot: int) -> dict[str, Any]:
@@ -345,31 +342,31 @@ def write_leaderboard(store: Store | str | Path, out_dir: str | Path) -> dict[st
     ``.csv``: :mod:`robustbench_med.site_metrics`)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    df = summarize(store)
     own = not isinstance(store, Store)
-    st = Store(store) if own else store
+    st = Store(store) if own else store  # one open store: every report below decodes it once (Store.memo)
     try:
-        manifests = st.manifests()
+        return _write_reports(st, out)
     finally:
         if own:
             st.close()
+
+
+def _write_reports(store: Store, out: Path) -> dict[str, Path]:
+    from robustbench_med.corruption_metrics import write_corruption_tables
+    from robustbench_med.modality_metrics import write_modality_tables
+    from robustbench_med.paired_metrics import write_baseline_tables
+    from robustbench_med.seed_studies import write_seed_study_tables
+    from robustbench_med.site_metrics import write_site_tables
+
+    df = summarize(store)
     paths = {"markdown": out / "leaderboard.md", "csv": out / "leaderboard.csv", "json": out / "leaderboard.json"}
     paths["markdown"].write_text(to_markdown(df))
     df.assign(flags=df["flags"].map(lambda f: ";".join(f))).to_csv(paths["csv"], index=False)
     records = json.loads(df.to_json(orient="records"))
-    paths["json"].write_text(json.dumps({"rows": records, "manifests": manifests}, indent=1, default=str))
-    from robustbench_med.corruption_metrics import write_corruption_tables
-
+    paths["json"].write_text(json.dumps({"rows": records, "manifests": store.manifests()}, indent=1, default=str))
     paths.update(write_corruption_tables(df, out))  # corruptions.md / .csv when the store holds corruption cells
-    from robustbench_med.modality_metrics import write_modality_tables
-
     paths.update(write_modality_tables(df, out, store))  # modalities.md / .csv when the store holds modality.dropout cells
-    from robustbench_med.site_metrics import write_site_tables
-
     paths.update(write_site_tables(store, out))  # sites.md / .csv when the samples carry a site (phantom.sites)
-    from robustbench_med.paired_metrics import write_baseline_tables
-    from robustbench_med.seed_studies import write_seed_study_tables
-
     paths.update(write_baseline_tables(store, out))  # baselines.md / .csv when a victim and its declared baseline ran
     paths.update(write_seed_study_tables(store, out))  # seed_studies.md / .csv when a two-arm seed study ran
     png = plot_robustness(df, out / "robustness_vs_eps.png")

@@ -34,7 +34,16 @@ def declared_baseline(victim: str) -> str | None:
 
 
 def condition_scores(store: Any) -> dict[tuple[str, str], pd.DataFrame]:
-    """Per (victim, defence): a frame indexed by sample with one column per condition (``clean``, ``<attack> <eps>``)."""
+    """Per (victim, defence): a frame indexed by sample with one column per condition (``clean``, ``<attack> <eps>``);
+    computed once per version of an open store (read-only frames: callers must not modify them)."""
+    from robustbench_med.store import Store
+
+    if isinstance(store, Store):
+        return store.memo("condition_scores", lambda: _condition_scores(store))
+    return _condition_scores(store)
+
+
+def _condition_scores(store: Any) -> dict[tuple[str, str], pd.DataFrame]:
     from robustbench_med.fairness import store_frames
 
     cells, samples, _ = store_frames(store)

@@ -17,7 +17,7 @@ import json
 import sqlite3
 import time
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from robustbench_med.errors import RobustBenchMedError
 
@@ -171,6 +171,20 @@ class Store:
 
     def close(self) -> None:
         self.conn.close()
+
+    def version(self) -> tuple[int, int]:
+        """Changes whenever the contents change: ``PRAGMA data_version`` (commits by other connections) and this
+        connection's ``total_changes``."""
+        return int(self.conn.execute("PRAGMA data_version").fetchone()[0]), self.conn.total_changes
+
+    def memo(self, key: str, build: Callable[[], Any]) -> Any:
+        """``build()``, computed once while the store's contents are unchanged (:meth:`version`): reports that read
+        the same frames several times (leaderboard, study tables, plots) decode the store once."""
+        cache = self.__dict__.setdefault("_memo", {})
+        version = self.version()
+        if key not in cache or cache[key][0] != version:
+            cache[key] = (version, build())
+        return cache[key][1]
 
     def __enter__(self) -> "Store":
         return self

@@ -172,3 +172,40 @@ def test_store_round_trip_table_and_plot(tmp_path):
     png = plot_group_gaps(long, tmp_path / "gaps.png")
     assert png is not None and png.stat().st_size > 1000
     assert plot_group_gaps(group_table(pd.DataFrame(columns=["cell_id"]), pd.DataFrame()), tmp_path / "none.png") is None
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_group_means_and_rates_equal_fairlearns_metric_frame_bit_for_bit(seed):
+    from robustbench_med.fairness import group_frame, group_rates
+
+    rng = np.random.default_rng(seed)
+    n = 301
+    groups = rng.choice(["old", "middle", "young", "F*old"], n)
+    values = {"clean": rng.random(n), "robust": rng.random(n) * (rng.random(n) < 0.5)}
+
+    def column_mean(_t, _p, *, v):
+        return float(np.mean(np.asarray(v, dtype=float)))
+
+    mf = MetricFrame(metrics={k: column_mean for k in values}, y_true=np.zeros(n), y_pred=np.zeros(n),
+                     sensitive_features=pd.Series(groups, name="group"),
+                     sample_params={k: {"v": v} for k, v in values.items()})
+    ours = group_frame(values, groups)
+    assert ours.by_group.equals(mf.by_group.astype(float)) and list(ours.by_group.index) == list(mf.by_group.index)
+    for method in ("difference", "ratio", "group_min"):
+        assert getattr(ours, method)().equals(getattr(mf, method)().astype(float))
+    assert ours.overall.equals(mf.overall.astype(float))
+    y = rng.integers(0, 2, n)
+    y[groups == "young"] = 1  # a group without negatives: FPR 0 as in Fairlearn
+    preds = {"clean": rng.integers(0, 2, n)}
+
+    def rate(kind):
+        def fn(t, _p, *, pred):
+            m = np.asarray(t) == (1 if kind == "tpr" else 0)
+            return float(np.mean(np.asarray(pred)[m])) if m.any() else 0.0
+        return fn
+
+    ref = MetricFrame(metrics={"sr_clean": lambda t, p, *, pred: float(np.mean(pred)), "tpr_clean": rate("tpr"),
+                               "fpr_clean": rate("fpr")}, y_true=y, y_pred=np.zeros(n),
+                      sensitive_features=pd.Series(groups, name="group"),
+                      sample_params={k: {"pred": preds["clean"]} for k in ("sr_clean", "tpr_clean", "fpr_clean")})
+    assert group_rates(y, preds, groups).equals(ref.by_group.astype(float))
