@@ -41,9 +41,9 @@ class PerSample(torch.nn.Module):
 
 
 def _victim(task: str, name: str, size: int = 16, seed: int = 0, fail_above: int | None = None) -> ModelVictim:
-    classes = ("a", "b", "c") if task == "classification" else ("absent", "present") if task == "binary" else ("bg", "fg")
+    classes = {"classification": ("a", "b", "c"), "binary": ("absent", "present"), "landmark": ("l0", "l1")}.get(task, ("bg", "fg"))
     card = VictimCard(name=name, task=task, modality="toy", input_size=(1, size, size), classes=classes)
-    if task == "segmentation":
+    if task in ("segmentation", "landmark"):
         torch.manual_seed(seed)
         net = torch.nn.Conv2d(1, 2, 3, padding=1)
     else:
@@ -86,7 +86,8 @@ def test_the_usual_attacks_are_declared_splittable():
 def test_a_sample_independent_attack_gives_the_same_examples_whole_or_split(name):
     steps = {} if name.startswith("corruption.") else {"steps": 3}
     attack = rbm.create_attack(name, **steps, **SMALL.get(name, {}), **NEEDS.get(name, {}))
-    task = "segmentation" if "segmentation" in attack.tasks and "classification" not in attack.tasks else "classification"
+    task = ("landmark" if attack.tasks == {"landmark"} else "classification" if "classification" in attack.tasks
+            else "segmentation")
     victim = _victim(task, f"loop.{task}")
     x = torch.rand(6, 1, 16, 16, generator=torch.Generator().manual_seed(3))
     y = (x[:, 0] > 0.5).long() if task == "segmentation" else victim.predict(x)
