@@ -38,9 +38,11 @@ class CountingNoise(InputPurifier):
         return (x + 0.01 * torch.randn_like(x)).clamp(0, 1)
 
 
-def _segmentor() -> ModelVictim:
+def _segmentor(task: str = "segmentation") -> ModelVictim:
+    """A 2-channel dense toy: a segmentor (classes bg / fg) or a landmark detector (two heatmaps)."""
     torch.manual_seed(0)
-    card = VictimCard(name="toy.seg", task="segmentation", modality="toy", input_size=(1, 16, 16), classes=("bg", "fg"))
+    classes = ("bg", "fg") if task == "segmentation" else ("l0", "l1")
+    card = VictimCard(name=f"toy.{task}", task=task, modality="toy", input_size=(1, 16, 16), classes=classes)
     return ModelVictim(torch.nn.Conv2d(1, 2, 3, padding=1), card).eval()
 
 
@@ -54,12 +56,13 @@ def victims():
     seg = _segmentor()
     ds = rbm.create_dataset("phantom.ct", split="test", n=2)
     vqa = rbm.create_victim("instructblip.tiny", weights=None)
+    landmark = _segmentor("landmark")
     return {"classification": (cls, x, cls.predict(x)), "segmentation": (seg, x, (x[:, 0] > 0.5).long()),
-            "vqa": (vqa, ds.images(), ds.targets("vqa"))}
+            "landmark": (landmark, x, landmark.predict(x)), "vqa": (vqa, ds.images(), ds.targets("vqa"))}
 
 
 def _family(attack) -> str:
-    for task in ("classification", "segmentation", "vqa"):
+    for task in ("classification", "segmentation", "landmark", "vqa"):
         if task in attack.tasks:
             return task
     raise AssertionError(f"no test victim for tasks {sorted(attack.tasks)}")
