@@ -60,12 +60,17 @@ decay, deterministic under the recipe's seed, 2 CPU threads):
 The sidecar records the clean validation ``vqa_accuracy``, the majority-answer baseline (the answer prior), the
 encoder's validation lesion AUC and wall / CPU seconds.
 
-**Measured** (2 threads, one CPU, quiet machine). Encoder pre-training 129 s wall / 250 CPU-s (seed 0; seed 1: 100 s /
-196 CPU-s; validation lesion AUC 0.84 / 0.76); stage 2: 30 s / 59 CPU-s (MLP), 15 s / 30 CPU-s (perceiver). Clean
-``vqa_accuracy`` on the first 64 test volumes: ``vlm3d.mlp`` 0.750, ``vlm3d.mlp_s1`` 0.760, ``vlm3d.perceiver``
-0.745, ``vlm3d.perceiver_s1`` 0.753, against 0.500 for the answer prior (each question's majority training answer).
-Under ``pgd.linf`` (10 steps, first 32 test volumes, whose prior is 0.594 and clean scores 0.779 / 0.794 / 0.760 /
-0.750): 2/255 → 0.130 / 0.279 / 0.094 / 0.109, 8/255 → 0.021 / 0.021 / 0.000 / 0.000 (harness grid run).
+**Measured** (2 threads, one CPU). Encoder pre-training 129 s wall / 250 CPU-s on a quiet machine (seed 0; seed 1:
+100 s / 196 CPU-s; seed 2: 469 s / 312 CPU-s with the cores shared; validation lesion AUC 0.84 / 0.76 / 0.75); stage
+2: 30 s / 59 CPU-s (MLP), 15 s / 30 CPU-s (perceiver) quiet. Clean ``vqa_accuracy`` on the first 64 test volumes:
+``vlm3d.mlp`` 0.750, ``vlm3d.mlp_s1`` 0.760, ``vlm3d.perceiver`` 0.745, ``vlm3d.perceiver_s1`` 0.753, against 0.500
+for the answer prior (each question's majority training answer). The ``volumes`` grid (first 24 test volumes, prior
+0.542, 10-step attacks): clean 0.726 / 0.764 / 0.705 (MLP, seeds 0–2) and 0.722 / 0.729 / 0.719 (perceiver); L∞ PGD
+1/255 → 0.483 / 0.656 / 0.552 and 0.396 / 0.458 / 0.556, 2/255 → 0.174 / 0.340 / 0.351 and 0.122 / 0.146 / 0.312,
+4/255 ≤ 0.056; transfer PGD from the same arm's next seed at 2/255 → 0.319 / 0.413 / 0.455 and 0.316 / 0.267 /
+0.389. The compressed arm scores 0.07–0.10 lower under every attack at 1–2/255, but the seeds of one arm spread by
+0.12–0.19, and no difference between the arms is shown (``seed_studies.md``: e.g. PGD 2/255 Δ −0.095, 95% interval
+over volumes and seeds [−0.258, +0.069]).
 
 The ``vqa`` column is outside the dataset fingerprint (:class:`~robustbench_med.data.dataset.MedicalDataset`'s extra
 targets), so :data:`TRAINER_VERSION` (the registered ``trainer_version``) must be bumped when the volume question bank
