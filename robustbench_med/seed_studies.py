@@ -58,8 +58,11 @@ def _bootstrap(a: np.ndarray, b: np.ndarray, n_boot: int, rng: np.random.Generat
 
 
 def _arm_rows(study: str, defense: str, arms: dict[str, dict[int, pd.DataFrame]], n_boot: int,
-              rng: np.random.Generator) -> list[dict[str, Any]]:
-    """The rows of one study × defence (module docstring)."""
+              seed: int) -> list[dict[str, Any]]:
+    """The rows of one study × defence (module docstring); each row's resamples are seeded by ``seed`` and the row's
+    own key, so an interval does not depend on the other rows in the store or their order."""
+    import zlib
+
     (name_a, seeds_a), (name_b, seeds_b) = sorted(arms.items())
     frames = [f for seeds in (seeds_a, seeds_b) for f in seeds.values()]
     conditions = [c for c in frames[0].columns if all(c in f.columns for f in frames)]
@@ -74,6 +77,7 @@ def _arm_rows(study: str, defense: str, arms: dict[str, dict[int, pd.DataFrame]]
         a, b = matrix(seeds_a, condition), matrix(seeds_b, condition)
         if np.isnan(a).any() or np.isnan(b).any() or not len(samples):
             continue
+        rng = np.random.default_rng([seed, zlib.crc32(f"{study}|{defense}|{condition}".encode())])
         delta = _bootstrap(a, b, n_boot, rng)
         lo, hi = np.percentile(delta, [2.5, 97.5])
         row = {"study": study, "defense": defense, "condition": condition, "n": len(samples),
@@ -95,7 +99,7 @@ def _arm_rows(study: str, defense: str, arms: dict[str, dict[int, pd.DataFrame]]
 
 def seed_study_table(store: Any, n_boot: int = N_BOOT, seed: int = 0) -> pd.DataFrame:
     """One row per study × defence × shared condition for every two-arm study in ``store`` (module docstring)."""
-    scores, rng = condition_scores(store), np.random.default_rng(seed)
+    scores = condition_scores(store)
     studies: dict[tuple[str, str], dict[str, dict[int, pd.DataFrame]]] = {}
     for (victim, defense), wide in scores.items():
         member = study_membership(victim)
@@ -105,7 +109,7 @@ def seed_study_table(store: Any, n_boot: int = N_BOOT, seed: int = 0) -> pd.Data
     rows = []
     for (study, defense), arms in studies.items():
         if len(arms) == 2 and CLEAN in next(iter(next(iter(arms.values())).values())).columns:
-            rows += _arm_rows(study, defense, arms, n_boot, rng)
+            rows += _arm_rows(study, defense, arms, n_boot, seed)
     return pd.DataFrame(rows)
 
 

@@ -306,5 +306,9 @@ def test_seed_study_table_covers_samples_and_training_seeds(monkeypatch):
     assert attacked.verdict == "no difference shown" and attacked.ci95_high - attacked.ci95_low > 0.3
     assert attacked.drop_delta == pytest.approx(0.05)  # clean Δ 0.1 − attacked Δ 0.05
     assert "| 3D projector (compressed vs uncompressed) |" in SS.to_markdown(table.reset_index())
+    for key, f in [(k, f) for k, f in frames.items() if "pgd.linf 2/255" in f]:  # another condition in the store
+        frames[key] = f.assign(**{"noise.uniform 8/255": f["clean"]})[["clean", "noise.uniform 8/255", "pgd.linf 2/255"]]
+    again = SS.seed_study_table(None).set_index("condition").loc["pgd.linf 2/255"]  # leaves this row's interval
+    assert (again.ci95_low, again.ci95_high) == (attacked.ci95_low, attacked.ci95_high)
     del frames[("vlm3d.mlp_s2", "identity.none")]
     assert set(SS.seed_study_table(None).verdict) == {"too few seeds"}
