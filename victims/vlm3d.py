@@ -70,7 +70,7 @@ for the answer prior (each question's majority training answer). The ``volumes``
 4/255 ≤ 0.056; transfer PGD from the same arm's next seed at 2/255 → 0.319 / 0.413 / 0.455 and 0.316 / 0.267 /
 0.389. The compressed arm scores 0.07–0.10 lower under every attack at 1–2/255, but the seeds of one arm spread by
 0.12–0.19, and no difference between the arms is shown (``seed_studies.md``: e.g. PGD 2/255 Δ −0.095, 95% interval
-over volumes and seeds [−0.258, +0.069]).
+over volumes and seeds [−0.263, +0.060]).
 
 The ``vqa`` column is outside the dataset fingerprint (:class:`~robustbench_med.data.dataset.MedicalDataset`'s extra
 targets), so :data:`TRAINER_VERSION` (the registered ``trainer_version``) must be bumped when the volume question bank
