@@ -231,6 +231,8 @@ class GridRunner:
         self._compute: dict[str, Any] = {}  # the grid's compute settings that apply to the current victim
         self._visited: list[tuple[str, VictimSpec, DefenseSpec, int, int]] = []  # (group_key, victim, defence, eot, n)
         self._work: dict[str, list[str]] = {"defenses_prepared": [], "clean_passes": []}  # "victim × defence" (manifest)
+        self._bar: Any = None  # the whole-grid progress bar of a run (cells), see _run
+        self.cells_counted = 0  # cells the whole-grid bar has counted (done, resumed or skipped)
 
     def run(self) -> str:
         """Run the grid (rank 0 holding the store's lock) and check that nothing planned is missing."""
@@ -275,10 +277,17 @@ class GridRunner:
         run_id = f"{self.grid.name}-{int(time.time())}{shard}-rank{self.ctx.rank}"
         self.store.start_run(run_id, self.grid.name, self.grid.config_hash(), manifest(self.grid, self.device, data_hash, self.ctx))
         prepared = self._prepare_all(ds, idx, x_all, attr_rows, data_hash)  # rank 0 also trains missing weights here
-        for vspec in self.grid.victims:
-            victim, y_all = self._load_victim(vspec, ds, idx)
-            for dspec in self._defenses_for(vspec, victim):
-                self._victim_defense(vspec, victim, dspec, x_all, y_all, attr_rows, data_hash, prepared)
+        from tqdm.auto import tqdm
+
+        self._bar = tqdm(total=self.planned_cells(), desc=f"grid {self.grid.name}", unit="cell", position=0,
+                         disable=not (self.progress and self.ctx.is_main), dynamic_ncols=True)
+        try:
+            for vspec in self.grid.victims:
+                victim, y_all = self._load_victim(vspec, ds, idx)
+                for dspec in self._defenses_for(vspec, victim):
+                    self._victim_defense(vspec, victim, dspec, x_all, y_all, attr_rows, data_hash, prepared)
+        finally:
+            self._bar.close()
         self._raise_if_missing(self._missing("rank"), "this process")
         self.ctx.barrier()  # every rank has written its units
         if self.ctx.is_main:
@@ -287,6 +296,27 @@ class GridRunner:
         self.store.finish_run(run_id, {"memory": self._memory, "work": self._work})
         self.ctx.barrier()
         return run_id
+
+    # whole-grid progress -----------------------------------------------------------------------------------
+    def planned_cells(self) -> int:
+        """The grid's cells (victims × the defences they pair with × the attack settings that apply), the total of
+        the whole-grid progress bar: known before any victim is loaded (a registered victim's task from the registry;
+        cells a victim's task turns out not to support are counted when they are recorded as skipped)."""
+        total = 0
+        for v in self.grid.victims:
+            task = VICTIMS.get(v.name).meta.get("task") if v.name in VICTIMS else None
+            for d in self.grid.defenses:
+                if v.pairs_with(d.name) and (task is None or defense_supports(d.name, task)):
+                    total += sum(spec.applies_to(v.name, d.name, d.attack_through) for spec in self.grid.attacks)
+        return total
+
+    def _advance(self, cells: int, where: str = "") -> None:
+        """Count ``cells`` on the whole-grid bar (ETA from tqdm's rate) and name what runs now."""
+        self.cells_counted += cells
+        if self._bar is not None:
+            if where:
+                self._bar.set_postfix_str(where, refresh=False)
+            self._bar.update(cells)
 
     # completeness ------------------------------------------------------------------------------------------
     def _applicable_cells(self, vspec: VictimSpec, dspec: DefenseSpec, group_key: str, eot: int) -> list[str]:
@@ -431,13 +461,16 @@ class GridRunner:
                         prepared: dict[str, dict[str, Any]]) -> None:
         defense, eot, group_key = self._pair(vspec, victim, dspec, len(x_all), data_hash)
         self._visited.append((group_key, vspec, dspec, eot, len(x_all)))
+        where, applicable = f"{vspec.name} × {dspec.name}", len(self._applicable_cells(vspec, dspec, group_key, eot))
         if self._finished(vspec, dspec, group_key, eot, len(x_all)):
+            self._advance(applicable, where)
             return  # resumed: clean rows and every cell (of this shard) are in the store; nothing is refitted
         entry = prepared.get(group_key)
         if entry is None:  # not prepared by rank 0 (a simulated rank, or a pair rank 0 found finished): fit it here
             entry = self._prepare_pair(vspec, victim, dspec, defense, group_key, eot, x_all, y_all, attrs)
         if "skip" in entry:
             self._plan_cells(vspec, victim, defense, dspec, group_key, eot, skip=entry["skip"])
+            self._advance(applicable, where)
             return
         defense.load_prepared(entry["state"])
         defended = defense.wrap(victim).to(self.device).eval()
@@ -447,9 +480,11 @@ class GridRunner:
         self._randomized = defense.randomized or bool(varies)
         clean = self._clean(defended, group_key, x_all, y_all, attrs, f"{vspec.name} × {dspec.name}")
         plans = self._plan_cells(vspec, victim, defense, dspec, group_key, eot)
+        self._advance(applicable - len(plans), where)  # recorded as skipped (task or norm not supported)
         pair = PairRun(view, defended, group_key, x_all, y_all, clean, attrs)
         for group in self._eps_groups(plans):
             self._run_group(group, pair)
+            self._advance(len(group), f"{where} · {group[0].spec.name}")
 
     def _finished(self, vspec: VictimSpec, dspec: DefenseSpec, group_key: str, eot: int, n: int) -> bool:
         """Whether previous runs completed this victim × defence (all clean rows; every applicable cell skipped or with
@@ -590,7 +625,7 @@ class GridRunner:
 
         label = f"{group[0].spec.name} ×{k} on {pair.defended.card.name}"
         unit = self._run_cascade_unit if cascade else self._run_unit
-        for start in tqdm(starts, desc=label, disable=not self.progress, leave=False):
+        for start in tqdm(starts, desc=label, disable=not self.progress, leave=False, position=1):
             stop = min(n, start + chunk)
             seconds = unit(group, pair, start, stop, done)
             for p in group:

@@ -235,3 +235,18 @@ def test_attack_only_robust_leaves_segmentors_and_noise_alone(tmp_path):
 def test_attack_only_robust_must_be_a_boolean():
     with pytest.raises(rbm.ConfigError, match="attack_only_robust"):
         parse_grid({**SMALL, "attack_only_robust": "yes"})
+
+
+def test_the_whole_grid_progress_counts_every_planned_cell_once(trained_cnn, tmp_path):
+    """The whole-grid bar's total is the grid's cells and a run (fresh or resumed) counts each exactly once."""
+    from robustbench_med.runner import GridRunner
+    from robustbench_med.store import Store
+
+    attacks = SMALL["attacks"] + [{"name": "pgd.dice", "params": {"eps": "8/255", "steps": 2}}]  # skipped: a classifier
+    grid = parse_grid({**SMALL, "n_examples": 8, "attacks": attacks})
+    for _ in range(2):  # a fresh run, then a resumed one (every pair finished)
+        with Store(tmp_path / "results.sqlite") as store:
+            runner = GridRunner(grid, store, progress=False)
+            runner.run()
+        # noise + 2 × PGD + the skipped Dice PGD on both defences, FGSM on identity.none only
+        assert runner.planned_cells() == 9 == runner.cells_counted
