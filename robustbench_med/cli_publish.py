@@ -135,20 +135,24 @@ def _write_study_tables(store: Path, folder: Path) -> None:
     """The study tables a grid's store supports (missing modalities, site shift, victims against their declared
     baselines, two arms across training seeds) into ``folder`` (created only when there is something to write):
     ``modalities.md`` / ``.csv``, ``sites.md`` / ``.csv``, ``baselines.md`` / ``.csv``, ``seed_studies.md`` / ``.csv``."""
+    from robustbench_med import paired_metrics, seed_studies, site_metrics
     from robustbench_med.leaderboard import summarize
     from robustbench_med.modality_metrics import write_modality_tables
-    from robustbench_med.paired_metrics import baseline_table, write_baseline_tables
-    from robustbench_med.seed_studies import seed_study_table, write_seed_study_tables
-    from robustbench_med.site_metrics import site_table, write_site_tables
+    from robustbench_med.paired_metrics import write_study_table
+    from robustbench_med.store import Store
 
-    df = summarize(store, fairness_boot=0)
-    has_modalities = "attack" in df and (df.attack == "modality.dropout").any()
-    studies = seed_study_table(store)
-    if has_modalities or not site_table(store).empty or not baseline_table(store).empty or not studies.empty:
-        folder.mkdir(parents=True, exist_ok=True)
-        written = {**write_modality_tables(df, folder, store), **write_site_tables(store, folder),
-                   **write_baseline_tables(store, folder), **write_seed_study_tables(store, folder)}
-        print("  study tables: " + ", ".join(str(p) for p in written.values()))
+    with Store(store) as st:  # one open store: its frames are decoded once (Store.memo), each table computed once
+        df = summarize(st, fairness_boot=0)
+        has_modalities = "attack" in df and (df.attack == "modality.dropout").any()
+        tables = {"sites": (site_metrics.site_table(st), site_metrics.to_markdown),
+                  "baselines": (paired_metrics.baseline_table(st), paired_metrics.to_markdown),
+                  "seed_studies": (seed_studies.seed_study_table(st), seed_studies.to_markdown)}
+        if has_modalities or any(not table.empty for table, _ in tables.values()):
+            folder.mkdir(parents=True, exist_ok=True)
+            written = write_modality_tables(df, folder, st)
+            for stem, (table, render) in tables.items():
+                written.update(write_study_table(table, render, folder, stem))
+            print("  study tables: " + ", ".join(str(p) for p in written.values()))
 
 
 def _append_defense_comparisons(readme: Path, grid_paths: list[Path], args: argparse.Namespace) -> None:

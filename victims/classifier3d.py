@@ -137,11 +137,12 @@ def calibrate_threshold(net: LesionMIL3D, z: torch.Tensor, label: torch.Tensor, 
 
 
 def roc_auc(score: torch.Tensor, label: torch.Tensor) -> float:
-    """ROC AUC of ``score`` for binary ``label`` (ties count one half); NaN without both classes."""
+    """ROC AUC of ``score`` for binary ``label`` (:func:`robustbench_med.detection.auroc`, ties count one half); NaN
+    without both classes."""
+    from robustbench_med.detection import auroc
+
     pos, neg = score[label == 1], score[label == 0]
-    if not len(pos) or not len(neg):
-        return float("nan")
-    return float((pos[:, None] > neg[None]).float().mean() + 0.5 * (pos[:, None] == neg[None]).float().mean())
+    return auroc(neg, pos) if len(pos) and len(neg) else float("nan")
 
 
 @torch.no_grad()

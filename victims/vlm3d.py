@@ -595,11 +595,10 @@ def pretrain_encoder(encoder: VisionEncoder3D, z: torch.Tensor, mask: torch.Tens
 @torch.no_grad()
 def lesion_auc(encoder: VisionEncoder3D, z: torch.Tensor, label: torch.Tensor) -> float:
     """Volume-level ROC AUC of the detector (its largest channel-0 response) for lesion presence."""
+    from robustbench_med.victims.classifier3d import roc_auc
+
     score = torch.cat([encoder.detector(encoder.stem(z[i:i + 16]))[:, 0].flatten(1).amax(1) for i in range(0, len(z), 16)])
-    pos, neg = score[label == 1], score[label == 0]
-    if not len(pos) or not len(neg):
-        return float("nan")
-    return float((pos[:, None] > neg[None]).float().mean() + 0.5 * (pos[:, None] == neg[None]).float().mean())
+    return roc_auc(score.cpu(), label.cpu())
 
 
 def encoder_key(cfg: VLM3DConfig, recipe: EncoderRecipe, fingerprint: str) -> str:
