@@ -35,12 +35,44 @@ def declared_baseline(victim: str) -> str | None:
 
 def condition_scores(store: Any) -> dict[tuple[str, str], pd.DataFrame]:
     """Per (victim, defence): a frame indexed by sample with one column per condition (``clean``, ``<attack> <eps>``);
-    computed once per version of an open store (read-only frames: callers must not modify them)."""
+    computed once per version of an open store (read-only frames: callers must not modify them).
+
+    Cells of one attack × eps that differ only in the attack's ``seed`` parameter are **attack seeds** of one
+    condition: the column holds each sample's mean over them, and ``frame.attrs['attack_seeds'][condition]`` the
+    per-seed scores (samples × seeds). Cells that differ in another parameter get it in their label
+    (``qava.hidden[pool=unrelated] 8/255``), so no condition overwrites another."""
     from robustbench_med.store import Store
 
     if isinstance(store, Store):
         return store.memo("condition_scores", lambda: _condition_scores(store))
     return _condition_scores(store)
+
+
+def _params(raw: Any) -> dict[str, Any]:
+    value = json.loads(raw) if isinstance(raw, str) and raw else raw
+    return {k: v for k, v in (value or {}).items() if k not in ("eps", "seed")}
+
+
+def _condition_labels(cells: pd.DataFrame) -> dict[str, tuple[str, Any]]:
+    """``cell_id`` → (condition label, attack seed) for the cells of one (victim, defence)."""
+    base: dict[str, tuple[str, dict[str, Any], Any]] = {}
+    for c in cells.itertuples():
+        threat = json.loads(c.threat)
+        raw = json.loads(c.attack_params) if isinstance(c.attack_params, str) and c.attack_params else {}
+        base[c.cell_id] = (f"{c.attack} {eps_display(threat['eps'], threat.get('norm'))}", _params(raw), (raw or {}).get("seed"))
+    variants: dict[str, list[dict[str, Any]]] = {}
+    for label, params, _ in base.values():
+        if params not in variants.setdefault(label, []):
+            variants[label].append(params)
+    out = {}
+    for cell_id, (label, params, seed) in base.items():
+        if len(variants[label]) > 1:  # the same attack × eps with other parameters: name what differs
+            differ = sorted(k for k in set().union(*variants[label]) if any(v.get(k) != params.get(k) for v in variants[label]))
+            tag = ",".join(f"{k}={params.get(k)}" for k in differ)
+            attack, eps = label.rsplit(" ", 1)
+            label = f"{attack}[{tag}] {eps}"
+        out[cell_id] = (label, seed)
+    return out
 
 
 def _condition_scores(store: Any) -> dict[tuple[str, str], pd.DataFrame]:
@@ -50,15 +82,20 @@ def _condition_scores(store: Any) -> dict[tuple[str, str], pd.DataFrame]:
     if cells.empty or samples.empty:
         return {}
     done = cells[cells.status == "done"]
-    samples = samples.merge(done[["cell_id", "victim", "defense", "attack", "threat"]], on="cell_id")
+    samples = samples.merge(done[["cell_id", "victim", "defense"]], on="cell_id")
     out = {}
     for (victim, defense), pair in samples.groupby(["victim", "defense"], sort=False):
+        labels = _condition_labels(done[done.cell_id.isin(pair.cell_id.unique())])
         columns = {CLEAN: pair.drop_duplicates("sample_idx").set_index("sample_idx").clean_score}
-        for _, cell in pair.groupby("cell_id", sort=False):
-            threat = json.loads(cell.threat.iloc[0])
-            label = f"{cell.attack.iloc[0]} {eps_display(threat['eps'], threat.get('norm'))}"
-            columns[label] = cell.set_index("sample_idx").adv_score
-        out[(victim, defense)] = pd.DataFrame(columns)
+        seeds: dict[str, dict[Any, pd.Series]] = {}
+        for cell_id, cell in pair.groupby("cell_id", sort=False):
+            label, seed = labels[cell_id]
+            seeds.setdefault(label, {})[seed] = cell.set_index("sample_idx").adv_score
+        for label, by_seed in seeds.items():
+            columns[label] = next(iter(by_seed.values())) if len(by_seed) == 1 else pd.DataFrame(by_seed).mean(axis=1)
+        frame = pd.DataFrame(columns)
+        frame.attrs["attack_seeds"] = {label: pd.DataFrame(by_seed) for label, by_seed in seeds.items() if len(by_seed) > 1}
+        out[(victim, defense)] = frame
     return out
 
 
