@@ -20,10 +20,24 @@ For an (adversarial) image x_a:
 Cost: two forward passes (reference, image) and one backward pass per step. ``steps > 1`` repeats steps 2–5 from
 the current image with step β/steps against the same reference, projected on the β-ball around x_a.
 
-Questions. The paper purifies each (image, question) pair. Here F3 is an input purifier, applied before the victim
-sees the question, and the harness scores several questions per image, so the attention is taken over a fixed set of
-purification questions (``questions``: by default one question per question type from the *seen* pool; the victims
-evaluate on the *unseen* pool) and ℒ is averaged over them.
+Questions. The paper purifies each (image, question) pair, and so does the release: ``f3_llava.py`` sets
+``model.input_ids`` to the tokenised prompt of the question being answered before it calls ``purify_f3`` (batch size 1,
+one fresh ξ per call), so A(x) is the attention under *that* question [verified, ``f3_llava.py`` and
+``models/LLaVA.py`` at commit 92a00c5]. Two targets:
+
+- ``target='question'`` (default, the released behaviour): the defended victim (:class:`QuestionF3Victim`) purifies
+  inside :meth:`LVLMVictim.visual_rows`, the one place every path of the victim (scores, greedy answers, LM loss,
+  first-token logits, hidden states) takes its visual tokens from: image ``rows[i]`` is purified under question
+  ``qids[i]`` and only then encoded, so every attack and every score sees question-conditioned F3. Where no question is
+  given (``visual_features(x)``, ``forward``) it falls back to the averaged target. Inferred, not in the release: ξ is
+  drawn per (image, question) pair from a stream seeded by one draw of the caller's generator (the global RNG by
+  default) and the pair itself (the image's bytes, the question id), so a pair's purification does not depend on the
+  other pairs of the batch (the release, at batch size 1, has nothing to depend on) and is reproducible under a seed;
+  v3's min / max / mean are per pair (the release takes them over its one-pair tensor).
+- ``target='averaged'`` (this project's earlier design, kept bit for bit): F3 as an input purifier applied before the
+  victim sees any question; ℒ is averaged over a fixed set of purification questions (``questions``: by default one
+  question per question type from the *seen* pool; the victims evaluate on the *unseen* pool), one ξ per image from
+  the caller's generator.
 
 Gradients. sign and round are piecewise constant, so the purifier's Jacobian is the identity almost everywhere
 (masked by the final [0, 1] clip): BPDA's identity backward pass (Athalye et al., ICML 2018) is the true gradient
@@ -33,13 +47,22 @@ zero inside the clip, so the attacker sees masked gradients. ``attack_through: d
 zero gradient (the harness flags it); ``gradient='released'`` keeps the released float32 path itself, which leaks an
 identity gradient on the pixels where A − x rounds just past ±β (measured: ~50–64 % of pixels on the tiny victims,
 so the all-zero masking check does not fire on it; meaningful for ``steps=1``).
+
+Evaluations of the release [verified, ``f3_llava.py`` and ``attacks/autoattack.py``]: the label is the *undefended*
+model's clean first-token argmax (``model.get_logit(image)``) and every sample is attacked (``strong=True``);
+non-adaptive: AutoAttack ``standard`` at 16/255 on the undefended model, then purified; adaptive: the repository's
+``rand`` version (APGD-CE then APGD-DLR, 20 iterations, one restart, ``eot_iter=10``) at 8/255 on
+``get_logit_with_purify_f3`` (purify under the question, then the first-token logits). The ``f3`` grid has both
+(``lvlm_autoattack.first_token`` with ``label: clean`` through ``transfer``; ``lvlm_apgd.first_token``, BPDA + EOT).
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar, Sequence
+import hashlib
+from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 
+from robustbench_med.attack import derive_seed
 from robustbench_med.defense import InputPurifier, PurifiedVictim
 from robustbench_med.errors import ConfigError, TaskNotSupportedError, check_choice
 from robustbench_med.registry import register_defense
@@ -50,6 +73,7 @@ from robustbench_med.victims.lvlm.models import LVLMVictim, pool_question_ids, v
 VARIANTS = ("v2", "v3")
 SOURCES = ("lm", "qformer")
 GRADIENTS = ("bpda", "released")
+TARGETS = ("question", "averaged")
 QUESTION_SETS = ("types", "seen", "unseen", "all")
 PAPER = "Zhang et al., F3, ACM MM 2025 (arXiv 2506.01064)"
 
@@ -73,6 +97,23 @@ def uniform_int_noise(x: torch.Tensor, alpha: float, generator: torch.Generator 
 def noisy_reference(x: torch.Tensor, alpha: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """F3's reference image clip_[0,1](x + ξ)."""
     return (x + uniform_int_noise(x, alpha, generator)).clamp(0, 1)
+
+
+def pair_noise(x: torch.Tensor, questions: torch.Tensor, alpha: float,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+    """F3's ξ for each (image ``x[i]``, questions ``questions[i]``) pair, from the pair's own stream: seeded by one draw
+    of ``generator`` (default: the global CPU RNG) per call and by the pair itself (the image's bytes, its question
+    ids), so a pair's ξ does not depend on the other pairs of the batch. Two identical pairs in one call share ξ."""
+    device = generator.device if generator is not None else torch.device("cpu")
+    base = int(torch.randint(0, 2**62, (1,), generator=generator, device=device))
+    images = x.detach().float().cpu()
+    keys = questions.view(len(x), -1).tolist()
+    out = []
+    for image, key in zip(images, keys):
+        digest = hashlib.sha256(image.numpy().tobytes()).hexdigest()
+        stream = torch.Generator().manual_seed(derive_seed("f3-pair", base, digest, *key))
+        out.append(uniform_int_noise(image, alpha, stream))
+    return torch.stack(out).to(x.device, x.dtype) if out else torch.zeros_like(x)
 
 
 def lvlm_of(victim: Victim) -> LVLMVictim:
@@ -157,10 +198,14 @@ class F3Purifier(InputPurifier):
         beta: step size and L∞ radius of the purification (``'32/255'``).
         steps: purification steps (the paper: 1).
         source: ``'lm'`` (LM attention from the last prompt token to the visual tokens) or ``'qformer'``.
-        questions: the purification questions (``'types'``, ``'seen'``, ``'unseen'``, ``'all'`` or ids).
+        questions: the purification questions of the averaged target (``'types'``, ``'seen'``, ``'unseen'``, ``'all'``
+            or ids); with ``target='question'`` only where no question is given.
         loss_scale: s in ℒ (10⁴; only numerics depend on it).
         gradient: ``'bpda'`` (attacks see the identity, the a.e. Jacobian) or ``'released'`` (the authors' code's
             gradient path, attacked through autograd: the naive adaptive evaluation).
+        target: ``'question'`` (each (image, question) pair purified under the attention of that question, as released;
+            :meth:`wrap` gives a :class:`QuestionF3Victim`) or ``'averaged'`` (one purification per image, ℒ averaged
+            over ``questions``; :meth:`wrap` gives a :class:`~robustbench_med.defense.PurifiedVictim`).
     """
 
     differentiable: ClassVar[bool] = False  # attacked through BPDA, the a.e. gradient (module docstring)
@@ -169,16 +214,17 @@ class F3Purifier(InputPurifier):
 
     def __init__(self, variant: str = "v3", alpha: Any = 16 / 255, beta: Any = 32 / 255, steps: int = 1,
                  source: str = "lm", questions: str | Sequence[int] = "types", loss_scale: float = 1e4,
-                 gradient: str = "bpda") -> None:
+                 gradient: str = "bpda", target: str = "question") -> None:
         check_choice(variant, VARIANTS, "F3 variant")
         check_choice(source, SOURCES, "F3 attention source")
+        check_choice(target, TARGETS, "F3 target")
         check_choice(gradient, GRADIENTS, "F3 gradient")
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ConfigError(f"steps must be an integer >= 1, got {steps!r}")
         if isinstance(loss_scale, bool) or not isinstance(loss_scale, (int, float)) or not loss_scale > 0:
             raise ConfigError(f"loss_scale must be a number > 0, got {loss_scale!r}")
         self.variant, self.source, self.steps, self.loss_scale = variant, source, steps, float(loss_scale)
-        self.gradient = gradient
+        self.target, self.gradient = target, gradient
         self.alpha, self.beta = _radius(alpha, "alpha"), _radius(beta, "beta")
         self.questions = questions if isinstance(questions, str) else [int(q) for q in questions]
         self.question_ids = purification_questions(questions)
@@ -187,8 +233,8 @@ class F3Purifier(InputPurifier):
 
     def params(self) -> dict[str, Any]:
         return {"variant": self.variant, "alpha": self.alpha, "beta": self.beta, "steps": self.steps,
-                "source": self.source, "questions": self.questions, "loss_scale": self.loss_scale,
-                "gradient": self.gradient}
+                "source": self.source, "target": self.target, "questions": self.questions,
+                "loss_scale": self.loss_scale, "gradient": self.gradient}
 
     @property
     def default_gradient_mode(self) -> str:
@@ -205,41 +251,118 @@ class F3Purifier(InputPurifier):
         self.bind(victim)
 
     def wrap(self, victim: Victim) -> PurifiedVictim:
+        """The defended victim: a :class:`QuestionF3Victim` (``target='question'``, which needs the LVLM itself, not a
+        wrapper of it) or a :class:`~robustbench_med.defense.PurifiedVictim` (``target='averaged'``)."""
         self.bind(victim)
-        return PurifiedVictim(victim, self)
+        if self.target == "averaged":
+            return PurifiedVictim(victim, self)
+        if not isinstance(victim, LVLMVictim):
+            raise TaskNotSupportedError(
+                f"F3 with target='question' purifies inside the LVLM, so it wraps the LVLM victim itself, not a "
+                f"{type(victim).__name__} around it; use target='averaged' to put F3 in front of another wrapper")
+        return QuestionF3Victim(victim, self)
 
-    def attention(self, x: torch.Tensor) -> torch.Tensor:
-        """Cross-modal attention [B, n_questions, ...] of the bound victim on ``x`` (one forward pass)."""
+    def question_matrix(self, x: torch.Tensor, questions: Any = None) -> torch.Tensor:
+        """Purification question ids [B, n]: ``questions`` ([B] one per image, or [B, n]) or, for ``None``, the fixed
+        set ``question_ids`` for every image (the averaged target)."""
+        if questions is None:
+            return torch.tensor(self.question_ids, device=x.device).expand(len(x), -1)
+        q = torch.as_tensor(questions, dtype=torch.long, device=x.device)
+        if q.dim() not in (1, 2) or len(q) != len(x) or q.numel() == 0 or (q < 0).any():
+            raise ConfigError(f"questions must be question ids [B] or [B, n] for a batch of {len(x)}, got shape {tuple(q.shape)}")
+        return q.view(len(x), -1)
+
+    def attention(self, x: torch.Tensor, questions: Any = None) -> torch.Tensor:
+        """Cross-modal attention [B, n, ...] of the bound victim on ``x`` under each image's purification questions
+        (:meth:`question_matrix`; one forward pass)."""
         if self.core is None:
             raise ConfigError("F3 needs its victim: call wrap(victim) or prepare(victim, train) first")
-        b, n = len(x), len(self.question_ids)
+        q = self.question_matrix(x, questions)
+        b, n = q.shape
         rows = torch.arange(b, device=x.device).repeat_interleave(n)
-        qids = torch.tensor(self.question_ids, device=x.device).repeat(b)
         fn = lm_attention if self.source == "lm" else qformer_attention
-        att = fn(self.core, x, rows, qids)
+        att = fn(self.core, x, rows, q.flatten())
         return att.view(b, n, *att.shape[1:])
 
-    def loss(self, x: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    def loss(self, x: torch.Tensor, reference: torch.Tensor, questions: Any = None) -> torch.Tensor:
         """Per-image scaled MSE [B] between the attention on ``x`` and the fixed ``reference`` attention."""
-        return self.loss_scale * (self.attention(x) - reference).pow(2).flatten(1).mean(1)
+        return self.loss_scale * (self.attention(x, questions) - reference).pow(2).flatten(1).mean(1)
 
-    def purify(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """F3-purified batch; the noise comes from ``generator`` (default: the global RNG of ``x``'s device).
-        The step is computed on a detached copy and added as a constant, so the returned tensor's gradient is the
-        a.e. Jacobian (identity, masked by the [0, 1] clip)."""
+    def purify(self, x: torch.Tensor, generator: torch.Generator | None = None, questions: Any = None,
+               noise: torch.Tensor | None = None) -> torch.Tensor:
+        """F3-purified batch. ``questions=None``: the averaged target over ``question_ids``, ξ from ``generator``
+        (default: the global RNG of ``x``'s device); ``questions`` ([B] or [B, n]): image ``i`` purified under its
+        questions, ξ from the pair's own stream (:func:`pair_noise`). ``noise`` gives ξ instead (tests, ablations).
+        The step is computed on a detached copy and added as a constant, so the returned tensor's gradient is the a.e.
+        Jacobian (identity, masked by the [0, 1] clip)."""
         x_a = x.detach()
+        q = None if questions is None else self.question_matrix(x_a, questions)
+        if noise is None:
+            noise = uniform_int_noise(x_a, self.alpha, generator) if q is None else pair_noise(x_a, q, self.alpha, generator)
+        elif noise.shape != x.shape:
+            raise ConfigError(f"noise must have the batch's shape {tuple(x.shape)}, got {tuple(noise.shape)}")
         with torch.enable_grad():
             with torch.no_grad():
-                reference = self.attention(noisy_reference(x_a, self.alpha, generator))
+                reference = self.attention((x_a + noise).clamp(0, 1), q)
             x_p, step = x_a, self.beta / self.steps
             for _ in range(self.steps):
                 x_in = x_p.clone().requires_grad_(True)
-                grad, = torch.autograd.grad(self.loss(x_in, reference).sum(), x_in)
+                grad, = torch.autograd.grad(self.loss(x_in, reference, q).sum(), x_in)
                 raw = f3_update(x_p, grad, step, self.variant).detach()
                 x_p = (x_a + (raw - x_a).clamp(-self.beta, self.beta)).clamp(0, 1).detach()
         if self.gradient == "released":  # the released code's only path from x: x + clip(A − x, ±β), A constant
             return (x + (raw - x).clamp(-self.beta, self.beta)).clamp(0, 1)
         return (x + (x_p - x_a)).clamp(0, 1)
+
+
+class QuestionF3Victim(LVLMVictim, PurifiedVictim):
+    """An LVLM victim defended by question-conditioned F3 (``target='question'``, the released behaviour; Zhang et
+    al., ACM MM 2025): :meth:`visual_rows` purifies image ``rows[i]`` under question ``qids[i]`` before encoding it, so
+    scoring, greedy answers, the LM loss, first-token logits and hidden states all see each image purified under the
+    question they ask (``qids=None``: the averaged target). It is a :class:`~robustbench_med.defense.PurifiedVictim`
+    (``gradient_mode`` ``'full'``, ``'bpda'`` or ``'detach'`` applies to every pair's purification; the harness's
+    ``attack_through`` works unchanged) and an :class:`LVLMVictim` whose model, questions and tokens are the wrapped
+    victim's (read through to it), so attacks reach it as the LVLM itself."""
+
+    def __init__(self, victim: LVLMVictim, defense: F3Purifier, gradient_mode: str | None = None) -> None:
+        if not isinstance(victim, LVLMVictim):
+            raise TaskNotSupportedError(f"QuestionF3Victim wraps an LVLMVictim, not {type(victim).__name__}")
+        PurifiedVictim.__init__(self, victim, defense, gradient_mode)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)  # nn.Module: this wrapper's parameters, buffers and submodules
+        except AttributeError:
+            inner = self.__dict__.get("_modules", {}).get("victim")
+            if inner is None or name.startswith("__"):
+                raise
+            return getattr(inner, name)  # the wrapped LVLM's model, processor, token tables, evaluation protocol
+
+    def with_gradient_mode(self, mode: str) -> "QuestionF3Victim":
+        return QuestionF3Victim(self.victim, self.defense, mode)
+
+    def through(self, x: torch.Tensor, purify: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """``purify(x)`` with the gradient path of ``gradient_mode`` (as :meth:`PurifiedVictim.purified`)."""
+        if self.gradient_mode == "full":
+            return purify(x)
+        if self.gradient_mode == "bpda":
+            return x + (purify(x.detach()) - x).detach()
+        return purify(x.detach()).detach() + 0 * x
+
+    def purified_pairs(self, x: torch.Tensor, rows: torch.Tensor, qids: torch.Tensor) -> torch.Tensor:
+        """Image ``rows[i]`` purified under question ``qids[i]``, [N, C, H, W] (one F3 call for all pairs)."""
+        return self.through(x[rows], lambda z: self.defense.purify(z, questions=qids))
+
+    def visual_rows(self, x: torch.Tensor, rows: torch.Tensor, qids: torch.Tensor | None, layer: str) -> torch.Tensor:
+        """The wrapped victim's visual features of image ``rows[i]`` after F3 under question ``qids[i]``
+        (``None``: the whole batch purified with the averaged target)."""
+        if qids is None:
+            return self.victim.visual_rows(self.purified(x), rows, None, layer)
+        pairs = self.purified_pairs(x, rows, qids)
+        return self.victim.visual_rows(pairs, torch.arange(len(rows), device=x.device), qids, layer)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.victim(self.purified(x))
 
 
 class NoiseOnly(InputPurifier):

@@ -120,11 +120,12 @@ def test_f3_configuration_errors(victims):
 
 def test_gradient_paths(victims):
     """BPDA passes the identity (the a.e. Jacobian of F3); the harness's naive path (detach) passes exactly zero; the
-    released code's path passes the identity only where A − x rounds past ±β, zero elsewhere."""
+    released code's path passes the identity only where A − x rounds past ±β, zero elsewhere (averaged target, one
+    purification per image; the question-conditioned paths: tests/test_f3_released.py)."""
     x = _batch(2).requires_grad_(True)
     y = torch.zeros(2, 36, dtype=torch.long)
-    defended = create_defense("f3.v3").wrap(victims["llava"])
-    released = create_defense("f3.v3", gradient="released").wrap(victims["llava"])
+    defended = create_defense("f3.v3", target="averaged").wrap(victims["llava"])
+    released = create_defense("f3.v3", target="averaged", gradient="released").wrap(victims["llava"])
     assert isinstance(defended, PurifiedVictim) and defended.gradient_mode == "bpda" and released.gradient_mode == "full"
     grads = {}
     for key, view in (("bpda", defended), ("detach", defended.with_gradient_mode("detach")), ("released", released)):
