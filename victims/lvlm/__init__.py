@@ -6,6 +6,7 @@ Registered names:
 |---|---|
 | ``blip2.tiny``, ``instructblip.tiny``, ``llava.tiny`` | tiny models of the real ``transformers`` classes, trained by the project on the phantom VQA bank (``robustbench-med train <name>``) |
 | ``blip2.tiny_s1``, ``instructblip.tiny_s1``, ``llava.tiny_s1`` | the same, trained with seed 1: surrogates of the transfer attacks |
+| ``blip2.tiny_t5``, ``instructblip.tiny_t5`` (and ``*.tiny_t5_s1``) | the same Q-Former models with an encoder–decoder Flan-T5-style language model (``T5ForConditionalGeneration`` inside the real BLIP-2 / InstructBLIP classes): the LMs of the QAVA (arXiv 2504.11038) and PIP victims |
 | ``blip2.hf``, ``instructblip.hf``, ``llava.hf`` | real checkpoints: ``create_victim('llava.hf', weights=None, path=DIR_OR_HUB_NAME)`` |
 | ``clip_zs.tiny`` | open_clip CLIP zero-shot lesion-type classifier with per-class prompt ensembles (cosine; not CARZero) |
 
@@ -45,10 +46,26 @@ def _card(name: str, family: str, visual_tokens: int, input_size: tuple[int, int
     )
 
 
-def _tiny(name: str, family: str, notes: str, **kw: Any) -> LVLMVictim:
-    cfg = TinyLVLMConfig()
+T5_PAPERS = {
+    "blip2": "Li et al., BLIP-2, ICML 2023 (Q-Former: compressed projector; Flan-T5 encoder-decoder LM, as in QAVA / PIP)",
+    "instructblip": "Dai et al., InstructBLIP, NeurIPS 2023 (instruction-aware Q-Former: compressed projector; Flan-T5 "
+                    "encoder-decoder LM, as in QAVA / PIP)",
+}
+
+
+def _t5_card(name: str, family: str, visual_tokens: int, notes: str) -> VictimCard:
+    from dataclasses import replace
+
+    card = _card(name, family, visual_tokens, PHANTOM_INPUT, notes)
+    return replace(card, paper=T5_PAPERS[family], extra={**card.extra, "language_model": "t5 (encoder-decoder)"})
+
+
+def _tiny(name: str, family: str, notes: str, language_model: str = "opt", **kw: Any) -> LVLMVictim:
+    cfg = TinyLVLMConfig(language_model=language_model)
     model, processor = build_tiny(family, cfg)
     tokens = (cfg.image_size // cfg.patch_size) ** 2 if family == "llava" else cfg.num_query_tokens
+    if language_model == "t5":
+        return LVLMVictim(model, processor, family, _t5_card(name, family, tokens, notes), **kw)
     return LVLMVictim(model, processor, family, _card(name, family, tokens, PHANTOM_INPUT, notes), **kw)
 
 
@@ -62,6 +79,11 @@ def _pretrained(name: str, family: str, path: str | None, input_size=PHANTOM_INP
     victim = LVLMVictim(model, processor, family, _card(name, family, 0, tuple(input_size), f"checkpoint {path}"),
                         max_new_tokens=max_new_tokens, **kw)
     victim.card = _card(name, family, victim.n_visual_tokens, tuple(input_size), f"checkpoint {path}")
+    if victim.encoder_decoder:
+        from dataclasses import replace
+
+        lm = f"{victim.language_model.config.model_type} (encoder-decoder)"
+        victim.card = replace(victim.card, extra={**victim.card.extra, "language_model": lm})
     return victim
 
 
@@ -87,5 +109,24 @@ def _register_family(family: str) -> None:
                     task="vqa")(hf_factory)
 
 
+def _register_t5(family: str) -> None:
+    """``<family>.tiny_t5`` / ``<family>.tiny_t5_s1``: the tiny Q-Former model with a Flan-T5-style encoder-decoder LM,
+    trained by the same recipe and trainer as ``<family>.tiny`` (seed 0 / 1)."""
+    for tag, seed, note in (("tiny_t5", 0, "tiny model with an encoder-decoder (Flan-T5-style) LM trained on the phantom VQA bank"),
+                            ("tiny_t5_s1", 1, "seed-1 copy of the tiny encoder-decoder model (transfer-attack surrogate)")):
+        name = f"{family}.{tag}"
+        recipe = TrainRecipe(dataset="phantom.ct", target_field="vqa", n_train=1200, n_val=300, epochs=6, batch_size=32,
+                             lr=2e-3, seed=seed)
+
+        def tiny_factory(_name: str = name, _note: str = note, **kw: Any) -> LVLMVictim:
+            return _tiny(_name, family, _note, language_model="t5", **kw)
+
+        tiny_factory.__doc__ = f"Tiny {family} with a Flan-T5-style LM ({T5_PAPERS[family]}); {note}."
+        register_victim(name, card=_t5_card(name, family, 0, note), recipe=recipe, trainer=registry_trainer,
+                        trainer_version=TRAINER_VERSION, task="vqa")(tiny_factory)
+
+
 for _family in ("blip2", "instructblip", "llava"):
     _register_family(_family)
+for _family in ("blip2", "instructblip"):
+    _register_t5(_family)

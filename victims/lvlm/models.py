@@ -19,6 +19,16 @@ embeddings; the LM then scores the reference answer (teacher forcing) or answers
 left-padded with explicit position ids, so scoring and greedy decoding see the same positions as an unpadded
 sequence (the equivalence with the models' own ``forward`` is tested).
 
+Encoder–decoder language models (BLIP-2 / InstructBLIP with Flan-T5, ``model.config.use_decoder_only_language_model``
+False; the LMs of the QAVA and PIP victims): the visual tokens and the prompt are the *encoder* input (left-padded
+with the attention mask only: T5's relative position bias depends on position differences, so left padding leaves
+every real token's positions unchanged, and no position ids are passed), and the answer goes to the *decoder*, which
+starts from ``decoder_start_token_id`` (T5: the pad token). Teacher forcing feeds the shifted answer to the decoder
+(right-padded; the causal mask keeps the padding after EOS from reaching earlier positions), greedy decoding encodes
+once and runs the decoder from its start token, and the first-token logits are the decoder's first step. The answer
+tokens are the tokenizer's tokens of the answer alone (no special tokens) followed by EOS, as ``labels`` of T5 are.
+The equivalence with the models' own ``forward`` and ``generate`` is tested as well.
+
 The harness target ``y`` is ``ds.targets("vqa")``: a long tensor [B, Q] holding the answer id (into
 ``robustbench_med.data.phantom.ANSWERS``) of every question of the phantom bank; an entry of :data:`IGNORE` (−1)
 hides that question from :meth:`LVLMVictim.objective` ("the questions the caller allows").
@@ -26,16 +36,18 @@ hides that question from :meth:`LVLMVictim.objective` ("the questions the caller
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.modeling_outputs import Seq2SeqLMOutput
 
 from robustbench_med.errors import ConfigError, InputContractError
 from robustbench_med.victim import Victim, VictimCard
-from robustbench_med.victims.lvlm.templates import TEMPLATES
+from robustbench_med.victims.lvlm.templates import template_for
 from robustbench_med.vqa import normalize_answer
 
 FAMILIES = ("blip2", "instructblip", "llava")
@@ -70,6 +82,39 @@ def unrelated_questions() -> tuple[str, ...]:
     return UNRELATED_QUESTIONS
 
 
+@dataclass
+class EncoderDecoderPassOutput(Seq2SeqLMOutput):
+    """The output of :meth:`LVLMVictim.lm_pass` for an encoder–decoder LM: T5's ``Seq2SeqLMOutput`` plus
+    ``attentions``, the decoder's cross-attentions of each layer ([N, H, 1, S]: from the first decoder step, the one
+    that predicts the first answer token, to the S encoder positions), in the place where a decoder-only LM returns
+    its self-attentions [N, H, S, S] (row −1 of either is the generating position's attention over the prompt)."""
+
+    attentions: tuple[torch.Tensor, ...] | None = None
+
+
+def _tied_aliases(module: nn.Module) -> dict[str, str]:
+    """Parameter names that alias an earlier-named parameter (tied weights) → that first name."""
+    first: dict[int, str] = {}
+    alias = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            alias[name] = first[id(p)]
+        else:
+            first[id(p)] = name
+    return alias
+
+
+def _drop_tied_aliases(module: nn.Module, state: dict[str, Any], prefix: str, _meta: Any) -> None:
+    for alias in _tied_aliases(module):
+        state.pop(prefix + alias, None)
+
+
+def _restore_tied_aliases(module: nn.Module, state: dict[str, Any], prefix: str, *_: Any) -> None:
+    for alias, name in _tied_aliases(module).items():
+        if prefix + alias not in state and prefix + name in state:
+            state[prefix + alias] = state[prefix + name]
+
+
 def _left_pad(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
@@ -93,7 +138,8 @@ class LVLMVictim(Victim):
 
     Args:
         model: a ``Blip2ForConditionalGeneration``, ``InstructBlipForConditionalGeneration`` or
-            ``LlavaForConditionalGeneration`` with a decoder-only language model (eager attention recommended).
+            ``LlavaForConditionalGeneration`` (eager attention recommended); BLIP-2 and InstructBLIP may have a
+            decoder-only (OPT, Vicuna) or an encoder–decoder (Flan-T5) language model, LLaVA a decoder-only one.
         processor: the matching processor (its tokenizer, Q-Former tokenizer and image mean / std are used).
         family: ``'blip2'``, ``'instructblip'`` or ``'llava'`` (selects the prompt template).
         card: the victim card (task ``'vqa'``; ``input_size`` (1 or 3, H, W)).
@@ -123,12 +169,14 @@ class LVLMVictim(Victim):
             raise ConfigError(f"unknown LVLM family {family!r}; choose one of {FAMILIES}")
         if card.task != "vqa" or card.input_size[0] not in (1, 3):
             raise ConfigError("an LVLM victim card needs task 'vqa' and 1 or 3 input channels")
-        if not getattr(model.config, "use_decoder_only_language_model", True):
-            raise ConfigError(f"{card.name}: only decoder-only language models are supported (not encoder-decoder LMs such as Flan-T5)")
+        #: whether the LM is an encoder-decoder (Flan-T5): the prompt goes to its encoder, the answer to its decoder
+        self.encoder_decoder = not getattr(model.config, "use_decoder_only_language_model", True)
+        if self.encoder_decoder and family == "llava":
+            raise ConfigError(f"{card.name}: LLaVA victims need a decoder-only language model")
         self.model = model
         self.processor = processor
         self.family = family
-        self.template = TEMPLATES[family]
+        self.template = template_for(family, self.encoder_decoder)
         self.max_new_tokens = int(max_new_tokens)
         self._set_eval_protocol(n_eval, eval_pool, eval_questions, eval_seed)
         ip = processor.image_processor
@@ -140,6 +188,11 @@ class LVLMVictim(Victim):
         self.n_visual_tokens = self._count_visual_tokens()
         self.feature_layers = self._feature_layer_names()
         self._build_token_tables()
+        if self.encoder_decoder:
+            # transformers 5 always ties T5's shared embedding, its encoder / decoder embeddings and its LM head: the
+            # state dict names each tied tensor once (safetensors refuses aliases), and loading fills the aliases in
+            self.register_state_dict_post_hook(_drop_tied_aliases)
+            self.register_load_state_dict_pre_hook(_restore_tied_aliases)
 
     # ----------------------------------------------------------------------------------------------- set-up
     def _set_eval_protocol(self, n_eval: int, pool: str, questions: Sequence[int] | None, seed: int) -> None:
@@ -190,8 +243,11 @@ class LVLMVictim(Victim):
         return ids[:i] + [self.image_token_id] * self.n_visual_tokens + ids[i + 1:]
 
     def _answer_tokens(self, answer: str) -> list[int]:
-        """The answer's tokens as they follow the prompt (prefix-difference tokenisation), then EOS."""
+        """The answer's tokens as they follow the prompt (prefix-difference tokenisation), then EOS. Encoder–decoder
+        LMs: the answer's own tokens (no special tokens), then EOS: the decoder's targets."""
         tok = self.processor.tokenizer
+        if self.encoder_decoder:
+            return list(tok(answer, add_special_tokens=False).input_ids) + [tok.eos_token_id]
         prompt = self.template.render(vqa_bank()[0][0].text)
         base, full = tok(prompt).input_ids, tok(f"{prompt} {answer}").input_ids
         suffix = full[len(base):] if full[: len(base)] == base else tok(f" {answer}", add_special_tokens=False).input_ids
@@ -207,14 +263,10 @@ class LVLMVictim(Victim):
         ids, mask = _left_pad(prompts + [self._prompt_tokens(t) for t in unrelated_questions()], self.pad_id)
         self.register_buffer("_prompt_ids", ids, persistent=False)  # the bank, then the unrelated probe questions
         self.register_buffer("_prompt_mask", mask, persistent=False)
-        full = [p + a for p in prompts for a in answer_tokens]
-        labels = [[-100] * len(p) + a for p in prompts for a in answer_tokens]
-        tf_ids, tf_mask = _left_pad(full, self.pad_id)
-        tf_labels = _left_pad(labels, -100)[0]
-        shape = (len(prompts), len(answer_tokens), tf_ids.shape[1])
-        self.register_buffer("_tf_ids", tf_ids.view(shape), persistent=False)
-        self.register_buffer("_tf_mask", tf_mask.view(shape), persistent=False)
-        self.register_buffer("_tf_labels", tf_labels.view(shape), persistent=False)
+        if self.encoder_decoder:
+            self._build_decoder_tables(answer_tokens)
+        else:
+            self._build_teacher_forcing_tables(prompts, answer_tokens)
         self.answer_len = max(len(a) for a in answer_tokens)
         self.register_buffer("_answer_first", torch.tensor([a[0] for a in answer_tokens]), persistent=False)
         self._answer_norm = [normalize_answer(a) for a in answers]
@@ -229,6 +281,31 @@ class LVLMVictim(Victim):
             qmask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in qf])
             self.register_buffer("_qf_ids", qids, persistent=False)
             self.register_buffer("_qf_mask", qmask, persistent=False)
+
+    def _build_teacher_forcing_tables(self, prompts: list[list[int]], answer_tokens: list[list[int]]) -> None:
+        """Decoder-only LMs: every prompt followed by every answer, left-padded ([Q, A, S]; labels −100 on the prompt)."""
+        full = [p + a for p in prompts for a in answer_tokens]
+        labels = [[-100] * len(p) + a for p in prompts for a in answer_tokens]
+        tf_ids, tf_mask = _left_pad(full, self.pad_id)
+        tf_labels = _left_pad(labels, -100)[0]
+        shape = (len(prompts), len(answer_tokens), tf_ids.shape[1])
+        self.register_buffer("_tf_ids", tf_ids.view(shape), persistent=False)
+        self.register_buffer("_tf_mask", tf_mask.view(shape), persistent=False)
+        self.register_buffer("_tf_labels", tf_labels.view(shape), persistent=False)
+
+    def _build_decoder_tables(self, answer_tokens: list[list[int]]) -> None:
+        """Encoder–decoder LMs: per answer, the decoder labels (answer tokens and EOS, right-padded with −100) and the
+        decoder input (the labels shifted right behind ``decoder_start_token_id``, −100 → pad), [A, L] each: what
+        T5's ``_shift_right`` makes of ``labels``."""
+        start = getattr(self.language_model.config, "decoder_start_token_id", None)
+        self.decoder_start_id = int(start if start is not None else self.pad_id)
+        width = max(len(a) for a in answer_tokens)
+        labels = torch.full((len(answer_tokens), width), -100, dtype=torch.long)
+        for i, a in enumerate(answer_tokens):
+            labels[i, : len(a)] = torch.tensor(a, dtype=torch.long)
+        dec = torch.cat([torch.full((len(labels), 1), self.decoder_start_id, dtype=torch.long), labels[:, :-1]], 1)
+        self.register_buffer("_dec_labels", labels, persistent=False)
+        self.register_buffer("_dec_ids", dec.masked_fill(dec == -100, self.pad_id), persistent=False)
 
     # ------------------------------------------------------------------------------------------ questions
     def evaluation_questions(self, y: torch.Tensor) -> torch.Tensor:
@@ -338,19 +415,57 @@ class LVLMVictim(Victim):
         return self.visual_features(z, None, "lm_input")
 
     # -------------------------------------------------------------------------------------------- LM side
-    def _lm_forward(self, tokens: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, **kw: Any) -> Any:
-        """The LM's output on ``ids`` with the visual ``tokens`` scattered into the image placeholders."""
+    def _prompt_embeds(self, tokens: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The LM input embeddings of ``ids`` with the visual ``tokens`` scattered into the image placeholders."""
         embeds = self.model.get_input_embeddings()(ids)
         slots = (ids == self.image_token_id).unsqueeze(-1)
-        embeds = embeds.masked_scatter(slots, tokens.to(embeds.dtype))
+        return embeds.masked_scatter(slots, tokens.to(embeds.dtype))
+
+    def _lm_forward(self, tokens: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, **kw: Any) -> Any:
+        """The LM's output on ``ids`` with the visual ``tokens`` scattered into the image placeholders (decoder-only
+        LMs; encoder–decoder LMs: :meth:`_seq2seq_forward`)."""
+        embeds = self._prompt_embeds(tokens, ids)
         pos = (mask.cumsum(-1) - 1).clamp_min(0)
         return self.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, **kw)
 
+    def _encode(self, tokens: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, **kw: Any) -> Any:
+        """Encoder–decoder LMs: the encoder's output on the prompt ``ids`` with the visual ``tokens`` scattered in."""
+        return self.language_model.get_encoder()(inputs_embeds=self._prompt_embeds(tokens, ids), attention_mask=mask,
+                                                 return_dict=True, **kw)
+
+    def _seq2seq_forward(self, tokens: torch.Tensor | None, ids: torch.Tensor, mask: torch.Tensor, decoder_ids: torch.Tensor,
+                         encoder_outputs: Any = None, **kw: Any) -> Any:
+        """Encoder–decoder LMs: the LM's output with the prompt (visual ``tokens`` scattered into ``ids``; or the given
+        ``encoder_outputs``) in the encoder and ``decoder_ids`` in the decoder; ``logits_to_keep`` is honoured here
+        (T5 has no such argument)."""
+        keep = kw.pop("logits_to_keep", 0)
+        embeds = None if encoder_outputs is not None else self._prompt_embeds(tokens, ids)
+        out = self.language_model(inputs_embeds=embeds, encoder_outputs=encoder_outputs, attention_mask=mask,
+                                  decoder_input_ids=decoder_ids, use_cache=False, return_dict=True, **kw)
+        if keep:
+            out.logits = out.logits[:, -keep:]
+        return out
+
+    def _decoder_start(self, n: int, device: torch.device) -> torch.Tensor:
+        return torch.full((n, 1), self.decoder_start_id, dtype=torch.long, device=device)
+
     def lm_pass(self, x: torch.Tensor, rows: torch.Tensor, qids: torch.Tensor, **kw: Any) -> tuple[Any, torch.Tensor]:
         """The LM's output for image ``rows[i]`` under question ``qids[i]`` (the prompts' common left padding trimmed),
-        and the mask [N, S] of the visual-token positions; ``kw`` go to the LM (``output_attentions``, ``logits_to_keep``…)."""
+        and the mask [N, S] of the visual-token positions; ``kw`` go to the LM (``output_attentions``, ``logits_to_keep``…).
+
+        Encoder–decoder LMs: the prompt in the encoder and the decoder's first step (its start token, the position
+        that predicts the first answer token) in the decoder; the output is an :class:`EncoderDecoderPassOutput` whose
+        ``attentions`` are the decoder's *cross*-attentions of that step to the encoder positions ([N, H, 1, S] per
+        decoder layer; the mask marks the visual tokens among the S encoder positions). This is the counterpart of a
+        decoder-only LM's attention from the last prompt token to the visual tokens (what F3 reads, ``source='lm'``):
+        the attention of the position that generates the answer. The encoder's self-attentions stay available as
+        ``encoder_attentions`` (every encoder position attends to the image both ways, none of them generates)."""
         mask, ids = _trim_left(self._prompt_mask[qids], self._prompt_ids[qids])
-        return self._lm_forward(self.visual_rows(x, rows, qids, "lm_input"), ids, mask, **kw), ids == self.image_token_id
+        tokens = self.visual_rows(x, rows, qids, "lm_input")
+        if self.encoder_decoder:
+            out = self._seq2seq_forward(tokens, ids, mask, self._decoder_start(len(ids), ids.device), **kw)
+            return EncoderDecoderPassOutput(**dict(out.items()), attentions=out.cross_attentions), ids == self.image_token_id
+        return self._lm_forward(tokens, ids, mask, **kw), ids == self.image_token_id
 
     def _lm_logits(self, tokens: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, keep: int) -> torch.Tensor:
         """Logits [N, keep, V] of the last ``keep`` positions, the visual tokens scattered into the placeholders."""
@@ -362,13 +477,21 @@ class LVLMVictim(Victim):
         positions and 0 elsewhere (padding, the visual tokens, text before them). In a causal LM these are the first
         positions whose state depends on both the image and the question, so they are a question-conditioned
         representation of the image for every family, including those whose projector never reads the question
-        (BLIP-2, LLaVA). Used by ``qava.hidden``."""
+        (BLIP-2, LLaVA). Used by ``qava.hidden``.
+
+        Encoder–decoder LMs (Flan-T5): the *encoder's* last hidden states (``last_hidden_state``, after its final
+        layer norm: what the decoder cross-attends to) at the same positions, the question tokens after the visual
+        tokens. The encoder is bidirectional, so every one of its states depends on image and question; these
+        positions are kept so the representation is the question's, read in the light of the image."""
         q = self._question_matrix(question_ids, len(x), x.device).clamp_min(0)
         b, n = q.shape
         rows, qids = torch.arange(b, device=x.device).repeat_interleave(n), q.flatten()
         mask, ids = _trim_left(self._prompt_mask[qids], self._prompt_ids[qids])
-        out = self._lm_forward(self.visual_rows(x, rows, qids, "lm_input"), ids, mask, output_hidden_states=True, logits_to_keep=1)
-        states = out.hidden_states[-1]
+        if self.encoder_decoder:
+            states = self._encode(self.visual_rows(x, rows, qids, "lm_input"), ids, mask).last_hidden_state
+        else:
+            out = self._lm_forward(self.visual_rows(x, rows, qids, "lm_input"), ids, mask, output_hidden_states=True, logits_to_keep=1)
+            states = out.hidden_states[-1]
         image = ids == self.image_token_id
         after = (image.long().cumsum(-1) >= self.n_visual_tokens) & ~image & mask.bool()
         return states.view(b, n, *states.shape[1:]), after.to(states.dtype).view(b, n, -1)
@@ -387,12 +510,20 @@ class LVLMVictim(Victim):
 
     def lm_loss(self, x: torch.Tensor, y: torch.Tensor, question_ids: Any) -> torch.Tensor:
         """Per-image LM loss [B] of the reference answers (teacher forcing, mean token CE incl. EOS), averaged over
-        the questions ``question_ids`` ([B, n]; −1 entries and :data:`IGNORE` answers are skipped; 0 if none)."""
+        the questions ``question_ids`` ([B, n]; −1 entries and :data:`IGNORE` answers are skipped; 0 if none).
+        Encoder–decoder LMs: the visual tokens and prompt in the encoder, the answer teacher-forced in the decoder."""
         q, valid, rows, qids, aids = self._flat(x, y, question_ids)
         out = x.new_zeros(len(x))
         if len(rows) == 0:
             return out + 0 * x.flatten(1).sum(1)
         tokens = self.visual_rows(x, rows, qids, "lm_input")
+        if self.encoder_decoder:
+            mask, ids = _trim_left(self._prompt_mask[qids], self._prompt_ids[qids])
+            target = self._dec_labels[aids]
+            logits = self._seq2seq_forward(tokens, ids, mask, self._dec_ids[aids]).logits.float()
+            ce = F.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100, reduction="none")
+            per_seq = ce.sum(1) / (target != -100).sum(1).clamp_min(1)
+            return out.index_add(0, rows, per_seq) / valid.sum(1).clamp_min(1)
         mask, ids, labels = _trim_left(self._tf_mask[qids, aids], self._tf_ids[qids, aids], self._tf_labels[qids, aids])
         keep = self.answer_len + 1
         logits = self._lm_logits(tokens, ids, mask, keep)[:, :-1].float()
@@ -411,7 +542,8 @@ class LVLMVictim(Victim):
 
     def first_token_logits(self, x: torch.Tensor, y: torch.Tensor | None = None, question_ids: Any = None) -> torch.Tensor:
         """Next-token logits at the end of the prompt (the first answer token: the classifier view used to run
-        AutoAttack on LVLMs): [B, V] for one question per image, [B, n, V] for [B, n].
+        AutoAttack on LVLMs): [B, V] for one question per image, [B, n, V] for [B, n]. Encoder–decoder LMs: the
+        logits of the decoder's first step (from its start token).
 
         ``question_ids=None`` takes each image's first evaluation question, which needs ``y``.
         """
@@ -424,7 +556,11 @@ class LVLMVictim(Victim):
         b, n = q.shape
         rows, qids = torch.arange(b, device=x.device).repeat_interleave(n), q.clamp_min(0).flatten()
         mask, ids = _trim_left(self._prompt_mask[qids], self._prompt_ids[qids])
-        logits = self._lm_logits(self.visual_rows(x, rows, qids, "lm_input"), ids, mask, 1)[:, -1].float()
+        if self.encoder_decoder:  # the decoder's first step
+            logits = self._seq2seq_forward(self.visual_rows(x, rows, qids, "lm_input"), ids, mask,
+                                           self._decoder_start(len(ids), ids.device)).logits[:, -1].float()
+        else:
+            logits = self._lm_logits(self.visual_rows(x, rows, qids, "lm_input"), ids, mask, 1)[:, -1].float()
         logits = logits.view(b, n, -1)
         return logits[:, 0] if squeeze else logits
 
@@ -445,6 +581,8 @@ class LVLMVictim(Victim):
         rows, qids = torch.arange(b, device=x.device).repeat_interleave(n), q.flatten()
         tokens = self.visual_rows(x, rows, qids, "lm_input")
         mask, ids = _trim_left(self._prompt_mask[qids], self._prompt_ids[qids])
+        if self.encoder_decoder:
+            return self._generate_seq2seq(tokens, ids, mask, b, n)
         done = torch.zeros(len(ids), dtype=torch.bool, device=x.device)
         steps = []
         for _ in range(self.max_new_tokens):
@@ -455,6 +593,28 @@ class LVLMVictim(Victim):
             steps.append(nxt)
             done |= nxt == self.eos_id
             ids, mask = torch.cat([ids, nxt[:, None]], 1), torch.cat([mask, torch.ones_like(nxt)[:, None]], 1)
+            if bool(done.all()):
+                break
+        gen = torch.stack(steps, 1).cpu().tolist()
+        texts = [self.processor.tokenizer.decode(_until_eos(g, self.eos_id), skip_special_tokens=True) for g in gen]
+        return [texts[i * n:(i + 1) * n] for i in range(b)], steps[0].view(b, n)
+
+    def _generate_seq2seq(self, tokens: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, b: int,
+                          n: int) -> tuple[list[list[str]], torch.Tensor]:
+        """Greedy decoding of an encoder–decoder LM: encode the prompt once, then run the decoder from its start token
+        (the same answers and first-step tokens as :meth:`generate_answers` returns for a decoder-only LM)."""
+        enc = self._encode(tokens, ids, mask)
+        dec = self._decoder_start(len(ids), ids.device)
+        done = torch.zeros(len(ids), dtype=torch.bool, device=ids.device)
+        steps = []
+        for _ in range(self.max_new_tokens):
+            logits = self._seq2seq_forward(None, ids, mask, dec, encoder_outputs=enc, logits_to_keep=1).logits[:, -1]
+            logits[:, self.image_token_id] = float("-inf")  # the placeholder is never an answer token
+            nxt = logits.argmax(-1)
+            nxt = torch.where(done, torch.full_like(nxt, self.pad_id), nxt)
+            steps.append(nxt)
+            done |= nxt == self.eos_id
+            dec = torch.cat([dec, nxt[:, None]], 1)
             if bool(done.all()):
                 break
         gen = torch.stack(steps, 1).cpu().tolist()
