@@ -2,6 +2,7 @@
 from robustbench_med.victims import basic as _basic  # noqa: F401
 from robustbench_med.victims import zoo as _zoo  # noqa: F401
 from robustbench_med.victims import lvlm as _lvlm  # noqa: F401
+from robustbench_med.victims.lvlm import projector_study as _projector_study  # noqa: F401
 from robustbench_med.victims import shortcut as _shortcut  # noqa: F401
 from robustbench_med.victims import multimodal as _multimodal  # noqa: F401
 from robustbench_med.victims import site_shift as _site_shift  # noqa: F401

@@ -10,17 +10,25 @@ Claims (QAVA, Zhang et al., NAACL 2025; compressed projectors, arXiv 2506.00534 
 
 ``python -m robustbench_med.victims.lvlm.claims [--n 48] [--eps 8/255] [--steps 20]`` prints one row per
 victim × attack (trained weights are used from the cache, trained first if missing);
-``python -m robustbench_med.victims.lvlm.claims --store runs/lvlm/results.sqlite`` reads the claims off a finished
-``lvlm`` grid instead (per victim and eps, from the leaderboard's per-question columns). Numbers are reported as
-measured; nothing is tuned towards the claims.
+``python -m robustbench_med.victims.lvlm.claims --store runs/projector_study/results.sqlite runs/lvlm/results.sqlite``
+prints every claim finished grid stores can check, one line each with Δ, its 95% interval, the samples × training
+seeds × attack seeds behind it and a verdict (:func:`claims_with_ci`): the compressed-vs-uncompressed projector
+claim at every knowledge level from the seeded projector study (``projector_study`` grid; the 3D one in ``volumes``),
+QAVA vs question-specific PGD and unrelated- vs known-type QAVA (``lvlm``), F3's recovery (``f3``). A difference is
+called a *finding* only when its interval excludes 0 and it rests on ≥ 3 training seeds × ≥ 3 attack seeds; with
+fewer, the verdict says what these trained models and attack runs did and that it is not a finding. ``--table``
+prints the older per-victim accuracy rows of an ``lvlm`` store instead. Numbers are reported as measured; nothing
+is tuned towards the claims.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import time
+from dataclasses import dataclass
 from typing import Any
 
+import pandas as pd
 import torch
 
 from robustbench_med.threat import check_budget, parse_eps
@@ -105,16 +113,224 @@ def claims_from_store(store: Any) -> list[dict[str, Any]]:
     return rows
 
 
+# ------------------------------------------------------------------------------------- claims with intervals
+MIN_SEEDS = 3  # training seeds and attack seeds a comparison needs before its verdict can be a finding
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One claim checked on a store: the estimate Δ, its 95% interval, the seeds behind it and the verdict."""
+
+    claim: str
+    where: str
+    condition: str
+    delta: float
+    ci95_low: float
+    ci95_high: float
+    n: int
+    training_seeds: int
+    attack_seeds: int
+    verdict: str
+
+    def line(self) -> str:
+        return (f"{self.claim} | {self.where} | {self.condition} | Δ {self.delta:+.3f} [{self.ci95_low:+.3f}, "
+                f"{self.ci95_high:+.3f}] | n {self.n} × {self.training_seeds} training × {self.attack_seeds} attack seeds | "
+                f"{self.verdict}")
+
+
+def verdict(lo: float, hi: float, above: str, below: str, training_seeds: int, attack_seeds: int) -> str:
+    """``above`` / ``below`` when the interval excludes 0, else ``no difference shown``; below ``MIN_SEEDS`` training
+    or attack seeds the comparison describes the trained models and attack runs, and is not called a finding."""
+    call = above if lo > 0 else below if hi < 0 else "no difference shown"
+    if min(training_seeds, attack_seeds) < MIN_SEEDS:
+        return f"{call} (not a finding: {training_seeds} training × {attack_seeds} attack seeds, needs ≥ {MIN_SEEDS} × {MIN_SEEDS})"
+    return f"finding: {call}" if call != "no difference shown" else call
+
+
+def projector_claims(store: Any) -> list[Claim]:
+    """Compressed vs uncompressed projector at every knowledge level, from the store's seed studies
+    (:mod:`robustbench_med.seed_studies`): Δ drop = drop of the compressed arm − drop of the uncompressed one, with
+    the two- or three-level bootstrap interval over test samples, training seeds and attack seeds."""
+    from robustbench_med.seed_studies import seed_study_table
+
+    table = seed_study_table(store)
+    out = []
+    for r in table.itertuples() if len(table) else []:
+        if r.condition == "clean" or pd.isna(getattr(r, "drop_delta", float("nan"))):
+            continue
+        attack_seeds = int(r.attack_seeds) if not pd.isna(getattr(r, "attack_seeds", float("nan"))) else 1
+        seeds = min(r.seeds_a, r.seeds_b)
+        out.append(Claim(f"{r.arm_a} loses more than {r.arm_b}", r.study, r.condition, r.drop_delta, r.drop_ci95_low,
+                         r.drop_ci95_high, r.n, seeds, attack_seeds,
+                         verdict(r.drop_ci95_low, r.drop_ci95_high, f"{r.arm_a} loses more", f"{r.arm_b} loses more", seeds, attack_seeds)))
+    return out
+
+
+def metric_frames(store: Any, metric: str) -> dict[tuple[str, str], tuple[pd.DataFrame, dict[str, int]]]:
+    """Per (victim, defence incl. its parameters and attack route): per-sample ``metric`` after each condition
+    (samples × condition labels of :func:`~robustbench_med.paired_metrics.condition_scores`, attack seeds averaged),
+    and the number of attack seeds behind each condition."""
+    from robustbench_med.fairness import store_frames
+    from robustbench_med.paired_metrics import _condition_labels
+
+    cells, samples, _ = store_frames(store)
+    if cells.empty or samples.empty:
+        return {}
+    done = cells[cells.status == "done"].copy()
+    done["route"] = [f"{d}{p if isinstance(p, str) and p not in ('', '{}', 'null') else ''}[{t}]"
+                     for d, p, t in zip(done.defense, done.defense_params, done.attack_through)]
+    out = {}
+    for (victim, route), group in done.groupby(["victim", "route"], sort=False):
+        labels = _condition_labels(group)
+        per: dict[str, dict[Any, pd.Series]] = {}
+        for c in group.itertuples():
+            rows = samples[samples.cell_id == c.cell_id]
+            values = [json.loads(m).get(metric) if isinstance(m, str) else None for m in rows.metrics]
+            if rows.empty or any(v is None for v in values):
+                continue
+            label, seed = labels[c.cell_id]
+            per.setdefault(label, {})[seed] = pd.Series(values, index=rows.sample_idx.to_numpy(), dtype=float)
+        if per:
+            out[(victim, route)] = (pd.DataFrame({k: pd.DataFrame(v).mean(axis=1) for k, v in per.items()}),
+                                    {k: len(v) for k, v in per.items()})
+    return out
+
+
+def _paired(a: pd.Series, b: pd.Series, key: str, n_boot: int = 2000) -> tuple[float, float, float, int]:
+    """Δ = mean(a − b) over the samples both have, and its paired percentile-bootstrap 95% interval."""
+    import zlib
+
+    import numpy as np
+
+    from robustbench_med.gate import resample_indices
+
+    common = a.dropna().index.intersection(b.dropna().index)
+    diff = (a.loc[common] - b.loc[common]).to_numpy(float)
+    if not len(diff):
+        return float("nan"), float("nan"), float("nan"), 0
+    rng = np.random.default_rng([0, zlib.crc32(key.encode())])
+    lo, hi = np.percentile(diff[resample_indices(len(diff), n_boot, rng)].mean(1), [2.5, 97.5])
+    return float(diff.mean()), float(lo), float(hi), len(diff)
+
+
+def _claim(text: str, where: str, condition: str, a: pd.Series, b: pd.Series, seeds: int, above: str, below: str) -> Claim | None:
+    delta, lo, hi, n = _paired(a, b, f"{text}|{where}|{condition}")
+    if not n:
+        return None
+    return Claim(text, where, condition, delta, lo, hi, n, 1, seeds, verdict(lo, hi, above, below, 1, seeds))
+
+
+def _seeded_claim(text: str, where: str, condition: str, pairs: list[tuple[pd.Series, pd.Series]], seeds: int,
+                  above: str, below: str, n_boot: int = 2000) -> Claim | None:
+    """One claim over several training seeds of one arm: Δ = mean(a − b) per sample and seed, its interval from the
+    two-level bootstrap of :mod:`robustbench_med.seed_studies` (test samples shared, training seeds resampled)."""
+    import zlib
+
+    import numpy as np
+
+    from robustbench_med.seed_studies import _bootstrap
+
+    if len(pairs) == 1:
+        return _claim(text, where, condition, *pairs[0], seeds, above, below)
+    common = pairs[0][0].index
+    for a, b in pairs:
+        common = common.intersection(a.dropna().index).intersection(b.dropna().index)
+    if not len(common):
+        return None
+    diff = np.stack([(a.loc[common] - b.loc[common]).to_numpy(float) for a, b in pairs])
+    rng = np.random.default_rng([0, zlib.crc32(f"{text}|{where}|{condition}".encode())])
+    lo, hi = np.percentile(_bootstrap(diff, np.zeros_like(diff), n_boot, rng), [2.5, 97.5])
+    return Claim(text, where, condition, float(diff.mean()), float(lo), float(hi), len(common), len(pairs), seeds,
+                 verdict(lo, hi, above, below, len(pairs), seeds))
+
+
+def _arm_of(victim: str) -> str:
+    """``study/arm`` for a victim whose card joins a seed study (its training seeds are pooled), else the victim."""
+    from robustbench_med.seed_studies import study_membership
+
+    member = study_membership(victim)
+    return f"{member[0]}/{member[1]}" if member else victim
+
+
+def qava_claims(store: Any) -> list[Claim]:
+    """Per undefended VQA victim (or seed-study arm, its training seeds pooled) and eps; paired over test images:
+
+    * QAVA (``qava.lm``, questions of the evaluated types, other phrasings) on the unseen evaluation questions vs
+      question-specific PGD (``lvlm_pgd.question``) on its own question: Δ = accuracy under QAVA − under PGD;
+    * QAVA from unrelated questions (``qava.hidden`` with ``pool: unrelated``) vs from the evaluated types
+      (``qava.hidden``): Δ = accuracy(unrelated) − accuracy(known types).
+
+    Attack seeds are averaged per image; an arm with several training seeds gets the two-level interval.
+    """
+    primary, first = metric_frames(store, "vqa_accuracy"), metric_frames(store, "vqa_accuracy_first")
+    groups: dict[tuple[str, str, str, str, str], tuple[list[tuple[pd.Series, pd.Series]], list[int]]] = {}
+
+    def add(text: str, victim: str, eps: str, a: pd.Series, b: pd.Series, seeds: int, above: str, below: str) -> None:
+        pairs, counts = groups.setdefault((text, _arm_of(victim), eps, above, below), ([], []))
+        pairs.append((a, b))
+        counts.append(seeds)
+
+    for (victim, route), (frame, seeds) in primary.items():
+        if not route.startswith("identity.none"):
+            continue
+        own, own_seeds = first.get((victim, route), (pd.DataFrame(), {}))
+        for col in frame.columns:
+            attack, eps = col.rsplit(" ", 1)
+            pgd = f"lvlm_pgd.question {eps}"
+            if attack == "qava.lm" and pgd in own.columns:
+                add("QAVA (known types) as strong as PGD on its own question", victim, eps, frame[col], own[pgd],
+                    min(seeds[col], own_seeds[pgd]), "QAVA weaker", "QAVA stronger")
+            if attack.startswith("qava.hidden[") and "pool=unrelated" in attack:
+                known = next((c for c in frame.columns if c.startswith("qava.hidden[") and c.endswith(f" {eps}") and c != col), None)
+                if known is not None:
+                    add("QAVA from unrelated questions as strong as from the evaluated types", victim, eps, frame[col],
+                        frame[known], min(seeds[col], seeds[known]), "unrelated weaker", "unrelated stronger")
+    out = [_seeded_claim(text, where, eps, pairs, min(counts), above, below)
+           for (text, where, eps, above, below), (pairs, counts) in groups.items()]
+    return [c for c in out if c is not None]
+
+
+def f3_claims(store: Any) -> list[Claim]:
+    """F3 recovery per victim × attack × F3 setting × attack route (non-adaptive ``transfer``, ``adaptive`` BPDA +
+    EOT): Δ = accuracy with F3 − without, on the same attacked images' samples (paired over test images)."""
+    out, frames = [], metric_frames(store, "vqa_accuracy")
+    for (victim, route), (frame, seeds) in frames.items():
+        if not route.startswith("f3."):
+            continue
+        base = frames.get((victim, "identity.none[adaptive]"))
+        if base is None:
+            continue
+        for col in frame.columns:
+            if col in base[0].columns:
+                out.append(_claim("F3 recovers accuracy", f"{victim} {route}", col, frame[col], base[0][col],
+                                  min(seeds[col], base[1][col]), "F3 recovers", "F3 hurts"))
+    return [c for c in out if c is not None]
+
+
+def claims_with_ci(store: Any) -> list[Claim]:
+    """Every claim the store can check (projector study, QAVA, F3), each with its interval and verdict."""
+    return projector_claims(store) + qava_claims(store) + f3_claims(store)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=48)
     parser.add_argument("--eps", default="8/255")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--families", default="blip2,instructblip,llava")
-    parser.add_argument("--store", help="read the claims off a finished lvlm grid store instead of running attacks")
+    parser.add_argument("--store", nargs="+", help="print every claim these grid stores can check, with its 95%% interval and verdict")
+    parser.add_argument("--table", action="store_true", help="with --store: the per-victim accuracy rows instead")
     args = parser.parse_args()
-    rows = claims_from_store(args.store) if args.store else run_claims(tuple(args.families.split(",")), args.n, parse_eps(args.eps), args.steps)
-    for row in rows:
+    if args.store:
+        for path in args.store:
+            if args.table:
+                for row in claims_from_store(path):
+                    print(json.dumps(row))
+                continue
+            for claim in claims_with_ci(path):
+                print(claim.line())
+        return
+    for row in run_claims(tuple(args.families.split(",")), args.n, parse_eps(args.eps), args.steps):
         print(json.dumps(row))
 
 

@@ -55,6 +55,23 @@ def patch_targets(mask: torch.Tensor, patch: int, n_classes: int = 6) -> torch.T
     return F.avg_pool2d(onehot, patch).flatten(2).transpose(1, 2)
 
 
+def fit_steps(params: list[nn.Parameter], loss_of: Any, n: int, *, steps: int, lr: float, batch_size: int,
+              gen: torch.Generator, device: torch.device) -> float:
+    """``steps`` AdamW steps (one-cycle schedule) of ``loss_of(idx)`` on random mini-batches ``idx`` of ``range(n)``
+    drawn from ``gen``; the last loss. The loop of every pre-training stage (vision tower, Q-Former, projector)."""
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
+    loss = torch.zeros(())
+    for _ in range(steps):
+        idx = torch.randint(0, n, (batch_size,), generator=gen).to(device)
+        loss = loss_of(idx)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    return float(loss.detach())
+
+
 def pretrain_vision(victim: LVLMVictim, x: torch.Tensor, mask: torch.Tensor, *, steps: int, lr: float,
                     batch_size: int, gen: torch.Generator) -> float:
     """Stage 1: pre-train the vision tower to predict each patch's anatomy histogram (a linear probe head that is
@@ -62,19 +79,23 @@ def pretrain_vision(victim: LVLMVictim, x: torch.Tensor, mask: torch.Tensor, *, 
     patch = victim.model.config.vision_config.patch_size * x.shape[-1] // victim.image_size
     tower = victim.vision_tower
     head = nn.Linear(tower.config.hidden_size, 6).to(x.device)
-    params = list(tower.parameters()) + list(head.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
-    loss = torch.zeros(())
-    for _ in range(steps):
-        idx = torch.randint(0, len(x), (batch_size,), generator=gen).to(x.device)
-        feats = victim.visual_features(x[idx], None, "vision")[:, -victim.image_size ** 2 // victim.model.config.vision_config.patch_size ** 2:]
-        loss = -(patch_targets(mask[idx], patch) * head(feats).log_softmax(-1)).sum(-1).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-    return float(loss.detach())
+    n_patches = victim.image_size ** 2 // victim.model.config.vision_config.patch_size ** 2
+
+    def loss_of(idx: torch.Tensor) -> torch.Tensor:
+        feats = victim.visual_features(x[idx], None, "vision")[:, -n_patches:]
+        return -(patch_targets(mask[idx], patch) * head(feats).log_softmax(-1)).sum(-1).mean()
+
+    return fit_steps(list(tower.parameters()) + list(head.parameters()), loss_of, len(x), steps=steps, lr=lr,
+                     batch_size=batch_size, gen=gen, device=x.device)
+
+
+def answer_probe(width: int, device: torch.device) -> tuple[nn.Linear, torch.Tensor, int, int]:
+    """A linear probe from ``width`` features to the answer of one question of every type (the representation
+    stages' head, discarded afterwards): the head, those questions' ids, the number of types and of answers."""
+    bank, answers = vqa_bank()
+    types = sorted({q.qtype for q in bank})
+    per_type = torch.tensor([next(q.id for q in bank if q.qtype == t) for t in types], device=device)
+    return nn.Linear(width, len(types) * len(answers)).to(device), per_type, len(types), len(answers)
 
 
 def pretrain_qformer(victim: LVLMVictim, x: torch.Tensor, y: torch.Tensor, *, steps: int, lr: float,
@@ -87,27 +108,18 @@ def pretrain_qformer(victim: LVLMVictim, x: torch.Tensor, y: torch.Tensor, *, st
     stage the tiny Q-Former's output hardly depends on the image (the learned queries dominate the residual
     stream) and the LM settles in the answer priors.
     """
-    bank, answers = vqa_bank()
-    types = sorted({q.qtype for q in bank})
-    per_type = torch.tensor([next(q.id for q in bank if q.qtype == t) for t in types], device=x.device)
     width = victim.n_visual_tokens * victim.model.config.qformer_config.hidden_size
-    head = nn.Linear(width, len(types) * len(answers)).to(x.device)
-    params = list(victim.model.qformer.parameters()) + [victim.model.query_tokens] + list(head.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
-    loss = torch.zeros(())
-    for _ in range(steps):
-        idx = torch.randint(0, len(x), (batch_size,), generator=gen).to(x.device)
+    head, per_type, n_types, n_answers = answer_probe(width, x.device)
+
+    def loss_of(idx: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             embeds = victim.visual_features(x[idx], None, "vision")
         query = victim._instructblip_qformer(embeds, None) if victim.family == "instructblip" else _blip2_qformer(victim, embeds)
-        logits = head(query.flatten(1)).view(len(idx), len(types), len(answers))
-        loss = F.cross_entropy(logits.flatten(0, 1), y[idx][:, per_type].flatten())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-    return float(loss.detach())
+        logits = head(query.flatten(1)).view(len(idx), n_types, n_answers)
+        return F.cross_entropy(logits.flatten(0, 1), y[idx][:, per_type].flatten())
+
+    params = list(victim.model.qformer.parameters()) + [victim.model.query_tokens] + list(head.parameters())
+    return fit_steps(params, loss_of, len(x), steps=steps, lr=lr, batch_size=batch_size, gen=gen, device=x.device)
 
 
 def _blip2_qformer(victim: LVLMVictim, embeds: torch.Tensor) -> torch.Tensor:
