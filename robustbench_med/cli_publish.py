@@ -11,7 +11,7 @@
   study tables (``modalities.md``, ``sites.md``) in ``<out>/shift/<grid name>/``, and the volumetric study (3D
   victims through sliding-window inference) into ``<out>/volumes``, and the controlled 2D projector study (one tiny
   LLaVA, four projectors, 3 training × 3 attack seeds; ``seed_studies.md``) into ``<out>/projectors``, and QAVA's
-  claims over training and attack seeds into ``<out>/qava``.
+  claims and F3 as released over training and attack seeds into ``<out>/qava`` and ``<out>/f3_study``.
 
 When two grids of one publish produce the same victim × threat (the default grid's zoo models are also in the zoo
 grid), the entry with more samples is published (the first grid on a tie) and the other is reported as skipped; an
@@ -30,7 +30,8 @@ from robustbench_med.errors import ConfigError
 DEFAULT_GRIDS = ("zoo", "default", "lvlm")
 PUBLISH_SETS: dict[str, tuple[str, ...]] = {"": DEFAULT_GRIDS, "detectors": ("hfc", "hfc_paper"), "fairness": ("fairness", "fairness_shortcut", "fairness_shortcut_control"), "f3": ("f3",),
                                              "shift": ("modalities", "sites", "sites_vessels"), "volumes": ("volumes",),
-                                             "projectors": ("projector_study",), "qava": ("qava_study",)}
+                                             "projectors": ("projector_study",), "qava": ("qava_study",),
+                                             "f3_study": ("f3_study",)}
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -220,7 +221,7 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("publish", help="run grids, write leaderboard entries and render Markdown/LaTeX/CSV/HTML")
     p.add_argument("grids", nargs="*", help="grid YAML files or packaged grid names (default: every packaged study: "
                    "zoo + default + lvlm into --out, hfc, fairness, f3, the shift and the volume studies into "
-                   "--out/{detectors,fairness,f3,shift,volumes,projectors,qava})")
+                   "--out/{detectors,fairness,f3,shift,volumes,projectors,qava,f3_study})")
     p.add_argument("--out", default="leaderboards", help="leaderboard directory (default: leaderboards/)")
     p.add_argument("--runs", default="runs", help="where the result stores go (default: runs/<grid>; re-running resumes)")
     p.add_argument("--device", help="cpu, cuda … (default: from the grid, else auto)")

@@ -35,7 +35,8 @@ def declared_baseline(victim: str) -> str | None:
 
 def condition_scores(store: Any) -> dict[tuple[str, str], pd.DataFrame]:
     """Per (victim, defence): a frame indexed by sample with one column per condition (``clean``, ``<attack> <eps>``);
-    computed once per version of an open store (read-only frames: callers must not modify them).
+    computed once per version of an open store (read-only frames: callers must not modify them). A defence attacked
+    through another route than ``adaptive`` is its own defence here (``f3.v3[transfer]``).
 
     Cells of one attack × eps that differ only in the attack's ``seed`` parameter are **attack seeds** of one
     condition: the column holds each sample's mean over them, and ``frame.attrs['attack_seeds'][condition]`` the
@@ -81,10 +82,11 @@ def _condition_scores(store: Any) -> dict[tuple[str, str], pd.DataFrame]:
     cells, samples, _ = store_frames(store)
     if cells.empty or samples.empty:
         return {}
-    done = cells[cells.status == "done"]
-    samples = samples.merge(done[["cell_id", "victim", "defense"]], on="cell_id")
+    done = cells[cells.status == "done"].copy()
+    done["route"] = [d if t in ("adaptive", None) else f"{d}[{t}]" for d, t in zip(done.defense, done.attack_through)]
+    samples = samples.merge(done[["cell_id", "victim", "route"]], on="cell_id")
     out = {}
-    for (victim, defense), pair in samples.groupby(["victim", "defense"], sort=False):
+    for (victim, defense), pair in samples.groupby(["victim", "route"], sort=False):
         labels = _condition_labels(done[done.cell_id.isin(pair.cell_id.unique())])
         columns = {CLEAN: pair.drop_duplicates("sample_idx").set_index("sample_idx").clean_score}
         seeds: dict[str, dict[Any, pd.Series]] = {}

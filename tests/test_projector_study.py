@@ -97,3 +97,21 @@ def test_qava_claims_pool_an_arms_training_seeds(monkeypatch):
     assert unrelated.ci95_high - unrelated.ci95_low > 0.02  # the seeds' ±0.02 offsets widen the interval
     lone = claims[("known", "llava.tiny")]
     assert lone.training_seeds == 1 and "not a finding" in lone.verdict
+
+
+def test_f3_claims_pool_seeds_and_name_only_non_default_parameters(monkeypatch):
+    from robustbench_med.victims.lvlm import claims as C
+
+    assert C._route("f3.v3", '{"target": "question", "variant": "v3"}', "transfer") == "f3.v3[transfer]"
+    assert C._route("f3.v3", '{"target": "averaged"}', "adaptive") == "f3.v3[target=averaged][adaptive]"
+    idx = list(range(30))
+    frames = {}
+    for seed in (0, 1, 2):
+        name = study_name("qformer8", seed)
+        attacked = pd.Series([0.2] * 30, index=idx)
+        frames[(name, "identity.none[adaptive]")] = (pd.DataFrame({"lvlm_pgd.question 8/255": attacked}), {"lvlm_pgd.question 8/255": 3})
+        frames[(name, "f3.v3[transfer]")] = (pd.DataFrame({"lvlm_pgd.question 8/255": attacked + 0.3}), {"lvlm_pgd.question 8/255": 3})
+    monkeypatch.setattr(C, "metric_frames", lambda store, metric: frames)
+    (claim,) = C.f3_claims(None)
+    assert claim.where == "projector2d/qformer8 f3.v3[transfer]" and claim.training_seeds == 3
+    assert claim.delta == pytest.approx(0.3) and claim.verdict == "finding: F3 recovers"

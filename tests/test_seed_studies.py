@@ -60,17 +60,24 @@ def test_condition_labels_average_attack_seeds_and_name_other_parameters(monkeyp
     get it in their label instead of overwriting each other."""
     threat = json.dumps({"eps": 8 / 255, "norm": "Linf"})
     cells = pd.DataFrame([
-        {"cell_id": f"c{i}", "victim": "v", "defense": "identity.none", "attack": a, "threat": threat, "status": "done",
-         "attack_params": json.dumps(p)}
-        for i, (a, p) in enumerate([("qava.hidden", {"eps": 8 / 255, "seed": 0}), ("qava.hidden", {"eps": 8 / 255, "seed": 1}),
-                                    ("qava.hidden", {"eps": 8 / 255, "pool": "unrelated"}), ("pgd.linf", {"eps": 8 / 255})])])
-    scores = {"c0": [0.0, 0.2], "c1": [0.4, 0.6], "c2": [1.0, 1.0], "c3": [0.5, 0.5]}
+        {"cell_id": f"c{i}", "victim": "v", "defense": d, "attack_through": t, "attack": a, "threat": threat,
+         "status": "done", "attack_params": json.dumps(p)}
+        for i, (a, p, d, t) in enumerate([("qava.hidden", {"eps": 8 / 255, "seed": 0}, "identity.none", "adaptive"),
+                                          ("qava.hidden", {"eps": 8 / 255, "seed": 1}, "identity.none", "adaptive"),
+                                          ("qava.hidden", {"eps": 8 / 255, "pool": "unrelated"}, "identity.none", "adaptive"),
+                                          ("pgd.linf", {"eps": 8 / 255}, "identity.none", "adaptive"),
+                                          ("pgd.linf", {"eps": 8 / 255}, "f3.v3", "transfer"),
+                                          ("pgd.linf", {"eps": 8 / 255, "eot": 8}, "f3.v3", "adaptive")])])
+    scores = {"c0": [0.0, 0.2], "c1": [0.4, 0.6], "c2": [1.0, 1.0], "c3": [0.5, 0.5], "c4": [0.7, 0.7], "c5": [0.3, 0.3]}
     samples = pd.DataFrame([{"cell_id": c, "sample_idx": i, "clean_score": 1.0, "adv_score": v}
                             for c, vals in scores.items() for i, v in enumerate(vals)])
     import robustbench_med.fairness as FA
 
     monkeypatch.setattr(FA, "store_frames", lambda store: (cells, samples, pd.DataFrame()))
-    frame = PM._condition_scores(None)[("v", "identity.none")]
+    frames = PM._condition_scores(None)
+    assert set(frames) == {("v", "identity.none"), ("v", "f3.v3[transfer]"), ("v", "f3.v3")}  # routes kept apart
+    assert frames[("v", "f3.v3[transfer]")]["pgd.linf 8/255"].tolist() == [0.7, 0.7]
+    frame = frames[("v", "identity.none")]
     assert list(frame.columns) == ["clean", "qava.hidden[pool=None] 8/255", "qava.hidden[pool=unrelated] 8/255", "pgd.linf 8/255"]
     assert frame["qava.hidden[pool=None] 8/255"].tolist() == pytest.approx([0.2, 0.4])
     assert frame.attrs["attack_seeds"]["qava.hidden[pool=None] 8/255"].shape == (2, 2)

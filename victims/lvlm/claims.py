@@ -14,7 +14,8 @@ victim × attack (trained weights are used from the cache, trained first if miss
 prints every claim finished grid stores can check, one line each with Δ, its 95% interval, the samples × training
 seeds × attack seeds behind it and a verdict (:func:`claims_with_ci`): the compressed-vs-uncompressed projector
 claim at every knowledge level from the seeded projector study (``projector_study`` grid; the 3D one in ``volumes``),
-QAVA vs question-specific PGD and unrelated- vs known-type QAVA (``lvlm``), F3's recovery (``f3``). A difference is
+QAVA vs question-specific PGD and unrelated- vs known-type QAVA (``qava_study`` over seeds, ``lvlm`` per victim), F3's
+recovery (``f3_study`` over seeds, ``f3`` per victim); a seed-study arm's training seeds are pooled. A difference is
 called a *finding* only when its interval excludes 0 and it rests on ≥ 3 training seeds × ≥ 3 attack seeds; with
 fewer, the verdict says what these trained models and attack runs did and that it is not a finding. ``--table``
 prints the older per-victim accuracy rows of an ``lvlm`` store instead. Numbers are reported as measured; nothing
@@ -114,6 +115,7 @@ def claims_from_store(store: Any) -> list[dict[str, Any]]:
 
 
 # ------------------------------------------------------------------------------------- claims with intervals
+CLEAN = "clean"
 MIN_SEEDS = 3  # training seeds and attack seeds a comparison needs before its verdict can be a finding
 
 
@@ -134,15 +136,17 @@ class Claim:
 
     def line(self) -> str:
         return (f"{self.claim} | {self.where} | {self.condition} | Δ {self.delta:+.3f} [{self.ci95_low:+.3f}, "
-                f"{self.ci95_high:+.3f}] | n {self.n} × {self.training_seeds} training × {self.attack_seeds} attack seeds | "
+                f"{self.ci95_high:+.3f}] | n {self.n} × {self.training_seeds} training × "
+                f"{f'{self.attack_seeds} attack seeds' if self.attack_seeds else 'no attack'} | "
                 f"{self.verdict}")
 
 
 def verdict(lo: float, hi: float, above: str, below: str, training_seeds: int, attack_seeds: int) -> str:
     """``above`` / ``below`` when the interval excludes 0, else ``no difference shown``; below ``MIN_SEEDS`` training
-    or attack seeds the comparison describes the trained models and attack runs, and is not called a finding."""
+    or attack seeds (``attack_seeds=0``: a clean comparison, no attack) the comparison describes the trained models
+    and attack runs, and is not called a finding."""
     call = above if lo > 0 else below if hi < 0 else "no difference shown"
-    if min(training_seeds, attack_seeds) < MIN_SEEDS:
+    if training_seeds < MIN_SEEDS or 0 < attack_seeds < MIN_SEEDS:  # 0 attack seeds: a clean comparison
         return f"{call} (not a finding: {training_seeds} training × {attack_seeds} attack seeds, needs ≥ {MIN_SEEDS} × {MIN_SEEDS})"
     return f"finding: {call}" if call != "no difference shown" else call
 
@@ -166,6 +170,20 @@ def projector_claims(store: Any) -> list[Claim]:
     return out
 
 
+def _route(defense: str, params: Any, through: str) -> str:
+    """``defense[k=v,…][attack_through]``, naming only the parameters that differ from the defence's defaults."""
+    from robustbench_med.api import create_defense
+    from robustbench_med.errors import RobustBenchMedError
+
+    given = json.loads(params) if isinstance(params, str) and params else (params or {})
+    try:
+        defaults = create_defense(defense).params()
+    except RobustBenchMedError:  # a defence this installation does not know: name every recorded parameter
+        defaults = {}
+    differ = ",".join(f"{k}={v}" for k, v in sorted(given.items()) if defaults.get(k) != v)
+    return f"{defense}{f'[{differ}]' if differ else ''}[{through}]"
+
+
 def metric_frames(store: Any, metric: str) -> dict[tuple[str, str], tuple[pd.DataFrame, dict[str, int]]]:
     """Per (victim, defence incl. its parameters and attack route): per-sample ``metric`` after each condition
     (samples × condition labels of :func:`~robustbench_med.paired_metrics.condition_scores`, attack seeds averaged),
@@ -177,22 +195,23 @@ def metric_frames(store: Any, metric: str) -> dict[tuple[str, str], tuple[pd.Dat
     if cells.empty or samples.empty:
         return {}
     done = cells[cells.status == "done"].copy()
-    done["route"] = [f"{d}{p if isinstance(p, str) and p not in ('', '{}', 'null') else ''}[{t}]"
-                     for d, p, t in zip(done.defense, done.defense_params, done.attack_through)]
+    done["route"] = [_route(d, p, t) for d, p, t in zip(done.defense, done.defense_params, done.attack_through)]
     out = {}
     for (victim, route), group in done.groupby(["victim", "route"], sort=False):
         labels = _condition_labels(group)
         per: dict[str, dict[Any, pd.Series]] = {}
         for c in group.itertuples():
             rows = samples[samples.cell_id == c.cell_id]
-            values = [json.loads(m).get(metric) if isinstance(m, str) else None for m in rows.metrics]
-            if rows.empty or any(v is None for v in values):
+            decoded = [json.loads(m) if isinstance(m, str) else {} for m in rows.metrics]
+            if rows.empty or any(d.get(metric) is None for d in decoded):
                 continue
             label, seed = labels[c.cell_id]
-            per.setdefault(label, {})[seed] = pd.Series(values, index=rows.sample_idx.to_numpy(), dtype=float)
+            per.setdefault(label, {})[seed] = pd.Series([d[metric] for d in decoded], index=rows.sample_idx.to_numpy(), dtype=float)
+            if all(f"clean_{metric}" in d for d in decoded):  # the pair's clean pass (computed once per victim × route)
+                per.setdefault(CLEAN, {})[None] = pd.Series([d[f"clean_{metric}"] for d in decoded], index=rows.sample_idx.to_numpy(), dtype=float)
         if per:
             out[(victim, route)] = (pd.DataFrame({k: pd.DataFrame(v).mean(axis=1) for k, v in per.items()}),
-                                    {k: len(v) for k, v in per.items()})
+                                    {k: 0 if k == CLEAN else len(v) for k, v in per.items()})
     return out
 
 
@@ -252,6 +271,23 @@ def _arm_of(victim: str) -> str:
     return f"{member[0]}/{member[1]}" if member else victim
 
 
+class _Pooled:
+    """Claims gathered per (claim, seed-study arm or victim, condition): each training seed adds one (a, b) pair."""
+
+    def __init__(self) -> None:
+        self.groups: dict[tuple[str, str, str, str, str], tuple[list[tuple[pd.Series, pd.Series]], list[int]]] = {}
+
+    def add(self, text: str, where: str, condition: str, a: pd.Series, b: pd.Series, seeds: int, above: str, below: str) -> None:
+        pairs, counts = self.groups.setdefault((text, where, condition, above, below), ([], []))
+        pairs.append((a, b))
+        counts.append(seeds)
+
+    def claims(self) -> list[Claim]:
+        out = [_seeded_claim(text, where, cond, pairs, min(counts), above, below)
+               for (text, where, cond, above, below), (pairs, counts) in self.groups.items()]
+        return [c for c in out if c is not None]
+
+
 def qava_claims(store: Any) -> list[Claim]:
     """Per undefended VQA victim (or seed-study arm, its training seeds pooled) and eps; paired over test images:
 
@@ -263,48 +299,38 @@ def qava_claims(store: Any) -> list[Claim]:
     Attack seeds are averaged per image; an arm with several training seeds gets the two-level interval.
     """
     primary, first = metric_frames(store, "vqa_accuracy"), metric_frames(store, "vqa_accuracy_first")
-    groups: dict[tuple[str, str, str, str, str], tuple[list[tuple[pd.Series, pd.Series]], list[int]]] = {}
-
-    def add(text: str, victim: str, eps: str, a: pd.Series, b: pd.Series, seeds: int, above: str, below: str) -> None:
-        pairs, counts = groups.setdefault((text, _arm_of(victim), eps, above, below), ([], []))
-        pairs.append((a, b))
-        counts.append(seeds)
-
+    pooled = _Pooled()
     for (victim, route), (frame, seeds) in primary.items():
         if not route.startswith("identity.none"):
             continue
         own, own_seeds = first.get((victim, route), (pd.DataFrame(), {}))
-        for col in frame.columns:
+        for col in [c for c in frame.columns if c != CLEAN]:
             attack, eps = col.rsplit(" ", 1)
             pgd = f"lvlm_pgd.question {eps}"
             if attack == "qava.lm" and pgd in own.columns:
-                add("QAVA (known types) as strong as PGD on its own question", victim, eps, frame[col], own[pgd],
-                    min(seeds[col], own_seeds[pgd]), "QAVA weaker", "QAVA stronger")
+                pooled.add("QAVA (known types) as strong as PGD on its own question", _arm_of(victim), eps, frame[col],
+                           own[pgd], min(seeds[col], own_seeds[pgd]), "QAVA weaker", "QAVA stronger")
             if attack.startswith("qava.hidden[") and "pool=unrelated" in attack:
                 known = next((c for c in frame.columns if c.startswith("qava.hidden[") and c.endswith(f" {eps}") and c != col), None)
                 if known is not None:
-                    add("QAVA from unrelated questions as strong as from the evaluated types", victim, eps, frame[col],
-                        frame[known], min(seeds[col], seeds[known]), "unrelated weaker", "unrelated stronger")
-    out = [_seeded_claim(text, where, eps, pairs, min(counts), above, below)
-           for (text, where, eps, above, below), (pairs, counts) in groups.items()]
-    return [c for c in out if c is not None]
+                    pooled.add("QAVA from unrelated questions as strong as from the evaluated types", _arm_of(victim), eps,
+                               frame[col], frame[known], min(seeds[col], seeds[known]), "unrelated weaker", "unrelated stronger")
+    return pooled.claims()
 
 
 def f3_claims(store: Any) -> list[Claim]:
-    """F3 recovery per victim × attack × F3 setting × attack route (non-adaptive ``transfer``, ``adaptive`` BPDA +
-    EOT): Δ = accuracy with F3 − without, on the same attacked images' samples (paired over test images)."""
-    out, frames = [], metric_frames(store, "vqa_accuracy")
+    """F3's recovery per victim (or seed-study arm, its training seeds pooled) × F3 setting and attack route
+    (non-adaptive ``[transfer]``, ``[adaptive]`` BPDA + EOT) × attack: Δ = accuracy with F3 − without on the same
+    test images (the undefended row of the same attack), paired; attack seeds averaged per image."""
+    frames, pooled = metric_frames(store, "vqa_accuracy"), _Pooled()
     for (victim, route), (frame, seeds) in frames.items():
-        if not route.startswith("f3."):
-            continue
         base = frames.get((victim, "identity.none[adaptive]"))
-        if base is None:
+        if not route.startswith("f3.") or base is None:
             continue
-        for col in frame.columns:
-            if col in base[0].columns:
-                out.append(_claim("F3 recovers accuracy", f"{victim} {route}", col, frame[col], base[0][col],
-                                  min(seeds[col], base[1][col]), "F3 recovers", "F3 hurts"))
-    return [c for c in out if c is not None]
+        for col in [c for c in frame.columns if c in base[0].columns]:
+            pooled.add("F3 recovers accuracy", f"{_arm_of(victim)} {route}", col, frame[col], base[0][col],
+                       min(seeds[col], base[1][col]), "F3 recovers", "F3 hurts")
+    return pooled.claims()
 
 
 def claims_with_ci(store: Any) -> list[Claim]:
