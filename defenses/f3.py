@@ -58,7 +58,7 @@ non-adaptive: AutoAttack ``standard`` at 16/255 on the undefended model, then pu
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Callable, ClassVar, Sequence
+from typing import Any, ClassVar, Sequence
 
 import torch
 
@@ -340,14 +340,6 @@ class QuestionF3Victim(LVLMVictim, PurifiedVictim):
 
     def with_gradient_mode(self, mode: str) -> "QuestionF3Victim":
         return QuestionF3Victim(self.victim, self.defense, mode)
-
-    def through(self, x: torch.Tensor, purify: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        """``purify(x)`` with the gradient path of ``gradient_mode`` (as :meth:`PurifiedVictim.purified`)."""
-        if self.gradient_mode == "full":
-            return purify(x)
-        if self.gradient_mode == "bpda":
-            return x + (purify(x.detach()) - x).detach()
-        return purify(x.detach()).detach() + 0 * x
 
     def purified_pairs(self, x: torch.Tensor, rows: torch.Tensor, qids: torch.Tensor) -> torch.Tensor:
         """Image ``rows[i]`` purified under question ``qids[i]``, [N, C, H, W] (one F3 call for all pairs)."""

@@ -131,11 +131,16 @@ class PurifiedVictim(WrappedVictim):
 
     def purified(self, x: torch.Tensor) -> torch.Tensor:
         """The purified input, with the gradient path chosen by ``gradient_mode``."""
+        return self.through(x, self.defense.purify)
+
+    def through(self, x: torch.Tensor, purify: Any) -> torch.Tensor:
+        """``purify(x)`` with the gradient path of ``gradient_mode``: ``'full'`` (autograd through it), ``'bpda'``
+        (the identity backward pass) or ``'detach'`` (a zero, not a missing, gradient: every attack runs)."""
         if self.gradient_mode == "full":
-            return self.defense.purify(x)
+            return purify(x)
         if self.gradient_mode == "bpda":
-            return x + (self.defense.purify(x.detach()) - x).detach()
-        return self.defense.purify(x.detach()).detach() + 0 * x  # a zero (not a missing) gradient: every attack runs
+            return x + (purify(x.detach()) - x).detach()
+        return purify(x.detach()).detach() + 0 * x
 
     def transform(self, x: torch.Tensor) -> torch.Tensor:
         return self.purified(x)

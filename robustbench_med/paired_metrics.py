@@ -54,7 +54,7 @@ def _params(raw: Any) -> dict[str, Any]:
     return {k: v for k, v in (value or {}).items() if k not in ("eps", "seed")}
 
 
-def _condition_labels(cells: pd.DataFrame) -> dict[str, tuple[str, Any]]:
+def condition_labels(cells: pd.DataFrame) -> dict[str, tuple[str, Any]]:
     """``cell_id`` → (condition label, attack seed) for the cells of one (victim, defence)."""
     base: dict[str, tuple[str, dict[str, Any], Any]] = {}
     for c in cells.itertuples():
@@ -87,7 +87,7 @@ def _condition_scores(store: Any) -> dict[tuple[str, str], pd.DataFrame]:
     samples = samples.merge(done[["cell_id", "victim", "route"]], on="cell_id")
     out = {}
     for (victim, defense), pair in samples.groupby(["victim", "route"], sort=False):
-        labels = _condition_labels(done[done.cell_id.isin(pair.cell_id.unique())])
+        labels = condition_labels(done[done.cell_id.isin(pair.cell_id.unique())])
         columns = {CLEAN: pair.drop_duplicates("sample_idx").set_index("sample_idx").clean_score}
         seeds: dict[str, dict[Any, pd.Series]] = {}
         for cell_id, cell in pair.groupby("cell_id", sort=False):
@@ -101,10 +101,16 @@ def _condition_scores(store: Any) -> dict[tuple[str, str], pd.DataFrame]:
     return out
 
 
-def baseline_table(store: Any, n_boot: int = N_BOOT, seed: int = 0) -> pd.DataFrame:
-    """One row per victim × defence × shared condition with a declared baseline in the store (module docstring)."""
+def paired_interval(diff: np.ndarray, n_boot: int, rng: np.random.Generator) -> tuple[float, float]:
+    """95% percentile-bootstrap interval of the mean of paired differences ``diff`` (samples resampled)."""
     from robustbench_med.gate import resample_indices
 
+    lo, hi = np.percentile(diff[resample_indices(len(diff), n_boot, rng)].mean(1), [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def baseline_table(store: Any, n_boot: int = N_BOOT, seed: int = 0) -> pd.DataFrame:
+    """One row per victim × defence × shared condition with a declared baseline in the store (module docstring)."""
     scores, rng, rows = condition_scores(store), np.random.default_rng(seed), []
     for (victim, defense), wide in scores.items():
         base = declared_baseline(victim)
@@ -117,7 +123,7 @@ def baseline_table(store: Any, n_boot: int = N_BOOT, seed: int = 0) -> pd.DataFr
             if not len(common):
                 continue
             diff = (a.loc[common] - b.loc[common]).to_numpy(float)
-            lo, hi = np.percentile(diff[resample_indices(len(common), n_boot, rng)].mean(1), [2.5, 97.5])
+            lo, hi = paired_interval(diff, n_boot, rng)
             rows.append({"victim": victim, "baseline": base, "defense": defense, "condition": condition, "n": len(common),
                          "victim_score": float(a.loc[common].mean()), "baseline_score": float(b.loc[common].mean()),
                          "delta": float(diff.mean()), "ci95_low": float(lo), "ci95_high": float(hi),

@@ -63,7 +63,7 @@ def arm_pairs(arms: list[str], reference: str | None) -> list[tuple[str, str]]:
     return [tuple(sorted(arms))] if len(arms) == 2 else []  # type: ignore[list-item]
 
 
-def _bootstrap(a: np.ndarray, b: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndarray:
+def bootstrap_delta(a: np.ndarray, b: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndarray:
     """Δ of the arms' means under ``n_boot`` resamples of samples (shared) and of each arm's seeds; ``a`` / ``b`` are
     [seeds, samples], or [seeds, attack seeds, samples] (then each drawn seed also draws its attack seeds)."""
     n = a.shape[-1]
@@ -118,7 +118,7 @@ def _arm_rows(study: str, defense: str, arm_a: tuple[str, dict[int, pd.DataFrame
             continue
         key = f"{study}|{defense}|{condition}" + (f"|{name_a}|{name_b}" if paired_key else "")
         rng = np.random.default_rng([seed, zlib.crc32(key.encode())])
-        delta = _bootstrap(a, b, n_boot, rng)
+        delta = bootstrap_delta(a, b, n_boot, rng)
         lo, hi = np.percentile(delta, [2.5, 97.5])
         row = {"study": study, "defense": defense, "condition": condition, "n": len(samples),
                "arm_a": name_a, "arm_b": name_b, "seeds_a": len(a), "seeds_b": len(b),
@@ -130,7 +130,7 @@ def _arm_rows(study: str, defense: str, arm_a: tuple[str, dict[int, pd.DataFrame
         if condition != CLEAN:
             da = _matrix(seeds_a, samples, CLEAN)[(slice(None),) + (None,) * (a.ndim - 2)] - a
             db = _matrix(seeds_b, samples, CLEAN)[(slice(None),) + (None,) * (b.ndim - 2)] - b
-            dlo, dhi = np.percentile(_bootstrap(da, db, n_boot, rng), [2.5, 97.5])
+            dlo, dhi = np.percentile(bootstrap_delta(da, db, n_boot, rng), [2.5, 97.5])
             row.update(drop_delta=float(da.mean() - db.mean()), drop_ci95_low=float(dlo), drop_ci95_high=float(dhi))
             drop_note = f"; drop: {name_a} loses more" if dlo > 0 else f"; drop: {name_b} loses more" if dhi < 0 else ""
         if a.ndim == 3 or b.ndim == 3:

@@ -187,23 +187,34 @@ def _route(defense: str, params: Any, through: str) -> str:
 def metric_frames(store: Any, metric: str) -> dict[tuple[str, str], tuple[pd.DataFrame, dict[str, int]]]:
     """Per (victim, defence incl. its parameters and attack route): per-sample ``metric`` after each condition
     (samples × condition labels of :func:`~robustbench_med.paired_metrics.condition_scores`, attack seeds averaged),
-    and the number of attack seeds behind each condition."""
+    and the number of attack seeds behind each condition; computed once per metric and version of an open store."""
+    from robustbench_med.store import Store
+
+    if isinstance(store, Store):
+        return store.memo(f"metric_frames:{metric}", lambda: _metric_frames(store, metric))
+    return _metric_frames(store, metric)
+
+
+def _metric_frames(store: Any, metric: str) -> dict[tuple[str, str], tuple[pd.DataFrame, dict[str, int]]]:
     from robustbench_med.fairness import store_frames
-    from robustbench_med.paired_metrics import _condition_labels
+    from robustbench_med.paired_metrics import condition_labels
 
     cells, samples, _ = store_frames(store)
     if cells.empty or samples.empty:
         return {}
     done = cells[cells.status == "done"].copy()
     done["route"] = [_route(d, p, t) for d, p, t in zip(done.defense, done.defense_params, done.attack_through)]
+    by_cell = dict(tuple(samples.groupby("cell_id", sort=False)))
     out = {}
     for (victim, route), group in done.groupby(["victim", "route"], sort=False):
-        labels = _condition_labels(group)
+        labels = condition_labels(group)
         per: dict[str, dict[Any, pd.Series]] = {}
         for c in group.itertuples():
-            rows = samples[samples.cell_id == c.cell_id]
+            rows = by_cell.get(c.cell_id)
+            if rows is None:
+                continue
             decoded = [json.loads(m) if isinstance(m, str) else {} for m in rows.metrics]
-            if rows.empty or any(d.get(metric) is None for d in decoded):
+            if any(d.get(metric) is None for d in decoded):
                 continue
             label, seed = labels[c.cell_id]
             per.setdefault(label, {})[seed] = pd.Series([d[metric] for d in decoded], index=rows.sample_idx.to_numpy(), dtype=float)
@@ -221,15 +232,14 @@ def _paired(a: pd.Series, b: pd.Series, key: str, n_boot: int = 2000) -> tuple[f
 
     import numpy as np
 
-    from robustbench_med.gate import resample_indices
+    from robustbench_med.paired_metrics import paired_interval
 
     common = a.dropna().index.intersection(b.dropna().index)
     diff = (a.loc[common] - b.loc[common]).to_numpy(float)
     if not len(diff):
         return float("nan"), float("nan"), float("nan"), 0
-    rng = np.random.default_rng([0, zlib.crc32(key.encode())])
-    lo, hi = np.percentile(diff[resample_indices(len(diff), n_boot, rng)].mean(1), [2.5, 97.5])
-    return float(diff.mean()), float(lo), float(hi), len(diff)
+    lo, hi = paired_interval(diff, n_boot, np.random.default_rng([0, zlib.crc32(key.encode())]))
+    return float(diff.mean()), lo, hi, len(diff)
 
 
 def _claim(text: str, where: str, condition: str, a: pd.Series, b: pd.Series, seeds: int, above: str, below: str) -> Claim | None:
@@ -247,7 +257,7 @@ def _seeded_claim(text: str, where: str, condition: str, pairs: list[tuple[pd.Se
 
     import numpy as np
 
-    from robustbench_med.seed_studies import _bootstrap
+    from robustbench_med.seed_studies import bootstrap_delta
 
     if len(pairs) == 1:
         return _claim(text, where, condition, *pairs[0], seeds, above, below)
@@ -258,7 +268,7 @@ def _seeded_claim(text: str, where: str, condition: str, pairs: list[tuple[pd.Se
         return None
     diff = np.stack([(a.loc[common] - b.loc[common]).to_numpy(float) for a, b in pairs])
     rng = np.random.default_rng([0, zlib.crc32(f"{text}|{where}|{condition}".encode())])
-    lo, hi = np.percentile(_bootstrap(diff, np.zeros_like(diff), n_boot, rng), [2.5, 97.5])
+    lo, hi = np.percentile(bootstrap_delta(diff, np.zeros_like(diff), n_boot, rng), [2.5, 97.5])
     return Claim(text, where, condition, float(diff.mean()), float(lo), float(hi), len(common), len(pairs), seeds,
                  verdict(lo, hi, above, below, len(pairs), seeds))
 
@@ -334,7 +344,13 @@ def f3_claims(store: Any) -> list[Claim]:
 
 
 def claims_with_ci(store: Any) -> list[Claim]:
-    """Every claim the store can check (projector study, QAVA, F3), each with its interval and verdict."""
+    """Every claim the store (a :class:`~robustbench_med.store.Store` or a path, opened once) can check (projector
+    study, QAVA, F3), each with its interval and verdict."""
+    from robustbench_med.store import Store
+
+    if not isinstance(store, Store):
+        with Store(store) as st:
+            return claims_with_ci(st)
     return projector_claims(store) + qava_claims(store) + f3_claims(store)
 
 
