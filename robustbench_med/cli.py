@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
 from robustbench_med.errors import ConfigError, RobustBenchMedError
 from robustbench_med.grid import default_grid_path, grid_path as _grid_arg  # noqa: F401  (also importable from here)
+from robustbench_med.log import NORMAL, QUIET, VERBOSE, configure_logging
+
+log = logging.getLogger(__name__)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -17,8 +21,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     grid = load_grid(_grid_arg(args.grid))
     out = Path(args.out or Path("runs") / grid.name)
-    print(f"robustbench-med: grid '{grid.name}' ({len(grid.victims)} victims × {len(grid.attacks)} attack settings × "
-          f"{len(grid.defenses)} defences, n={grid.n_examples}) → {out}", flush=True)
+    log.info("grid '%s' (%d victims × %d attack settings × %d defences, n=%d) → %s", grid.name, len(grid.victims),
+             len(grid.attacks), len(grid.defenses), grid.n_examples, out)
     if args.executor == "ray":
         if args.shard is not None or args.fresh:
             raise ConfigError("--executor ray makes its own shards and resumes them; drop --shard / --fresh")
@@ -101,7 +105,6 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("grid", nargs="?", help="grid YAML file or packaged grid name (default: default)")
     r.add_argument("--out", help="output directory (default: runs/<grid name>); re-running resumes")
     r.add_argument("--device", help="cpu, cuda, cuda:1 … (default: from the grid, else auto)")
-    r.add_argument("--quiet", action="store_true", help="no progress bars")
     r.add_argument("--shard", metavar="K/N", help="run only the K-th of N parts of the grid (1 <= K <= N) into "
                    "OUT/shard-K-of-N/; combine the shards with `robustbench-med merge OUT OUT`")
     r.add_argument("--fresh", action="store_true", help="start over: move an existing (e.g. damaged) store aside "
@@ -117,7 +120,6 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("names", nargs="*", help="victim names (default: all trainable)")
     t.add_argument("--force", action="store_true", help="retrain even if weights are cached (fixes corrupted files)")
     t.add_argument("--device")
-    t.add_argument("--quiet", action="store_true")
     t.set_defaults(func=cmd_train)
     ls = sub.add_parser("list", help="list registered victims, attacks, defences or datasets")
     ls.add_argument("kind", nargs="?", choices=["victims", "attacks", "defenses", "datasets"])
@@ -136,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "missing (resume it with `run GRID --out OUT` to compute them)")
     mg.set_defaults(func=cmd_merge)
     from robustbench_med.cli_publish import add_subcommands; add_subcommands(sub)
+    for command in sub.choices.values():
+        add_verbosity_flags(command)
     for command in sub.choices.values():  # user code, on every command (it executes code: only when asked)
         command.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
                              help="import MODULE first (it may register victims, attacks, defences) and let grids name "
@@ -143,8 +147,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def add_verbosity_flags(parser: argparse.ArgumentParser) -> None:
+    """``-v/--verbose`` and ``-q/--quiet`` (mutually exclusive) on one sub-command."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("-v", "--verbose", action="store_true", help="also debug logs (what runs, step by step)")
+    group.add_argument("-q", "--quiet", action="store_true", help="no progress bars and no info logs (warnings, "
+                       "errors and the command's own output only)")
+
+
+def verbosity(args: argparse.Namespace) -> int:
+    """:data:`~robustbench_med.log.QUIET`, ``NORMAL`` or ``VERBOSE`` from the parsed flags."""
+    return QUIET if getattr(args, "quiet", False) else VERBOSE if getattr(args, "verbose", False) else NORMAL
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    configure_logging(verbosity(args))
     try:
         from robustbench_med.plugins import import_modules
 

@@ -23,9 +23,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from pathlib import Path
 
 from robustbench_med.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 DEFAULT_GRIDS = ("zoo", "default", "lvlm")
 PUBLISH_SETS: dict[str, tuple[str, ...]] = {"": DEFAULT_GRIDS, "detectors": ("hfc", "hfc_paper"), "fairness": ("fairness", "fairness_shortcut", "fairness_shortcut_control"), "f3": ("f3",),
@@ -109,8 +112,7 @@ def _publish_study(out: Path, grid_paths: list[Path], args: argparse.Namespace) 
         grids = [load_grid(p) for p in grid_paths]  # validate every grid before running any
         chosen: dict[Path, tuple[dict, str]] = {}
         for grid in grids:
-            print(f"robustbench-med publish: running grid {grid.name!r} (n={grid.n_examples}) into "
-                  f"{Path(args.runs) / grid.name}", flush=True)
+            log.info("publish: running grid %r (n=%d) into %s", grid.name, grid.n_examples, Path(args.runs) / grid.name)
             store = run_grid(grid, Path(args.runs) / grid.name, device=args.device, progress=not args.quiet)
             _write_study_tables(store, out / grid.name)
             for e in build_entries(store):
@@ -201,7 +203,6 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--weights", help="the entry's weights file (default: the entry's own, e.g. the project-trained cache); "
                    "its sha256 must match the entry's")
     v.add_argument("--device", help="cpu, cuda … (default: auto)")
-    v.add_argument("--quiet", action="store_true", help="no progress bars")
     v.set_defaults(func=cmd_verify)
     c = sub.add_parser("check", help="evaluate a candidate like a baseline entry; exit 1 on a significant, material regression")
     c.add_argument("--baseline", required=True, help="an entry file or a leaderboard directory")
@@ -216,7 +217,6 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--min-n", type=int, default=MIN_N, help=f"warn below this many examples (default: {MIN_N})")
     c.add_argument("--junit", metavar="FILE", help="also write the comparison as JUnit XML")
     c.add_argument("--device", help="cpu, cuda … (default: auto)")
-    c.add_argument("--quiet", action="store_true", help="no progress bars")
     c.set_defaults(func=cmd_check)
     p = sub.add_parser("publish", help="run grids, write leaderboard entries and render Markdown/LaTeX/CSV/HTML")
     p.add_argument("grids", nargs="*", help="grid YAML files or packaged grid names (default: every packaged study: "
@@ -226,5 +226,4 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--runs", default="runs", help="where the result stores go (default: runs/<grid>; re-running resumes)")
     p.add_argument("--device", help="cpu, cuda … (default: from the grid, else auto)")
     p.add_argument("--render-only", action="store_true", help="only re-render the tables from the entries in --out")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_publish)

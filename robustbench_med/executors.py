@@ -94,7 +94,7 @@ def run_ray(grid: Grid | str | Path, out_dir: str | Path, *, tasks: int | None =
             existing = shard_dir(out, f"{k}/{n}") / "results.sqlite"
             previous = existing.read_bytes() if existing.exists() else seed
             pending.append(remote.remote(grid, f"{k}/{n}", device, previous, cpus_per_task, fitted_ref))
-        with tqdm(total=n, desc=f"{grid.name} on Ray ({n} shards)", disable=not progress) as bar:
+        with tqdm(total=n, desc=f"{grid.name} on Ray ({n} shards)", disable=None if progress else True) as bar:
             while pending:
                 done, pending = ray.wait(pending, num_returns=1)
                 shard, data = ray.get(done[0])

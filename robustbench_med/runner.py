@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import platform
 import time
 from contextlib import nullcontext
@@ -52,6 +53,7 @@ from robustbench_med.defense import DetectorVictim, PurifiedVictim
 from robustbench_med.distributed import ProcessContext, parse_shard, process_context, unit_position
 from robustbench_med.errors import ConfigError, RobustBenchMedError, TaskNotSupportedError
 from robustbench_med.grid import AttackSpec, DefenseSpec, Grid, VictimSpec, canonical, load_grid
+from robustbench_med.log import GridProgress
 from robustbench_med.registry import DEFENSES, VICTIMS
 from robustbench_med.store import Store, StoreError, run_lock
 from robustbench_med.tasks import get_task
@@ -59,6 +61,7 @@ from robustbench_med.tasks import predict as task_predict
 from robustbench_med.threat import check_budget
 from robustbench_med.victim import Victim
 
+log = logging.getLogger(__name__)
 MASKED_GRADIENT_FRACTION = 0.5
 DEFAULT_EOT = 8
 T = TypeVar("T")
@@ -92,6 +95,12 @@ class CellPlan:
     spec: AttackSpec
     attack: Attack
     cascade: bool = False  # run under the attack_only_robust protocol
+
+
+def _attack_label(group: Sequence[CellPlan]) -> str:
+    """``pgd.linf eps=2/255,8/255``: an eps group of cells as the progress display names it."""
+    eps = [str(p.spec.params["eps"]) for p in group if "eps" in p.spec.params]
+    return group[0].spec.name + (f" eps={','.join(eps)}" if eps else "")
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -231,7 +240,7 @@ class GridRunner:
         self._compute: dict[str, Any] = {}  # the grid's compute settings that apply to the current victim
         self._visited: list[tuple[str, VictimSpec, DefenseSpec, int, int]] = []  # (group_key, victim, defence, eot, n)
         self._work: dict[str, list[str]] = {"defenses_prepared": [], "clean_passes": []}  # "victim × defence" (manifest)
-        self._bar: Any = None  # the whole-grid progress bar of a run (cells), see _run
+        self._bar: GridProgress | None = None  # the whole-grid progress of a run (cells), see _run
         self.cells_counted = 0  # cells the whole-grid bar has counted (done, resumed or skipped)
 
     def run(self) -> str:
@@ -277,10 +286,7 @@ class GridRunner:
         run_id = f"{self.grid.name}-{int(time.time())}{shard}-rank{self.ctx.rank}"
         self.store.start_run(run_id, self.grid.name, self.grid.config_hash(), manifest(self.grid, self.device, data_hash, self.ctx))
         prepared = self._prepare_all(ds, idx, x_all, attr_rows, data_hash)  # rank 0 also trains missing weights here
-        from tqdm.auto import tqdm
-
-        self._bar = tqdm(total=self.planned_cells(), desc=f"grid {self.grid.name}", unit="cell", position=0,
-                         disable=not (self.progress and self.ctx.is_main), dynamic_ncols=True)
+        self._bar = GridProgress(self.planned_cells(), f"grid {self.grid.name}", enabled=self.progress and self.ctx.is_main)
         try:
             for vspec in self.grid.victims:
                 victim, y_all = self._load_victim(vspec, ds, idx)
@@ -310,13 +316,16 @@ class GridRunner:
                     total += sum(spec.applies_to(v.name, d.name, d.attack_through) for spec in self.grid.attacks)
         return total
 
-    def _advance(self, cells: int, where: str = "") -> None:
-        """Count ``cells`` on the whole-grid bar (ETA from tqdm's rate) and name what runs now."""
+    def _running(self, where: str) -> None:
+        """Name on the whole-grid progress what runs now (``victim × defence × attack``)."""
+        if self._bar is not None:
+            self._bar.running(where)
+
+    def _advance(self, cells: int) -> None:
+        """Count ``cells`` (done, resumed or skipped) on the whole-grid progress."""
         self.cells_counted += cells
         if self._bar is not None:
-            if where:
-                self._bar.set_postfix_str(where, refresh=False)
-            self._bar.update(cells)
+            self._bar.advance(cells)
 
     # completeness ------------------------------------------------------------------------------------------
     def _applicable_cells(self, vspec: VictimSpec, dspec: DefenseSpec, group_key: str, eot: int) -> list[str]:
@@ -444,6 +453,7 @@ class GridRunner:
                       attrs) -> dict[str, Any]:
         """Fit ``defense`` for ``victim``, record the reliability flags and write the clean rows of the pair."""
         label = f"{vspec.name} × {dspec.name}"
+        log.info("%s: preparing (defence fit, gradient checks, clean pass)", label)
         try:
             self._work["defenses_prepared"].append(label)
             defense.prepare(victim, self._train_split())
@@ -463,14 +473,17 @@ class GridRunner:
         self._visited.append((group_key, vspec, dspec, eot, len(x_all)))
         where, applicable = f"{vspec.name} × {dspec.name}", len(self._applicable_cells(vspec, dspec, group_key, eot))
         if self._finished(vspec, dspec, group_key, eot, len(x_all)):
-            self._advance(applicable, where)
+            log.info("%s: resumed, every cell is in the store", where)
+            self._advance(applicable)
             return  # resumed: clean rows and every cell (of this shard) are in the store; nothing is refitted
+        self._running(where)
         entry = prepared.get(group_key)
         if entry is None:  # not prepared by rank 0 (a simulated rank, or a pair rank 0 found finished): fit it here
             entry = self._prepare_pair(vspec, victim, dspec, defense, group_key, eot, x_all, y_all, attrs)
         if "skip" in entry:
+            log.warning("%s: skipped (%s)", where, entry["skip"])
             self._plan_cells(vspec, victim, defense, dspec, group_key, eot, skip=entry["skip"])
-            self._advance(applicable, where)
+            self._advance(applicable)
             return
         defense.load_prepared(entry["state"])
         defended = defense.wrap(victim).to(self.device).eval()
@@ -480,11 +493,12 @@ class GridRunner:
         self._randomized = defense.randomized or bool(varies)
         clean = self._clean(defended, group_key, x_all, y_all, attrs, f"{vspec.name} × {dspec.name}")
         plans = self._plan_cells(vspec, victim, defense, dspec, group_key, eot)
-        self._advance(applicable - len(plans), where)  # recorded as skipped (task or norm not supported)
+        self._advance(applicable - len(plans))  # recorded as skipped (task or norm not supported)
         pair = PairRun(view, defended, group_key, x_all, y_all, clean, attrs)
         for group in self._eps_groups(plans):
+            self._running(f"{where} × {_attack_label(group)}")
             self._run_group(group, pair)
-            self._advance(len(group), f"{where} · {group[0].spec.name}")
+            self._advance(len(group))
 
     def _finished(self, vspec: VictimSpec, dspec: DefenseSpec, group_key: str, eot: int, n: int) -> bool:
         """Whether previous runs completed this victim × defence (all clean rows; every applicable cell skipped or with
@@ -625,7 +639,7 @@ class GridRunner:
 
         label = f"{group[0].spec.name} ×{k} on {pair.defended.card.name}"
         unit = self._run_cascade_unit if cascade else self._run_unit
-        for start in tqdm(starts, desc=label, disable=not self.progress, leave=False, position=1):
+        for start in tqdm(starts, desc=label, disable=None if self.progress else True, leave=False, position=1):
             stop = min(n, start + chunk)
             seconds = unit(group, pair, start, stop, done)
             for p in group:
@@ -812,8 +826,8 @@ def run_grid(grid: Grid | str | Path, out_dir: str | Path, *, device: str | None
     with run_lock(path) if ctx.is_main else nullcontext():
         if fresh and ctx.is_main:
             moved = _move_aside(path)
-            if moved is not None and progress:
-                print(f"robustbench-med: --fresh: moved the old store to {moved}", flush=True)
+            if moved is not None:
+                log.warning("--fresh: moved the old store to %s", moved)
         ctx.barrier()
         with Store(path) as store:
             GridRunner(grid, store, resolve_device(device or grid.device), progress, out, context=ctx, prepared=prepared).run()
