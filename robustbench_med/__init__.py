@@ -1,16 +1,21 @@
 """robustbench_med: adversarial robustness and fairness under attack for medical imaging models.
 
-Public API (everything else is internal)::
+Public API (``__all__``: these names and the error classes of :mod:`robustbench_med.errors`; everything else is
+internal)::
 
     create_victim, list_victims, create_attack, list_attacks, create_defense, list_defenses,
-    create_dataset, list_datasets, Victim, Attack, Defense, ThreatModel, check_budget,
-    wrap, build_model, benchmark, check_regression, allow_imports, run_grid, load_grid, summarize, build_entries
+    create_dataset, list_datasets, Victim, ModelVictim, VictimCard, Attack, Defense, InputPurifier, ThreatModel,
+    check_budget, wrap, build_model, benchmark, check_regression, allow_imports, run_grid, load_grid, summarize,
+    build_entries
+
+Public modules besides this one: ``robustbench_med.errors`` (the exceptions) and ``robustbench_med.testing`` (a
+pytest helper, ``assert_no_regression``). The package logs to the ``robustbench_med`` logger and never configures
+logging (the command line does; see :mod:`robustbench_med.log`).
 
 Your own model: ``rbm.wrap(net, task="classification", mean=..., std=...)`` gives a victim;
 ``rbm.benchmark(net, task=..., eps="8/255")`` evaluates it and returns a DataFrame (see the README).
 """
-from __future__ import annotations
-
+from robustbench_med import log as _log  # noqa: F401  (the package logger and its NullHandler)
 from robustbench_med.errors import (
     BudgetViolationError,
     ConfigError,
@@ -59,6 +64,11 @@ def __getattr__(name: str):
 
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'robustbench_med' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    """The module's names including the lazily imported entry points (for completion and ``dir()``)."""
+    return sorted(set(globals()) | set(_LAZY))
 
 __all__ = [
     "Attack",

@@ -133,6 +133,7 @@ class GridProgress:
     def close(self) -> None:
         """Leave the bar on screen (terminal) or log the final line (elsewhere)."""
         if self.bar is not None:
+            self.bar.set_postfix_str("", refresh=False)
             self.bar.close()
         elif self.enabled:
             self._log_line()
