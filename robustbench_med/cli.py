@@ -1,4 +1,10 @@
-"""Command line: ``robustbench-med run|train|list|leaderboard`` (also ``python -m robustbench_med``)."""
+"""Command line: ``robustbench-med run|train|list|leaderboard|merge|verify|check|publish`` (also ``python -m
+robustbench_med``).
+
+Every sub-command takes ``-v/--verbose`` (debug logs) and ``-q/--quiet`` (no progress display and no info logs). Logs
+and progress go to stderr (:func:`robustbench_med.log.configure_logging`); the command's own output (the summary
+table at the end of ``run``, reports, written paths) goes to stdout.
+"""
 from __future__ import annotations
 
 import argparse

@@ -644,6 +644,7 @@ class GridRunner:
             seconds = unit(group, pair, start, stop, done)
             for p in group:
                 self.store.add_timing(p.cell_id, seconds[p.cell_id], stop - start)
+            self._advance(0)  # a heartbeat within a long group: off a terminal a log line every LOG_EVERY_SECONDS
         for p in group:
             status = self.store.cell_status(p.cell_id)
             if status and status[0] == "pending" and len(self.store.done_samples(p.cell_id)) == n:

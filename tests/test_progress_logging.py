@@ -104,6 +104,18 @@ def test_a_run_logs_to_the_package_logger_names_each_cell_and_leaves_root_alone(
     assert messages[-1].startswith("grid progress: 2/2 cells (100%)")
 
 
+def test_off_a_terminal_a_long_group_logs_between_its_units(tmp_path, caplog, monkeypatch):
+    from robustbench_med.grid import parse_grid
+    from robustbench_med.runner import run_grid
+
+    monkeypatch.setattr(rbm_log, "LOG_EVERY_SECONDS", 0.0)
+    caplog.set_level(logging.INFO, logger="robustbench_med")
+    run_grid(parse_grid(GRID), tmp_path, progress=True)
+    lines = [r.getMessage() for r in caplog.records if r.name == "robustbench_med.progress"]
+    during = [line for line in lines if line.startswith("grid progress: 0/2 cells") and line.endswith(f"running {CELL}")]
+    assert len(during) == 2  # one per unit of 4 samples, before the group's cells are counted
+
+
 def _run_cli(tmp_path, *flags):
     from robustbench_med.cli import main
 
