@@ -409,6 +409,7 @@ class GridRunner:
                                                  eot=eot, tag=dspec.key + canonical(self._compute))
         mem = self._memory[vspec.name]
         mem["memory_batch"] = min(mem["memory_batch"], self.batch_cap)
+        log.debug("%s × %s: at most %d samples per call (EOT %d, %s)", vspec.name, dspec.name, self.batch_cap, eot, self.device)
 
     def _defenses_for(self, vspec: VictimSpec, victim: Victim) -> list[DefenseSpec]:
         return [d for d in self.grid.defenses if vspec.pairs_with(d.name) and defense_supports(d.name, victim.task)]
@@ -481,7 +482,7 @@ class GridRunner:
         if entry is None:  # not prepared by rank 0 (a simulated rank, or a pair rank 0 found finished): fit it here
             entry = self._prepare_pair(vspec, victim, dspec, defense, group_key, eot, x_all, y_all, attrs)
         if "skip" in entry:
-            log.warning("%s: skipped (%s)", where, entry["skip"])
+            log.info("%s: its cells are recorded as skipped (%s)", where, entry["skip"])
             self._plan_cells(vspec, victim, defense, dspec, group_key, eot, skip=entry["skip"])
             self._advance(applicable)
             return
