@@ -144,8 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "missing (resume it with `run GRID --out OUT` to compute them)")
     mg.set_defaults(func=cmd_merge)
     from robustbench_med.cli_publish import add_subcommands; add_subcommands(sub)
+    add_verbosity_flags(p)
     for command in sub.choices.values():
-        add_verbosity_flags(command)
+        add_verbosity_flags(command, default=argparse.SUPPRESS)
     for command in sub.choices.values():  # user code, on every command (it executes code: only when asked)
         command.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
                              help="import MODULE first (it may register victims, attacks, defences) and let grids name "
@@ -153,21 +154,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def add_verbosity_flags(parser: argparse.ArgumentParser) -> None:
-    """``-v/--verbose`` and ``-q/--quiet`` (mutually exclusive) on one sub-command."""
+def add_verbosity_flags(parser: argparse.ArgumentParser, default: object = False) -> None:
+    """``-v/--verbose`` and ``-q/--quiet`` (mutually exclusive) on ``parser``: the main parser (``default=False``) and
+    every sub-command (``default=argparse.SUPPRESS``, so a flag given before the sub-command is kept)."""
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("-v", "--verbose", action="store_true", help="also debug logs (what runs, step by step)")
-    group.add_argument("-q", "--quiet", action="store_true", help="no progress bars and no info logs (warnings, "
-                       "errors and the command's own output only)")
+    group.add_argument("-v", "--verbose", action="store_true", default=default,
+                       help="also debug logs (what runs, step by step)")
+    group.add_argument("-q", "--quiet", action="store_true", default=default,
+                       help="no progress bars and no info logs (warnings, errors and the command's own output only)")
 
 
 def verbosity(args: argparse.Namespace) -> int:
     """:data:`~robustbench_med.log.QUIET`, ``NORMAL`` or ``VERBOSE`` from the parsed flags."""
-    return QUIET if getattr(args, "quiet", False) else VERBOSE if getattr(args, "verbose", False) else NORMAL
+    return QUIET if args.quiet else VERBOSE if args.verbose else NORMAL
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.verbose and args.quiet:  # one before the sub-command, the other after it
+        parser.error("argument -q/--quiet: not allowed with argument -v/--verbose")
     configure_logging(verbosity(args))
     try:
         from robustbench_med.plugins import import_modules

@@ -149,12 +149,23 @@ def test_cli_verbose_shows_debug_logs(tmp_path, capsys, cli_logging):
     assert "INFO robustbench_med.cli: grid 'progress'" in err
 
 
-def test_cli_verbose_and_quiet_exclude_each_other(tmp_path, capsys):
+@pytest.mark.parametrize("argv", [["list", "-v", "-q"], ["-v", "list", "-q"], ["--quiet", "list", "--verbose"]])
+def test_cli_verbose_and_quiet_exclude_each_other(capsys, argv):
     from robustbench_med.cli import main
 
     with pytest.raises(SystemExit):
-        main(["list", "-v", "-q"])
+        main(argv)
     assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_cli_verbosity_flags_work_before_the_subcommand_too(capsys, cli_logging):
+    from robustbench_med.cli import main
+
+    assert main(["-q", "list", "defenses"]) == 0
+    assert logging.getLogger("robustbench_med").level == logging.WARNING
+    assert main(["list", "defenses", "-v"]) == 0
+    assert logging.getLogger("robustbench_med").level == logging.DEBUG
+    assert "identity.none" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("command", ["run", "train", "list", "leaderboard", "merge", "verify", "check", "publish"])
