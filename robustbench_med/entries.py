@@ -2,7 +2,9 @@
 
 RobustBench (Croce et al., "RobustBench: a standardized adversarial robustness benchmark", NeurIPS 2021 Datasets and
 Benchmarks) keeps one JSON per model with numbers stored as strings, ``eps`` as ``"8/255"`` and no validator
-(``shared/reference/anchors.md`` §1, §8.7). An entry here is checked on write *and* on load, and every error names
+(``shared/reference/anchors.md`` §1, §8.7). An entry here is checked on write *and* on load (by
+:mod:`robustbench_med.entry_schema`: the published JSON Schema ``leaderboards/schema/entry.schema.json``, generated
+from the typed entries of :mod:`robustbench_med.entry_types`, then the recomputation checks), and every error names
 the field (``results[3].robust: must be a fraction in [0, 1] (not a percentage), got 62.5``):
 
 - numbers are JSON numbers, scores are fractions in [0, 1]; ``eps`` is a number plus a display string that must

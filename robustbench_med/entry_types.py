@@ -12,7 +12,7 @@ per-group columns) are carried as plain dicts. Fields marked optional are left o
 from __future__ import annotations
 
 import copy
-import dataclasses
+from functools import lru_cache
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Union, get_args, get_origin, get_type_hints
 
@@ -32,22 +32,31 @@ URL_PATTERN = r"^https?://[^\s\"'<>]+$"
 NUMBER_STRING_PATTERN = r"^\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*$"
 FRACTION = {"minimum": 0, "maximum": 1}
 
-# Per-group columns (``groups``): which keys hold numbers, and which of those are fractions in [0, 1]. A key may
-# match several patterns; every matching rule applies (JSON Schema ``patternProperties``).
-_NUMBER_OR_NULL = {"type": ["number", "null"]}
+# Per-group columns (``groups``): which keys hold numbers (NUMERIC), which numbers are fractions in [0, 1] (FRACTION),
+# and which may not be numbers written as strings (ROBUST). A key matches exactly one pattern of GROUP_RULES, so the
+# schema checks each value once.
+GROUP_NUMERIC = (r"(robust_gap_|worst_group_robust_|es_dice_)"  # gaps, worst-group and equity-scaled scores
+                 r"|.*\[.*=|.*=.*\["  # per-group values: n[sex=F], robust_accuracy[sex=F]
+                 r"|[^\[]*(_gap_|gap_change|_ratio_|ci95|es_dice|es_iou|_ece|_difference)")  # the name before any '['
+GROUP_FRACTION = r"(?!.*(gap_change|ci95))(robust_gap_|worst_group_robust_|clean_|robust_)"  # not changes, intervals
+GROUP_ROBUST = r"robust_"
+_NOT_A_NUMBER_STRING = {"not": {"type": "string", "pattern": NUMBER_STRING_PATTERN}}
+
+
+def _when(yes: tuple[str, ...], no: tuple[str, ...]) -> str:
+    """A pattern matching keys that match every regex of ``yes`` and none of ``no`` (all anchored at the start)."""
+    return "^" + "".join(f"(?=(?:{r}))" for r in yes) + "".join(f"(?!(?:{r}))" for r in no)
+
+
 GROUP_RULES: dict[str, dict[str, Any]] = {
-    # every value is a number, a group label or null
-    r"^": {"type": ["number", "string", "null"]},
-    # gaps, worst-group scores and equity-scaled scores of the primary metric are numbers
-    r"^(robust_gap_|worst_group_robust_|es_dice_)": _NUMBER_OR_NULL,
-    # per-group values such as n[sex=F] or robust_accuracy[sex=F] are numbers
-    r"^(?=.*\[)(?=.*=)": _NUMBER_OR_NULL,
-    # gap / ratio / interval / calibration / difference columns are numbers (the name before any '[')
-    r"^[^\[]*(_gap_|gap_change|_ratio_|ci95|es_dice|es_iou|_ece|_difference)": _NUMBER_OR_NULL,
-    # group means, gaps and worst-group scores of a primary metric are fractions (changes and intervals are not)
-    r"^(?!.*(gap_change|ci95))(robust_gap_|worst_group_robust_|clean_|robust_)": FRACTION,
-    # a robust_* number must not be written as a string
-    r"^robust_": {"not": {"type": "string", "pattern": NUMBER_STRING_PATTERN}},
+    _when((GROUP_NUMERIC, GROUP_FRACTION), ()): {"type": ["number", "null"], **FRACTION},
+    _when((GROUP_NUMERIC,), (GROUP_FRACTION,)): {"type": ["number", "null"]},
+    _when((GROUP_ROBUST, GROUP_FRACTION), (GROUP_NUMERIC,)): {"type": ["number", "string", "null"], **FRACTION,
+                                                              **_NOT_A_NUMBER_STRING},
+    _when((GROUP_ROBUST,), (GROUP_NUMERIC, GROUP_FRACTION)): {"type": ["number", "string", "null"],
+                                                              **_NOT_A_NUMBER_STRING},
+    _when((GROUP_FRACTION,), (GROUP_NUMERIC, GROUP_ROBUST)): {"type": ["number", "string", "null"], **FRACTION},
+    _when((), (GROUP_NUMERIC, GROUP_FRACTION, GROUP_ROBUST)): {"type": ["number", "string", "null"]},  # labels
 }
 
 
@@ -64,12 +73,13 @@ class Record:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Any:
-        """The typed object of a schema-valid dict (values are copied, nested objects typed)."""
-        hints = get_type_hints(cls)
+        """The typed object of a schema-valid dict: nested objects typed, other values shared with ``data`` (not
+        copied: validating a large entry stays cheap; :meth:`to_dict` returns copies)."""
+        hints = _hints(cls)
         known = {f.name for f in fields(cls) if f.name != "extra"}
         kwargs = {name: _load(hints[name], data[name]) for name in known if name in data}
         if cls.OPEN:
-            kwargs["extra"] = {k: copy.deepcopy(v) for k, v in data.items() if k not in known}
+            kwargs["extra"] = {k: v for k, v in data.items() if k not in known}
         return cls(**kwargs)
 
     def to_dict(self) -> dict[str, Any]:
@@ -99,12 +109,22 @@ def _load(tp: Any, value: Any) -> Any:
     if value is None:
         return None
     inner = _strip_none(tp)
-    if isinstance(inner, type) and dataclasses.is_dataclass(inner):
+    if _is_record(inner):
         return inner.from_dict(value)
     if get_origin(inner) is list:
         (item,) = get_args(inner)
-        return [_load(item, v) for v in value]
-    return copy.deepcopy(value)
+        return [_load(item, v) for v in value] if _is_record(item) else value
+    return value
+
+
+def _is_record(tp: Any) -> bool:
+    return isinstance(tp, type) and issubclass(tp, Record)
+
+
+@lru_cache(maxsize=None)
+def _hints(cls: type) -> dict[str, Any]:
+    """The resolved field types of a dataclass (cached: resolving string annotations is slow)."""
+    return get_type_hints(cls)
 
 
 def _dump(value: Any) -> Any:
