@@ -33,8 +33,8 @@ from jsonschema.exceptions import ValidationError, best_match
 from robustbench_med.compute import parse_compute
 from robustbench_med.entries import defense_key, is_worst_case, threat_key
 from robustbench_med.entry_types import (
-    HEX64_PATTERN, KIND, MEAN_TOL, NAME_PATTERN, RELIABILITY_FLAGS, SCHEMA_VERSION, URL_PATTERN, Entry, Record,
-    ResultRow, Threat, _strip_none,
+    HEX64_PATTERN, KIND, MEAN_TOL, NAME_PATTERN, SCHEMA_VERSION, URL_PATTERN, Entry, Record,
+    ResultRow, Threat, unwrap_optional,
 )
 from robustbench_med.errors import ConfigError, RobustBenchMedError
 from robustbench_med.threat import parse_eps
@@ -100,7 +100,7 @@ def _type_schema(tp: Any, defs: dict[str, Any]) -> dict[str, Any]:
     """JSON Schema of a Python type: primitives, ``X | None``, ``list[X]``, ``dict[str, X]``, dataclasses, Any."""
     if tp is Any:
         return {}
-    inner = _strip_none(tp)
+    inner = unwrap_optional(tp)
     nullable = inner is not tp
     if isinstance(inner, type) and dataclasses.is_dataclass(inner):
         if inner.__name__ not in defs:
@@ -192,7 +192,8 @@ def _validator() -> jsonschema.protocols.Validator:
 
 def _explain(error: ValidationError) -> tuple[str, str]:
     """The field path and a plain-words problem for one ``jsonschema`` error."""
-    field, rule, value, inst, schema = _path(error.absolute_path), error.validator, error.validator_value, error.instance, error.schema
+    field, rule, value = _path(error.absolute_path), error.validator, error.validator_value
+    inst, schema = error.instance, error.schema
     if rule == "required":
         missing = [k for k in value if k not in inst]
         return _join(field, missing[0]), "is required" + (f" (also missing: {missing[1:]})" if missing[1:] else "")
@@ -250,7 +251,8 @@ def _check_threat(c: _Check, threat: Threat) -> None:
     if not math.isclose(parsed, threat.eps, rel_tol=1e-3, abs_tol=1e-9):
         raise c.fail("threat.eps_display", f"{threat.eps_display!r} does not match threat.eps = {threat.eps!r}")
     if threat.key != threat_key(threat.norm, threat.eps):
-        raise c.fail("threat.key", f"must be {threat_key(threat.norm, threat.eps)!r} for this norm and eps, got {threat.key!r}")
+        expected = threat_key(threat.norm, threat.eps)
+        raise c.fail("threat.key", f"must be {expected!r} for this norm and eps, got {threat.key!r}")
 
 
 def _length(c: _Check, values: list[Any], n: int, field: str) -> None:
@@ -266,7 +268,8 @@ def _check_row(c: _Check, row: ResultRow, f: str, n: int, threshold: float) -> N
         except ConfigError as e:
             raise c.fail(f"{f}.compute", str(e)) from None
         if not canonical or canonical != row.compute:
-            raise c.fail(f"{f}.compute", f"must be the non-default settings only (as recorded by the runner), got {row.compute!r}")
+            raise c.fail(f"{f}.compute", "must be the non-default settings only (as recorded by the runner), "
+                                         f"got {row.compute!r}")
     if row.status == "done":
         _check_done(c, row, f, n, threshold)
     elif row.status == "invalid":

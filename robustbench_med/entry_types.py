@@ -24,7 +24,6 @@ from robustbench_med.threat import THREAT_NORMS
 KIND = "robustbench_med/leaderboard-entry"
 SCHEMA_VERSION = 1
 STATUSES = ("done", "invalid", "skipped")
-RELIABILITY_FLAGS = ("masked_gradients", "black_box_beats_white_box", "randomized", "invalid_budget")
 MEAN_TOL = 1e-9
 NAME_PATTERN = NAME_RE.pattern
 HEX64_PATTERN = r"^[0-9a-f]{64}$"
@@ -61,7 +60,7 @@ GROUP_RULES: dict[str, dict[str, Any]] = {
 
 
 def spec(description: str, *, optional: bool = False, **schema: Any) -> Any:
-    """A dataclass field with its meaning and JSON Schema keywords; an ``optional`` one is omitted from JSON when None."""
+    """A dataclass field with its meaning and JSON Schema keywords (``optional``: left out of the JSON when None)."""
     meta = {"description": description, "schema": schema, "optional": optional}
     return field(default=None, metadata=meta) if optional else field(metadata=meta)
 
@@ -108,7 +107,7 @@ def _load(tp: Any, value: Any) -> Any:
     """``value`` (JSON) as type ``tp``: dataclasses built, lists of dataclasses built, anything else copied."""
     if value is None:
         return None
-    inner = _strip_none(tp)
+    inner = unwrap_optional(tp)
     if _is_record(inner):
         return inner.from_dict(value)
     if get_origin(inner) is list:
@@ -135,7 +134,7 @@ def _dump(value: Any) -> Any:
     return copy.deepcopy(value)
 
 
-def _strip_none(tp: Any) -> Any:
+def unwrap_optional(tp: Any) -> Any:
     """``X`` of ``X | None`` (``tp`` itself otherwise)."""
     args = get_args(tp)
     if get_origin(tp) in (Union, type(int | None)) and type(None) in args:
@@ -224,6 +223,9 @@ class Reliability(Record):
     randomized: bool = spec("The defended model's outputs are random (attacks need EOT).")
     invalid_budget: bool = spec("An attack exceeded its perturbation budget (its row is 'invalid').")
     extra: dict[str, bool] = field(default_factory=dict, metadata={"description": "Any further flag a row raised."})
+
+
+RELIABILITY_FLAGS = required_keys(Reliability)  # the four flags every entry states
 
 
 @dataclass(kw_only=True)
