@@ -2,7 +2,9 @@
 
 RobustBench (Croce et al., "RobustBench: a standardized adversarial robustness benchmark", NeurIPS 2021 Datasets and
 Benchmarks) keeps one JSON per model with numbers stored as strings, ``eps`` as ``"8/255"`` and no validator
-(``shared/reference/anchors.md`` §1, §8.7). An entry here is checked on write *and* on load, and every error names
+(``shared/reference/anchors.md`` §1, §8.7). An entry here is checked on write *and* on load (by
+:mod:`robustbench_med.entry_schema`: the published JSON Schema ``leaderboards/schema/entry.schema.json``, generated
+from the typed entries of :mod:`robustbench_med.entry_types`, then the recomputation checks), and every error names
 the field (``results[3].robust: must be a fraction in [0, 1] (not a percentage), got 62.5``):
 
 - numbers are JSON numbers, scores are fractions in [0, 1]; ``eps`` is a number plus a display string that must
@@ -32,22 +34,16 @@ from typing import Any, Iterable
 import numpy as np
 import pandas as pd
 
-from robustbench_med.compute import parse_compute
-from robustbench_med.errors import ConfigError, RobustBenchMedError
-from robustbench_med.grid import ATTACK_THROUGH
-from robustbench_med.registry import NAME_RE
+from robustbench_med.entry_types import (  # noqa: F401  (KIND ... MEAN_TOL: re-exported, public names)
+    KIND, MEAN_TOL, RELIABILITY_FLAGS, SCHEMA_VERSION, STATUSES, Entry, External, Manifest, ResultRow, optional_keys,
+    required_keys,
+)
+from robustbench_med.errors import ConfigError
 from robustbench_med.store import Store
-from robustbench_med.tasks import TASKS, task_spec
-from robustbench_med.threat import CORRUPTION, THREAT_NORMS, eps_display, parse_eps
+from robustbench_med.tasks import task_spec
+from robustbench_med.threat import CORRUPTION, eps_display
 
-KIND = "robustbench_med/leaderboard-entry"
-SCHEMA_VERSION = 1
-STATUSES = ("done", "invalid", "skipped")
-RELIABILITY_FLAGS = ("masked_gradients", "black_box_beats_white_box", "randomized", "invalid_budget")
 WORST_CASE = "worst-case"
-MEAN_TOL = 1e-9
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
-_NUMBER_STRING = re.compile(r"^\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*$")
 _BRACKET = re.compile(r"^[^\[\]]+\[[^\[\]]+\]$")
 GROUP_PREFIXES = ("robust_gap_", "worst_group_", "es_dice_", "clean_gap_", "gap_change_")
 _KNOWN_COLUMNS = {
@@ -55,16 +51,11 @@ _KNOWN_COLUMNS = {
     "knowledge", "norm", "eps", "eps_display", "status", "reason", "n", "weights_sha256", "attack_seconds", "flags",
     "clean", "mean_linf", "mean_l2", "robust", "robust_ci95_low", "robust_ci95_high", "attack_success_rate", "notes",
 }
-TOP_REQUIRED = ("schema", "schema_version", "dataset", "split", "grid", "victim", "task", "metric", "threat", "n",
-                "seeds", "success_threshold", "weights_sha256", "attributes", "results", "reliability", "external",
-                "manifest", "runs", "created", "generator")
-TOP_OPTIONAL = ("display_name", "link", "notes")
-ROW_REQUIRED = ("cell_id", "defense", "defense_params", "attack_through", "attack", "attack_params", "knowledge",
-                "status", "reason", "n", "clean", "robust", "robust_ci95", "attack_success_rate", "mean_linf",
-                "mean_l2", "attack_seconds", "groups", "flags", "per_sample")
-ROW_OPTIONAL = ("components", "flag_details", "metrics", "notes", "compute")
-EXTERNAL_KEYS = ("robust", "source", "method", "adaptive")
-MANIFEST_REQUIRED = ("versions", "seed", "config_hash", "data_hash", "grid", "device")
+# key lists of the entry objects, derived from the typed entries (shims, kept for one release)
+TOP_REQUIRED, TOP_OPTIONAL = required_keys(Entry), optional_keys(Entry)
+ROW_REQUIRED, ROW_OPTIONAL = required_keys(ResultRow), optional_keys(ResultRow)
+EXTERNAL_KEYS = required_keys(External)
+MANIFEST_REQUIRED = required_keys(Manifest)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -87,23 +78,6 @@ def entry_path(root: str | Path, entry: dict[str, Any]) -> Path:
 def is_group_column(name: str) -> bool:
     """Whether a summary column is a per-group / fairness column carried into ``groups``."""
     return name.startswith(GROUP_PREFIXES) or bool(_BRACKET.match(name))
-
-
-def _numeric_group_key(key: str) -> bool:
-    """Group keys whose values must be numbers (labels such as ``worst_group_sex`` may be strings)."""
-    base = key.split("[", 1)[0]
-    if key.startswith(("robust_gap_", "worst_group_robust_", "es_dice_")):
-        return True
-    if "[" in key and "=" in key:  # per-group values: n[sex=F], robust_accuracy[sex=F]
-        return True
-    return any(s in base for s in ("_gap_", "gap_change", "_ratio_", "ci95", "es_dice", "es_iou", "_ece", "_difference"))
-
-
-def _fraction_group_key(key: str) -> bool:
-    """Group keys holding a fraction in [0, 1] (group means, gaps, worst-group scores of a primary metric)."""
-    if "gap_change" in key or "ci95" in key or key.startswith("n["):
-        return False
-    return key.startswith(("robust_gap_", "worst_group_robust_", "clean_", "robust_"))
 
 
 def defense_label(row: dict[str, Any]) -> str:
@@ -143,374 +117,17 @@ def headline_rows(entry: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# validation
-
-
-class _Check:
-    """Field-naming checks; every failure is a :class:`ConfigError` ``<source>: field '<path>': <problem>``."""
-
-    def __init__(self, source: str) -> None:
-        self.source = source
-
-    def fail(self, field: str, msg: str) -> ConfigError:
-        return ConfigError(f"{self.source}: field '{field or '<top>'}': {msg}")
-
-    def mapping(self, value: Any, field: str) -> dict[str, Any]:
-        if not isinstance(value, dict):
-            raise self.fail(field, f"must be an object, got {_kind(value)}")
-        return value
-
-    def keys(self, value: dict[str, Any], required: Iterable[str], optional: Iterable[str], field: str) -> None:
-        missing = [k for k in required if k not in value]
-        if missing:
-            raise self.fail(_join(field, missing[0]), "is required" + (f" (also missing: {missing[1:]})" if missing[1:] else ""))
-        unknown = sorted(set(value) - set(required) - set(optional))
-        if unknown:
-            raise self.fail(field, f"unknown key(s) {unknown}; valid keys: {sorted(set(required) | set(optional))}")
-
-    def string(self, value: Any, field: str, allow_empty: bool = True) -> str:
-        if not isinstance(value, str) or (not allow_empty and not value):
-            raise self.fail(field, f"must be a{'' if allow_empty else ' non-empty'} string, got {_kind(value)}")
-        return value
-
-    def number(self, value: Any, field: str, nullable: bool = False, lo: float | None = None, hi: float | None = None) -> float | None:
-        if value is None and nullable:
-            return None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            hint = " (numbers must be JSON numbers, not strings)" if isinstance(value, str) else ""
-            raise self.fail(field, f"must be a number, got {_kind(value)}{hint}")
-        if not math.isfinite(value):
-            raise self.fail(field, f"must be finite, got {value!r}")
-        if lo is not None and value < lo - MEAN_TOL or hi is not None and value > hi + MEAN_TOL:
-            raise self.fail(field, f"must lie in [{lo}, {hi}], got {value!r}")
-        return float(value)
-
-    def fraction(self, value: Any, field: str, nullable: bool = False) -> float | None:
-        v = self.number(value, field, nullable)
-        if v is not None and not -MEAN_TOL <= v <= 1 + MEAN_TOL:
-            raise self.fail(field, f"must be a fraction in [0, 1] (not a percentage), got {value!r}")
-        return v
-
-    def integer(self, value: Any, field: str, lo: int | None = None) -> int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise self.fail(field, f"must be an integer, got {_kind(value)}")
-        if lo is not None and value < lo:
-            raise self.fail(field, f"must be >= {lo}, got {value}")
-        return value
-
-    def boolean(self, value: Any, field: str) -> bool:
-        if not isinstance(value, bool):
-            raise self.fail(field, f"must be true or false, got {_kind(value)}")
-        return value
-
-    def listof(self, value: Any, field: str, length: int | None = None) -> list[Any]:
-        if not isinstance(value, list):
-            raise self.fail(field, f"must be a list, got {_kind(value)}")
-        if length is not None and len(value) != length:
-            raise self.fail(field, f"must have {length} items, got {len(value)}")
-        return value
-
-    def choice(self, value: Any, choices: Iterable[str], field: str) -> str:
-        choices = tuple(choices)
-        if value not in choices:
-            raise self.fail(field, f"must be one of {list(choices)}, got {value!r}")
-        return value
-
-
-def _kind(value: Any) -> str:
-    return f"{type(value).__name__} {value!r}" if not isinstance(value, (dict, list)) else type(value).__name__
-
-
-def _join(field: str, key: Any) -> str:
-    return f"{field}[{key}]" if isinstance(key, int) else (f"{field}.{key}" if field else str(key))
+# validation (in robustbench_med.entry_schema: the published JSON Schema, then the recomputation checks)
 
 
 def validate_entry(entry: Any, source: str = "<entry>") -> dict[str, Any]:
-    """Check ``entry`` against the schema and recompute its aggregates; return it or raise :class:`ConfigError`."""
-    c = _Check(source)
-    c.mapping(entry, "")
-    c.keys(entry, TOP_REQUIRED, TOP_OPTIONAL, "")
-    c.choice(entry["schema"], (KIND,), "schema")
-    if c.integer(entry["schema_version"], "schema_version") != SCHEMA_VERSION:
-        raise c.fail("schema_version", f"this version of robustbench_med reads version {SCHEMA_VERSION}, got {entry['schema_version']}")
-    for key in ("dataset", "split", "grid", "metric", "created", "generator"):
-        c.string(entry[key], key, allow_empty=False)
-    _check_name(c, entry["victim"], "victim")
-    c.choice(entry["task"], TASKS, "task")
-    _check_threat(c, entry["threat"])
-    n = c.integer(entry["n"], "n", lo=1)
-    for i, s in enumerate(c.listof(entry["seeds"], "seeds")):
-        c.integer(s, f"seeds[{i}]")
-    if not entry["seeds"]:
-        raise c.fail("seeds", "must list at least one seed")
-    c.fraction(entry["success_threshold"], "success_threshold")
-    if entry["weights_sha256"] is not None and not (isinstance(entry["weights_sha256"], str) and _HEX64.match(entry["weights_sha256"])):
-        raise c.fail("weights_sha256", f"must be a 64-digit lower-case hex sha256 or null, got {_kind(entry['weights_sha256'])}")
-    _check_attributes(c, entry["attributes"], n)
-    _check_optional_text(c, entry)
-    rows = c.listof(entry["results"], "results")
-    if not rows:
-        raise c.fail("results", "must hold at least one result row")
-    for i, row in enumerate(rows):
-        _check_row(c, row, f"results[{i}]", n, entry["success_threshold"])
-    _check_components(c, rows)
-    _check_reliability(c, entry["reliability"], rows)
-    _check_external(c, entry["external"])
-    _check_manifest(c, entry["manifest"], entry["grid"])
-    _check_runs(c, entry["runs"])
-    return entry
+    """Check ``entry`` against the schema and recompute its aggregates; return it or raise :class:`ConfigError`.
 
+    See :func:`robustbench_med.entry_schema.validate_entry` (imported on call: that module builds on the names above).
+    """
+    from robustbench_med.entry_schema import validate_entry as validate
 
-def _check_name(c: _Check, value: Any, field: str) -> None:
-    if not isinstance(value, str) or not NAME_RE.match(value):
-        raise c.fail(field, f"must be a registry name 'family.tag' (lower case, digits, _ -), got {_kind(value)}")
-
-
-def _check_threat(c: _Check, threat: Any) -> None:
-    """Norm, eps (a number), its display string and the derived threat key must agree."""
-    c.mapping(threat, "threat")
-    c.keys(threat, ("norm", "eps", "eps_display", "key"), (), "threat")
-    c.choice(threat["norm"], THREAT_NORMS, "threat.norm")
-    eps = c.number(threat["eps"], "threat.eps", lo=0)
-    shown = c.string(threat["eps_display"], "threat.eps_display", allow_empty=False)
-    try:
-        parsed = parse_eps(shown)
-    except RobustBenchMedError:
-        raise c.fail("threat.eps_display", f"must be a number or 'a/b', got {shown!r}") from None
-    if not math.isclose(parsed, eps, rel_tol=1e-3, abs_tol=1e-9):
-        raise c.fail("threat.eps_display", f"{shown!r} does not match threat.eps = {eps!r}")
-    if threat["key"] != threat_key(threat["norm"], eps):
-        raise c.fail("threat.key", f"must be {threat_key(threat['norm'], eps)!r} for this norm and eps, got {threat['key']!r}")
-
-
-def _check_attributes(c: _Check, attrs: Any, n: int) -> None:
-    """Sensitive attributes: one string per example for each attribute."""
-    c.mapping(attrs, "attributes")
-    for name, values in attrs.items():
-        for i, v in enumerate(c.listof(values, f"attributes.{name}", length=n)):
-            c.string(v, f"attributes.{name}[{i}]")
-
-
-def _check_optional_text(c: _Check, entry: dict[str, Any]) -> None:
-    """Free text (display name, notes) and an http(s)-only link."""
-    for key in ("display_name", "notes"):
-        if key in entry:
-            c.string(entry[key], key)
-    if "link" in entry and not (isinstance(entry["link"], str) and re.match(r"^https?://[^\s\"'<>]+$", entry["link"])):
-        raise c.fail("link", f"must be an http(s) URL, got {_kind(entry['link'])}")
-
-
-def _check_row(c: _Check, row: Any, f: str, n: int, threshold: float) -> None:
-    """One result row: types, ranges, and the per-status rules below."""
-    c.mapping(row, f)
-    c.keys(row, ROW_REQUIRED, ROW_OPTIONAL, f)
-    if row["cell_id"] is not None:
-        c.string(row["cell_id"], f"{f}.cell_id", allow_empty=False)
-    _check_name(c, row["defense"], f"{f}.defense")
-    c.mapping(row["defense_params"], f"{f}.defense_params")
-    c.choice(row["attack_through"], ATTACK_THROUGH, f"{f}.attack_through")
-    c.string(row["attack"], f"{f}.attack", allow_empty=False)
-    c.mapping(row["attack_params"], f"{f}.attack_params")
-    if row["knowledge"] is not None:
-        c.string(row["knowledge"], f"{f}.knowledge")
-    status = c.choice(row["status"], STATUSES, f"{f}.status")
-    c.string(row["reason"], f"{f}.reason")
-    c.integer(row["n"], f"{f}.n", lo=0)
-    for key in ("clean", "robust", "attack_success_rate"):
-        c.fraction(row[key], f"{f}.{key}", nullable=True)
-    for key in ("mean_linf", "mean_l2", "attack_seconds"):
-        c.number(row[key], f"{f}.{key}", nullable=True, lo=0)
-    _check_groups(c, row["groups"], f"{f}.groups")
-    for i, flag in enumerate(c.listof(row["flags"], f"{f}.flags")):
-        c.string(flag, f"{f}.flags[{i}]", allow_empty=False)
-    for key in ("flag_details", "metrics"):
-        if key in row:
-            _check_scalars(c, row[key], f"{f}.{key}")
-    if "notes" in row:
-        c.string(row["notes"], f"{f}.notes")
-    if "compute" in row:
-        _check_compute(c, row["compute"], f"{f}.compute")
-    {"done": _check_done, "invalid": _check_invalid, "skipped": _check_skipped}[status](c, row, f, n, threshold)
-
-
-def _check_groups(c: _Check, groups: Any, f: str) -> None:
-    """Per-group values: finite numbers (fractions where the key names a score) or group labels."""
-    c.mapping(groups, f)
-    for key, value in groups.items():
-        field = f"{f}.{key}"
-        if value is None:
-            continue
-        if isinstance(value, str):
-            if _numeric_group_key(key):
-                raise c.fail(field, f"must be a number, got {_kind(value)} (numbers must be JSON numbers, not strings)")
-            if _NUMBER_STRING.match(value) and key.startswith("robust_"):
-                raise c.fail(field, f"must be a number, got {_kind(value)}")
-            continue
-        if _fraction_group_key(key):
-            c.fraction(value, field)
-        else:
-            c.number(value, field)
-
-
-def _check_compute(c: _Check, value: Any, f: str) -> None:
-    """The compute settings a row ran with: valid, non-empty, in the canonical form the runner records."""
-    try:
-        canonical = parse_compute(value, f)
-    except ConfigError as e:
-        raise c.fail(f, str(e)) from None
-    if not canonical or canonical != value:
-        raise c.fail(f, f"must be the non-default settings only (as recorded by the runner), got {value!r}")
-
-
-def _check_scalars(c: _Check, value: Any, f: str) -> None:
-    """A mapping of numbers or strings (extra metrics, flag details)."""
-    c.mapping(value, f)
-    for key, v in value.items():
-        if v is not None and not isinstance(v, str):
-            c.number(v, f"{f}.{key}")
-
-
-def _check_done(c: _Check, row: dict[str, Any], f: str, n: int, threshold: float) -> None:
-    """A finished row: aggregates recomputed from its per-sample scores, interval containing the mean."""
-    for key in ("clean", "robust", "robust_ci95", "per_sample"):
-        if row[key] is None:
-            raise c.fail(f"{f}.{key}", "is required for a finished ('done') row")
-    if row["n"] != n:
-        raise c.fail(f"{f}.n", f"must equal the entry's n = {n}, got {row['n']}")
-    clean, adv = _per_sample(c, row["per_sample"], f"{f}.per_sample", n)
-    _same(c, row["clean"], float(clean.mean()), f"{f}.clean", "the mean of per_sample.clean")
-    _same(c, row["robust"], float(adv.mean()), f"{f}.robust", "the mean of per_sample.adv")
-    ok = clean >= threshold
-    if not ok.any():
-        if row["attack_success_rate"] is not None:
-            raise c.fail(f"{f}.attack_success_rate", "must be null: no sample is correct on clean input")
-    elif row["attack_success_rate"] is None:
-        raise c.fail(f"{f}.attack_success_rate", "is required: some samples are correct on clean input")
-    else:
-        asr = float(((adv < threshold) & ok).sum() / ok.sum())
-        _same(c, row["attack_success_rate"], asr, f"{f}.attack_success_rate", "the stored per-sample outcomes")
-    lo, hi = (c.fraction(v, f"{f}.robust_ci95[{i}]") for i, v in enumerate(c.listof(row["robust_ci95"], f"{f}.robust_ci95", length=2)))
-    if not lo - MEAN_TOL <= row["robust"] <= hi + MEAN_TOL:
-        raise c.fail(f"{f}.robust_ci95", f"[{lo}, {hi}] does not contain robust = {row['robust']}")
-
-
-def _check_invalid(c: _Check, row: dict[str, Any], f: str, n: int, threshold: float) -> None:
-    """A row whose attack broke its budget publishes no robust number and carries the flag."""
-    for key in ("robust", "robust_ci95", "attack_success_rate", "per_sample"):
-        if row[key] is not None:
-            raise c.fail(f"{f}.{key}", "must be null: the attack broke its budget, so the row has no robust result")
-    if "invalid_budget" not in row["flags"]:
-        raise c.fail(f"{f}.flags", "an invalid row must carry the 'invalid_budget' flag")
-
-
-def _check_skipped(c: _Check, row: dict[str, Any], f: str, n: int, threshold: float) -> None:
-    """A skipped row has no numbers and says why."""
-    for key in ("clean", "robust", "robust_ci95", "attack_success_rate", "per_sample"):
-        if row[key] is not None:
-            raise c.fail(f"{f}.{key}", "must be null for a skipped row")
-    if not row["reason"]:
-        raise c.fail(f"{f}.reason", "a skipped row must say why it was skipped")
-
-
-def _per_sample(c: _Check, value: Any, f: str, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per-sample clean and adversarial scores (n finite numbers each) as arrays."""
-    c.mapping(value, f)
-    c.keys(value, ("clean", "adv"), (), f)
-    arrays = []
-    for key in ("clean", "adv"):
-        items = c.listof(value[key], f"{f}.{key}", length=n)
-        for i, v in enumerate(items):
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise c.fail(f"{f}.{key}[{i}]", f"must be a finite number, got {_kind(v)}")
-        arrays.append(np.asarray(items, dtype=float))
-    return arrays[0], arrays[1]
-
-
-def _same(c: _Check, stored: float, recomputed: float, field: str, what: str) -> None:
-    if abs(stored - recomputed) > 1e-7:
-        raise c.fail(field, f"{stored!r} does not match {what} ({recomputed!r})")
-
-
-def _check_components(c: _Check, rows: list[dict[str, Any]]) -> None:
-    """Unique cell ids; a worst-case row is the per-sample minimum of the finished rows it names."""
-    ids = [r["cell_id"] for r in rows if r["cell_id"] is not None]
-    dup = sorted({i for i in ids if ids.count(i) > 1})
-    if dup:
-        raise c.fail("results", f"duplicate cell_id(s) {dup}")
-    by_id = {r["cell_id"]: r for r in rows if r["cell_id"] is not None}
-    for i, row in enumerate(rows):
-        f = f"results[{i}]"
-        if not is_worst_case(row):
-            if "components" in row:
-                raise c.fail(f"{f}.components", "only worst-case rows name components")
-            continue
-        comps = c.listof(row.get("components"), f"{f}.components")
-        if len(comps) < 2 or row["status"] != "done":
-            raise c.fail(f"{f}.components", "a worst-case row is a finished row over at least two attacks")
-        for j, cid in enumerate(comps):
-            other = by_id.get(cid)
-            if other is None or other["status"] != "done" or defense_key(other) != defense_key(row):
-                raise c.fail(f"{f}.components[{j}]", f"{cid!r} is not a finished row of the same defence in this entry")
-        adv = np.min([other["per_sample"]["adv"] for other in (by_id[cid] for cid in comps)], axis=0)
-        if not np.allclose(adv, row["per_sample"]["adv"], atol=1e-12, rtol=0):
-            raise c.fail(f"{f}.per_sample.adv", "is not the per-sample minimum over the component rows")
-
-
-def _check_reliability(c: _Check, rel: Any, rows: list[dict[str, Any]]) -> None:
-    """Entry-level flags: booleans, true whenever any row carries the flag."""
-    c.mapping(rel, "reliability")
-    c.keys(rel, RELIABILITY_FLAGS, tuple(k for k in rel if k not in RELIABILITY_FLAGS), "reliability")
-    for key, value in rel.items():
-        c.boolean(value, f"reliability.{key}")
-    for i, row in enumerate(rows):
-        for flag in row["flags"]:
-            if not rel.get(flag, False):
-                raise c.fail(f"reliability.{flag}", f"must be true: results[{i}] carries the flag {flag!r}")
-
-
-def _check_external(c: _Check, ext: Any) -> None:
-    """An external (e.g. adaptive) evaluation: a fraction, its source and method, adaptive or not."""
-    if ext is None:
-        return
-    c.mapping(ext, "external")
-    c.keys(ext, EXTERNAL_KEYS, ("notes", "date", "link"), "external")
-    c.fraction(ext["robust"], "external.robust")
-    c.string(ext["source"], "external.source", allow_empty=False)
-    c.string(ext["method"], "external.method", allow_empty=False)
-    c.boolean(ext["adaptive"], "external.adaptive")
-    if "link" in ext and not (isinstance(ext["link"], str) and re.match(r"^https?://[^\s\"'<>]+$", ext["link"])):
-        raise c.fail("external.link", f"must be an http(s) URL, got {_kind(ext['link'])}")
-
-
-def _check_manifest(c: _Check, man: Any, grid_name: str) -> None:
-    """The run manifest must name the versions, seed, hashes, device and the grid that produced the entry."""
-    c.mapping(man, "manifest")
-    missing = [k for k in MANIFEST_REQUIRED if k not in man]
-    if missing:
-        raise c.fail(f"manifest.{missing[0]}", "is required")
-    c.mapping(man["versions"], "manifest.versions")
-    c.integer(man["seed"], "manifest.seed")
-    for key in ("config_hash", "data_hash", "device"):
-        c.string(man[key], f"manifest.{key}", allow_empty=False)
-    grid = c.mapping(man["grid"], "manifest.grid")
-    for key in ("name", "dataset", "split", "n_examples", "batch_size", "seed", "victims", "attacks", "defenses"):
-        if key not in grid:
-            raise c.fail(f"manifest.grid.{key}", "is required")
-    if grid["name"] != grid_name:
-        raise c.fail("manifest.grid.name", f"must be the entry's grid {grid_name!r}, got {grid['name']!r}")
-
-
-def _check_runs(c: _Check, runs: Any) -> None:
-    """The runs (resumptions included) that wrote the results."""
-    for i, run in enumerate(c.listof(runs, "runs")):
-        c.mapping(run, f"runs[{i}]")
-        c.keys(run, ("run_id", "started", "finished", "config_hash"), (), f"runs[{i}]")
-        c.string(run["run_id"], f"runs[{i}].run_id", allow_empty=False)
-        c.number(run["started"], f"runs[{i}].started")
-        c.number(run["finished"], f"runs[{i}].finished", nullable=True)
-        c.string(run["config_hash"], f"runs[{i}].config_hash", allow_empty=False)
-    if not runs:
-        raise c.fail("runs", "must list the run(s) that produced the entry")
+    return validate(entry, source)
 
 
 # ---------------------------------------------------------------------------------------------------------------
