@@ -214,7 +214,7 @@ def test_external_result_and_generic_group_columns_validate(entry):
 def test_summary_fairness_columns_are_carried_generically(toy, monkeypatch):
     import robustbench_med.leaderboard as lb
 
-    original = lb.summarize
+    original = lb.summary_wide
 
     def with_fairness(store):
         df = original(store)
@@ -223,7 +223,7 @@ def test_summary_fairness_columns_are_carried_generically(toy, monkeypatch):
         df["detector_auroc"] = 0.75
         return df
 
-    monkeypatch.setattr(lb, "summarize", with_fairness)
+    monkeypatch.setattr(lb, "summary_wide", with_fairness)
     rows = [r for e in build_entries(toy["store"]) for r in e["results"] if r["status"] == "done" and r["cell_id"]]
     assert all(r["groups"]["robust_accuracy[sex=F]"] == r["robust"] and r["groups"]["es_dice_sex"] == 0.5 for r in rows)
     assert all(r["metrics"]["detector_auroc"] == 0.75 for r in rows)

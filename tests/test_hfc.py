@@ -325,7 +325,7 @@ def test_grid_runner_prepares_hfc_and_reports_detection(binary_victim, tmp_path)
     from dataclasses import replace
 
     from robustbench_med.grid import parse_grid
-    from robustbench_med.leaderboard import summarize, to_text
+    from robustbench_med.leaderboard import summary_wide, to_text
     from robustbench_med.registry import VICTIMS
     from robustbench_med.runner import run_grid
 
@@ -339,7 +339,7 @@ def test_grid_runner_prepares_hfc_and_reports_detection(binary_victim, tmp_path)
                         {"name": "hfc.pgd", "params": {"eps": "8/255", "steps": 5, "lam": 1, "stats_target_field": "label"}}],
             "defenses": [{"name": "detector.svm", "params": DETECTOR_FIT}],
         })
-        df = summarize(run_grid(grid, tmp_path, progress=False), fairness_boot=0)
+        df = summary_wide(run_grid(grid, tmp_path, progress=False), fairness_boot=0)
     finally:
         VICTIMS.remove(name)
     cells = df[df.cell_id != ""].set_index("attack")
