@@ -27,7 +27,6 @@ import math
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from robustbench_med.results import (  # noqa: F401 (GROUP_ATTRS: public, kept)
