@@ -229,6 +229,23 @@ CSV_ORDER = ("dataset", "threat", "norm", "eps", "eps_display", "victim", "model
              "robust", "ci_low", "ci_high", "asr", "mean_linf", "mean_l2", "n", "external", "flags", "weights_sha256")
 
 
+# Summary columns an entry row holds as schema fields (the rest go to its ``groups`` or ``metrics``).
+SUMMARY_FIELDS = frozenset({
+    "cell_id", "victim", "task", "metric", "defense", "defense_params", "attack_through", "attack", "attack_params",
+    "knowledge", "norm", "eps", "eps_display", "status", "reason", "n", "weights_sha256", "attack_seconds", "flags",
+    "clean", "mean_linf", "mean_l2", "robust", "robust_ci95_low", "robust_ci95_high", "attack_success_rate", "notes",
+})
+GROUP_PREFIXES = ("robust_gap_", "worst_group_", "es_dice_", "clean_gap_", "gap_change_")
+_BRACKET = re.compile(r"^[^\[\]]+\[[^\[\]]+\]$")
+
+
+def is_group_column(name: Any) -> bool:
+    """Whether a summary column is a per-group / fairness value (an entry row's ``groups``): a short alias
+    (``robust_gap_sex``, ``worst_group_robust_age_group``, ``es_dice_sex`` …) or a bracketed name (``n[sex=F]``,
+    ``robust_gap_accuracy[sex]``)."""
+    return isinstance(name, str) and (name.startswith(GROUP_PREFIXES) or bool(_BRACKET.match(name)))
+
+
 def column(key: str) -> Column:
     """The registered column named ``key``."""
     for c in COLUMNS:
@@ -298,5 +315,5 @@ def csv_columns(rows: Iterable[Mapping[str, Any]]) -> list[Column]:
     return out
 
 
-__all__ = ["Column", "ColumnFamily", "COLUMNS", "GROUP_FAMILIES", "CSV_ORDER", "VIEWS", "column", "register",
+__all__ = ["SUMMARY_FIELDS", "is_group_column", "Column", "ColumnFamily", "COLUMNS", "GROUP_FAMILIES", "CSV_ORDER", "VIEWS", "column", "register",
            "unregister", "group_columns", "for_rows", "csv_columns", "fixed3", "plain", "interval"]

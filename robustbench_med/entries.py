@@ -33,11 +33,12 @@ from typing import Any, Iterable
 import numpy as np
 import pandas as pd
 
+from robustbench_med.columns import GROUP_PREFIXES, SUMMARY_FIELDS, is_group_column  # noqa: F401 (public names kept)
 from robustbench_med.compute import parse_compute
 from robustbench_med.errors import ConfigError, RobustBenchMedError
 from robustbench_med.grid import ATTACK_THROUGH
 from robustbench_med.registry import NAME_RE
-from robustbench_med.results import (
+from robustbench_med.results import (  # noqa: F401 (WORST_CASE: public name kept)
     WORST_CASE, WORST_CASE_KEY, group_gaps, is_baseline, is_worst_case_attack, worst_case_cells, worst_case_label, worst_case_samples,
 )
 from robustbench_med.statistics import attack_success_rate, mean_ci
@@ -52,13 +53,7 @@ RELIABILITY_FLAGS = ("masked_gradients", "black_box_beats_white_box", "randomize
 MEAN_TOL = 1e-9
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _NUMBER_STRING = re.compile(r"^\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*$")
-_BRACKET = re.compile(r"^[^\[\]]+\[[^\[\]]+\]$")
-GROUP_PREFIXES = ("robust_gap_", "worst_group_", "es_dice_", "clean_gap_", "gap_change_")
-_KNOWN_COLUMNS = {
-    "cell_id", "victim", "task", "metric", "defense", "defense_params", "attack_through", "attack", "attack_params",
-    "knowledge", "norm", "eps", "eps_display", "status", "reason", "n", "weights_sha256", "attack_seconds", "flags",
-    "clean", "mean_linf", "mean_l2", "robust", "robust_ci95_low", "robust_ci95_high", "attack_success_rate", "notes",
-}
+_KNOWN_COLUMNS = SUMMARY_FIELDS  # shim, kept for one release (columns.SUMMARY_FIELDS)
 TOP_REQUIRED = ("schema", "schema_version", "dataset", "split", "grid", "victim", "task", "metric", "threat", "n",
                 "seeds", "success_threshold", "weights_sha256", "attributes", "results", "reliability", "external",
                 "manifest", "runs", "created", "generator")
@@ -86,11 +81,6 @@ def threat_key(norm: str, eps: float) -> str:
 def entry_path(root: str | Path, entry: dict[str, Any]) -> Path:
     """Where ``entry`` lives under the leaderboard ``root``."""
     return Path(root) / entry["dataset"] / entry["threat"]["key"] / f"{entry['victim']}.json"
-
-
-def is_group_column(name: str) -> bool:
-    """Whether a summary column is a per-group / fairness column carried into ``groups``."""
-    return name.startswith(GROUP_PREFIXES) or bool(_BRACKET.match(name))
 
 
 def _numeric_group_key(key: str) -> bool:

@@ -29,6 +29,8 @@ from typing import Any
 
 import pandas as pd
 
+from robustbench_med.columns import SUMMARY_FIELDS, for_rows, is_group_column
+from robustbench_med.render import markdown_table
 from robustbench_med.results import (  # noqa: F401 (GROUP_ATTRS: public, kept)
     GROUP_ATTRS, store_frames, summaries, summarize_worst_case, tidy_summary, worst_case_cells, worst_case_samples,
 )
@@ -109,53 +111,50 @@ def _flag_black_box(df: pd.DataFrame) -> None:
                 df.at[i, "flags"] = sorted(set(r["flags"]) | {"black_box_beats_white_box"})
 
 
-DISPLAY = [("victim", "victim"), ("defense", "defense"), ("attack", "attack"), ("norm", "norm"), ("eps_display", "eps"),
-           ("metric", "metric"), ("clean", "clean"), ("robust", "robust"), ("ci", "95% CI"),
-           ("attack_success_rate", "ASR"), ("robust_gap_sex", "gap(sex)"), ("worst_group_robust_sex", "worst(sex)"),
-           ("gap_change_sex", "Δgap(sex)"), ("robust_gap_age_group", "gap(age)"), ("n", "n"), ("mean_linf", "mean L∞"),
-           ("mean_l2", "mean L2"), ("flags", "flags")]
-DETECTION_DISPLAY = [("detector_auroc", "det. AUROC"), ("detector_tpr_at_90tnr", "TPR@90%TNR"),
-                     ("detector_auroc_two_sided", "det. AUROC (2-sided)"), ("detector_tpr_at_90tnr_two_sided", "TPR@90%TNR (2-sided)")]
-VQA_DISPLAY = [("robust_vqa_accuracy_first", "robust (attacked q)"), ("robust_vqa_accuracy_others", "robust (other q)")]
-
-
-def display_columns(df: pd.DataFrame) -> list[tuple[str, str]]:
-    """The displayed columns; after the ASR: the detector AUROC and TPR at 90% TNR when a cell ran behind a detector,
-    and for VQA victims the accuracy on each image's first evaluation question (the one question-specific attacks
-    target) and on its other questions."""
-    extra = [(c, h) for c, h in DETECTION_DISPLAY + VQA_DISPLAY if c in df and not df[c].isna().all()]
-    at = [c for c, _ in DISPLAY].index("attack_success_rate") + 1
-    return DISPLAY[:at] + extra + DISPLAY[at:]
-
-
-def _fmt(v: Any) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "–"
-    if isinstance(v, float):
-        return f"{v:.3f}"
-    if isinstance(v, list):
-        return ", ".join(v)
-    return str(v)
-
-
-def display_rows(df: pd.DataFrame) -> list[list[str]]:
-    rows, columns = [], display_columns(df)
+def summary_rows(df: pd.DataFrame) -> list[dict[str, Any]]:
+    """Display rows (the fields :mod:`robustbench_med.columns` reads, as :func:`robustbench_med.render.flat_rows`
+    makes them from entries) of the done and invalid rows of a wide summary: group values under ``groups``, the
+    other numeric summary columns (detector AUROC, VQA per-question accuracy …) under ``metrics``."""
+    if df.empty:
+        return []
+    rows = []
     for _, r in df[df.status.isin(["done", "invalid"])].iterrows():
-        r = r.copy()
-        r["ci"] = f"[{r.robust_ci95_low:.3f}, {r.robust_ci95_high:.3f}]" if pd.notna(r.get("robust_ci95_low")) else "–"
-        if r.status == "invalid":
-            r["robust"] = "INVALID"
-        rows.append([_fmt(r.get(col)) for col, _ in columns])
+        row = {k: _missing(r.get(k)) for k in ("victim", "task", "metric", "defense", "attack", "norm", "eps", "eps_display",
+                                                "status", "clean", "robust", "n", "mean_linf", "mean_l2")}
+        row.update({"model": r["victim"], "asr": _missing(r.get("attack_success_rate")), "ci_low": _missing(r.get("robust_ci95_low")),
+                    "ci_high": _missing(r.get("robust_ci95_high")), "flags": list(r["flags"]),
+                    "groups": {k: v for k, v in r.items() if is_group_column(k) and _missing(v) is not None},
+                    "metrics": {k: v for k, v in r.items() if k not in SUMMARY_FIELDS and not is_group_column(k)
+                                and isinstance(_missing(v), (int, float)) and not isinstance(v, bool)}})
+        rows.append(row)
     return rows
 
 
+def _missing(v: Any) -> Any:
+    """None for a missing value (None or NaN), else the value."""
+    return None if v is None or (isinstance(v, float) and math.isnan(v)) else v
+
+
+def display_columns(df: pd.DataFrame) -> list[tuple[str, str]]:
+    """(key, heading) of the terminal table's columns (the registry's ``text`` view, :mod:`robustbench_med.columns`):
+    after the ASR, the detector AUROC and TPR at 90% TNR when a cell ran behind a detector and, for VQA victims, the
+    accuracy on each image's first evaluation question and on its other questions; then the group columns."""
+    return [(c.key, c.heading) for c in for_rows(summary_rows(df), "text")]
+
+
+def display_rows(df: pd.DataFrame) -> list[list[str]]:
+    """The cells of the terminal table, one list per done or invalid summary row."""
+    rows = summary_rows(df)
+    columns = for_rows(rows, "text")
+    return [[c.cell(r) for c in columns] for r in rows]
+
+
 def to_markdown(df: pd.DataFrame) -> str:
-    """A GitHub-flavoured Markdown table of the leaderboard (pipes in text are escaped)."""
-    head = [h for _, h in display_columns(df)]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-    for row in display_rows(df):
-        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in row) + " |")
-    skipped = df[df.status == "skipped"]
+    """A GitHub-flavoured Markdown table of a wide summary (the terminal table's columns; pipes in text are
+    escaped), through the one Markdown path of :func:`robustbench_med.render.markdown_table`."""
+    rows = summary_rows(df)
+    lines = markdown_table(for_rows(rows, "text"), rows)
+    skipped = df[df.status == "skipped"] if len(df) else df
     if len(skipped):
         lines.append("")
         lines.append(f"Skipped cells ({len(skipped)}): " + "; ".join(f"{r.victim} × {r.attack}: {r.reason}" for _, r in skipped.iterrows()))
@@ -163,12 +162,14 @@ def to_markdown(df: pd.DataFrame) -> str:
 
 
 def to_text(df: pd.DataFrame) -> str:
-    """A fixed-width table for the terminal."""
-    head = [h for _, h in display_columns(df)]
-    rows = display_rows(df)
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
+    """A fixed-width table for the terminal (the registry's ``text`` view)."""
+    rows = summary_rows(df)
+    columns = for_rows(rows, "text")
+    head = [c.heading for c in columns]
+    cells = [[c.cell(r) for c in columns] for r in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(head)]
     fmt = "  ".join("{:<" + str(w) + "}" for w in widths)
-    return "\n".join([fmt.format(*head), fmt.format(*("-" * w for w in widths))] + [fmt.format(*r) for r in rows]) + "\n"
+    return "\n".join([fmt.format(*head), fmt.format(*("-" * w for w in widths))] + [fmt.format(*r) for r in cells]) + "\n"
 
 
 def plot_robustness(df: pd.DataFrame, path: str | Path) -> Path | None:

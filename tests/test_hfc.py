@@ -349,7 +349,7 @@ def test_grid_runner_prepares_hfc_and_reports_detection(binary_victim, tmp_path)
             assert 0 <= cells.loc[attack, key] <= 1, key
         assert cells.loc[attack, "attack_success_rate"] > 0.5
     head = to_text(df).splitlines()[0]
-    assert head.index("ASR") < head.index("det. AUROC") < head.index("TPR@90%TNR") < head.index("det. AUROC (2-sided)")
+    assert head.index("ASR") < head.index("det. AUROC") < head.index("TPR@90%TNR") < head.index("det. AUROC (two-sided)")
 
 
 def test_packaged_hfc_grids_cover_the_paper_setting():
