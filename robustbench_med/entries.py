@@ -39,7 +39,7 @@ from robustbench_med.errors import ConfigError, RobustBenchMedError
 from robustbench_med.grid import ATTACK_THROUGH
 from robustbench_med.registry import NAME_RE
 from robustbench_med.results import (  # noqa: F401 (WORST_CASE: public name kept)
-    WORST_CASE, WORST_CASE_KEY, group_gaps, is_baseline, is_worst_case_attack, worst_case_cells, worst_case_label, worst_case_samples,
+    WORST_CASE, WORST_CASE_KEY, group_gaps, is_baseline, is_worst_case_attack, worst_case_cells, worst_case_label, worst_case_scores,
 )
 from robustbench_med.statistics import attack_success_rate, mean_ci
 from robustbench_med.store import Store
@@ -756,11 +756,9 @@ def _result_row(r: pd.Series, cells, flags, per_sample, n: int) -> dict[str, Any
 def _worst_case_row(wc: pd.Series, by_id: dict[str, dict[str, Any]], attrs, n: int, threshold: float,
                     comps: list[str]) -> dict[str, Any]:
     """The per-sample minimum over the cells ``comps`` (:func:`results.worst_case_cells`) of one defence, taken by
-    :func:`results.worst_case_samples` from the rows' stored per-sample scores, scored at the task's ``threshold``."""
+    :func:`results.worst_case_scores` from the rows' stored per-sample scores, scored at the task's ``threshold``."""
     first = by_id[comps[0]]
-    stacked = pd.DataFrame([{"cell_id": c, "sample_idx": i, "adv_score": float(v)}
-                            for c in comps for i, v in enumerate(by_id[c]["per_sample"]["adv"])])
-    adv = worst_case_samples(stacked, threshold)["adv_score"].to_numpy(float)
+    adv = worst_case_scores({c: by_id[c]["per_sample"]["adv"] for c in comps})
     clean = np.asarray(first["per_sample"]["clean"], dtype=float)
     lo, hi = mean_ci(adv)
     flags = sorted({f for c in comps for f in by_id[c]["flags"]})

@@ -368,16 +368,25 @@ def worst_case_cells(summary: pd.DataFrame) -> Iterator[WorstCase]:
             yield WorstCase(key, tuple(sorted(g.cell_id)), tuple(g.attack))
 
 
-def worst_case_samples(samples: pd.DataFrame, threshold: float) -> pd.DataFrame:
+def worst_case_samples(samples: pd.DataFrame, threshold: float | None) -> pd.DataFrame:
     """Per sample (``sample_idx``), the row of the attack with the lowest adversarial score, its prediction with it,
-    keeping the sample's original row index (for its attributes); ``adv_correct`` recomputed at ``threshold``;
-    secondary metrics are not carried (``metrics`` empty). Ties go to the first row (stable sort). The one per-sample
-    minimum over attacks of the package."""
+    keeping the sample's original row index (for its attributes); ``adv_correct`` recomputed at ``threshold`` (when
+    given); secondary metrics are not carried (``metrics`` empty). Ties go to the first row (stable sort). The one
+    per-sample minimum over attacks of the package (:func:`worst_case_scores` is it on score lists)."""
     worst = samples.sort_values(["sample_idx", "adv_score"], kind="stable")
     worst = worst[~worst.sample_idx.duplicated()].copy()
-    worst["adv_correct"] = (worst["adv_score"] >= threshold).astype(int)
+    if threshold is not None:
+        worst["adv_correct"] = (worst["adv_score"] >= threshold).astype(int)
     worst["metrics"] = "{}"
     return worst
+
+
+def worst_case_scores(adv_by_cell: dict[str, Iterable[float]]) -> np.ndarray:
+    """Per-sample worst adversarial score over cells, from each cell's scores listed in the same sample order
+    (:func:`worst_case_samples`)."""
+    stacked = pd.DataFrame([{"cell_id": c, "sample_idx": i, "adv_score": float(v)}
+                            for c, scores in adv_by_cell.items() for i, v in enumerate(scores)])
+    return worst_case_samples(stacked, None)["adv_score"].to_numpy(float)
 
 
 def summarize_worst_case(wc: WorstCase, summary: pd.DataFrame, samples: pd.DataFrame, attrs: pd.DataFrame | None,
