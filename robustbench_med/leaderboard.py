@@ -19,6 +19,12 @@ Columns (names say what they compute):
 - ``attack_seconds``: wall-clock time spent attacking the cell (batched cells share their batches' time).
 - ``flags``: reliability flags: masked gradients (zero input gradients), randomised outputs, black-box beats
   white-box at the same budget (gradient masking), invalid budget.
+
+Every number is computed once per cell in :mod:`robustbench_med.results` (the worst case over attacks, the task's
+success threshold, the baseline rule and the group gaps live there); :func:`summarize` returns it as a tidy long frame
+(one row per cell × metric × group), :func:`summary_wide` as the wide frame above. The terminal table
+(:func:`to_text`) and ``leaderboard.md`` (:func:`to_markdown`) take their columns from the registry of
+:mod:`robustbench_med.columns` (its ``text`` view), like every rendering of :mod:`robustbench_med.render`.
 """
 from __future__ import annotations
 
