@@ -37,13 +37,12 @@ import pandas as pd
 
 from robustbench_med.columns import SUMMARY_FIELDS, for_rows, is_group_column
 from robustbench_med.render import markdown_table
-from robustbench_med.results import (  # noqa: F401 (GROUP_ATTRS: public, kept)
-    GROUP_ATTRS, store_frames, summaries, summarize_worst_case, tidy_summary, worst_case_cells, worst_case_samples,
+from robustbench_med.results import (  # noqa: F401 (GROUP_ATTRS, BLACK_BOX_MARGIN: public, kept)
+    BLACK_BOX_MARGIN, GROUP_ATTRS, flag_black_box, store_frames, summaries, summarize_worst_case, tidy_summary, worst_case_cells, worst_case_samples,
 )
 from robustbench_med.statistics import Z95, attack_success_rate as _asr, bootstrap_ci, mean_ci, wilson  # noqa: F401 (shims)
 from robustbench_med.store import Store
 
-BLACK_BOX_MARGIN = 0.02
 
 
 def _load(store: Store) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, dict[str, Any]]:
@@ -84,7 +83,6 @@ def summary_wide(store: Store | str | Path, fairness_boot: int = 200) -> pd.Data
     if cells.empty:
         return pd.DataFrame()
     df = summaries(cells, samples, attrs, flags, fairness_boot)
-    _flag_black_box(df)
     return df.sort_values(["victim", "defense", "norm", "eps", "attack"], na_position="last").reset_index(drop=True)
 
 
@@ -101,20 +99,8 @@ def _worst_samples(sub: pd.DataFrame, threshold: float) -> pd.DataFrame:
 
 
 def _flag_black_box(df: pd.DataFrame) -> None:
-    """Flag white-box cells beaten by a black-box, transfer or noise attack at the same budget on the same defended
-    model (gradient masking); attacks crafted on the undefended model and transferred (``attack_through:
-    transfer``) count as transfer attacks against the adaptive ones."""
-    if "robust" not in df:
-        return
-    for _, g in df[df.status == "done"].groupby(["victim", "defense", "defense_params", "norm", "eps"], dropna=False):
-        g = g[~g.attack.str.startswith("worst-case")]
-        weak = g[g.knowledge.isin(["black-box", "transfer", "none"]) | (g.attack_through == "transfer")]
-        if weak.empty:
-            continue
-        best_weak = weak.robust.min()
-        for i, r in g[(g.knowledge == "white-box") & (g.attack_through != "transfer")].iterrows():
-            if r.robust > best_weak + BLACK_BOX_MARGIN:
-                df.at[i, "flags"] = sorted(set(r["flags"]) | {"black_box_beats_white_box"})
+    """Shim, kept for one release: :func:`robustbench_med.results.flag_black_box`."""
+    flag_black_box(df)
 
 
 def summary_rows(df: pd.DataFrame) -> list[dict[str, Any]]:

@@ -40,6 +40,7 @@ WORST_CASE = "worst-case"
 GROUP_ATTRS = ("sex", "age_group", "site")
 WORST_CASE_KEY = ("victim", "defense", "defense_params", "attack_through", "norm", "eps")
 BASELINE_KNOWLEDGE = "none"
+BLACK_BOX_MARGIN = 0.02
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -418,14 +419,34 @@ def summarize_worst_case(wc: WorstCase, summary: pd.DataFrame, samples: pd.DataF
 
 def summaries(cells: pd.DataFrame, samples: pd.DataFrame, attrs: pd.DataFrame, flags: dict[str, Any],
               n_boot: int) -> pd.DataFrame:
-    """The wide summary frame (unsorted): one row per stored cell, then one per worst case over attacks."""
+    """The wide summary frame (unsorted): one row per stored cell, then one per worst case over attacks, with the
+    black-box-beats-white-box flag (:func:`flag_black_box`)."""
     by_cell = dict(tuple(samples.groupby("cell_id", sort=False)))
     empty = samples.iloc[0:0]
     rows = [summarize_cell(CellRecord.from_store(c, flags), by_cell.get(c["cell_id"], empty), attrs, n_boot).to_row()
             for _, c in cells.iterrows()]
     df = pd.DataFrame(rows)
     worst = [summarize_worst_case(wc, df, samples, attrs, n_boot).to_row() for wc in worst_case_cells(df)]
-    return pd.concat([df, pd.DataFrame(worst)], ignore_index=True)
+    df = pd.concat([df, pd.DataFrame(worst)], ignore_index=True)
+    flag_black_box(df)
+    return df
+
+
+def flag_black_box(df: pd.DataFrame) -> None:
+    """Flag white-box cells beaten by a black-box, transfer or noise attack at the same budget on the same defended
+    model (gradient masking); attacks crafted on the undefended model and transferred (``attack_through:
+    transfer``) count as transfer attacks against the adaptive ones."""
+    if "robust" not in df:
+        return
+    for _, g in df[df.status == "done"].groupby(["victim", "defense", "defense_params", "norm", "eps"], dropna=False):
+        g = g[~g.attack.map(is_worst_case_attack)]
+        weak = g[g.knowledge.isin(["black-box", "transfer", "none"]) | (g.attack_through == "transfer")]
+        if weak.empty:
+            continue
+        best_weak = weak.robust.min()
+        for i, r in g[(g.knowledge == "white-box") & (g.attack_through != "transfer")].iterrows():
+            if r.robust > best_weak + BLACK_BOX_MARGIN:
+                df.at[i, "flags"] = sorted(set(r["flags"]) | {"black_box_beats_white_box"})
 
 
 # ---------------------------------------------------------------------------------------------------------------
