@@ -35,7 +35,7 @@ from typing import Any
 
 import pandas as pd
 
-from robustbench_med.columns import SUMMARY_FIELDS, for_rows, is_group_column
+from robustbench_med.columns import COLUMNS, SUMMARY_FIELDS, for_rows, is_group_column
 from robustbench_med.render import markdown_table
 from robustbench_med.results import (  # noqa: F401 (GROUP_ATTRS, BLACK_BOX_MARGIN: public, kept)
     BLACK_BOX_MARGIN, GROUP_ATTRS, flag_black_box, store_frames, summaries, summarize_worst_case, tidy_summary, worst_case_cells, worst_case_samples,
@@ -125,6 +125,12 @@ def summary_rows(df: pd.DataFrame) -> list[dict[str, Any]]:
 def _missing(v: Any) -> Any:
     """None for a missing value (None or NaN), else the value."""
     return None if v is None or (isinstance(v, float) and math.isnan(v)) else v
+
+
+# shims, kept for one release: the terminal table's columns are the registry's ``text`` view (robustbench_med.columns)
+DISPLAY = [(c.key, c.heading) for c in COLUMNS if "text" in c.views and c.source == "row"]
+DETECTION_DISPLAY = [(c.key, c.heading) for c in COLUMNS if c.source == "metrics" and c.key.startswith("detector_")]
+VQA_DISPLAY = [(c.key, c.heading) for c in COLUMNS if c.source == "metrics" and c.tasks == ("vqa",)]
 
 
 def display_columns(df: pd.DataFrame) -> list[tuple[str, str]]:
