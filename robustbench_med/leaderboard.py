@@ -38,11 +38,11 @@ import pandas as pd
 from robustbench_med.columns import COLUMNS, SUMMARY_FIELDS, for_rows, is_group_column
 from robustbench_med.render import markdown_table
 from robustbench_med.results import (  # noqa: F401 (GROUP_ATTRS, BLACK_BOX_MARGIN: public, kept)
-    BLACK_BOX_MARGIN, GROUP_ATTRS, flag_black_box, store_frames, summaries, summarize_worst_case, tidy_summary, worst_case_cells, worst_case_samples,
+    BLACK_BOX_MARGIN, GROUP_ATTRS, flag_black_box, store_frames, summaries, summarize_worst_case, tidy_summary,
+    worst_case_cells, worst_case_samples,
 )
 from robustbench_med.statistics import Z95, attack_success_rate as _asr, bootstrap_ci, mean_ci, wilson  # noqa: F401 (shims)
 from robustbench_med.store import Store
-
 
 
 def _load(store: Store) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, dict[str, Any]]:
