@@ -4,7 +4,8 @@ Public API (everything else is internal)::
 
     create_victim, list_victims, create_attack, list_attacks, create_defense, list_defenses,
     create_dataset, list_datasets, Victim, Attack, Defense, ThreatModel, check_budget,
-    wrap, build_model, benchmark, check_regression, allow_imports, run_grid, load_grid, summarize, build_entries
+    wrap, build_model, benchmark, check_regression, allow_imports, run_grid, load_grid, summarize, summary_wide,
+    build_entries
 
 Your own model: ``rbm.wrap(net, task="classification", mean=..., std=...)`` gives a victim;
 ``rbm.benchmark(net, task=..., eps="8/255")`` evaluates it and returns a DataFrame (see the README).
@@ -49,7 +50,7 @@ __version__ = "0.1.0"
 
 _LAZY = {"benchmark": "robustbench_med.evaluation", "check_regression": "robustbench_med.gate",
          "run_grid": "robustbench_med.runner", "load_grid": "robustbench_med.grid", "summarize": "robustbench_med.leaderboard",
-         "build_entries": "robustbench_med.entries"}
+         "summary_wide": "robustbench_med.leaderboard", "build_entries": "robustbench_med.entries"}
 
 
 def __getattr__(name: str):
@@ -93,5 +94,6 @@ __all__ = [
     "load_grid",
     "run_grid",
     "summarize",
+    "summary_wide",
     "wrap",
 ]
