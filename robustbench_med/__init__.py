@@ -6,7 +6,7 @@ internal)::
     create_victim, list_victims, create_attack, list_attacks, create_defense, list_defenses,
     create_dataset, list_datasets, Victim, ModelVictim, VictimCard, Attack, Defense, InputPurifier, ThreatModel,
     check_budget, wrap, build_model, benchmark, check_regression, allow_imports, run_grid, load_grid, summarize,
-    build_entries
+    summary_wide, build_entries
 
 Public modules besides this one: ``robustbench_med.errors`` (the exceptions) and ``robustbench_med.testing`` (a
 pytest helper, ``assert_no_regression``). The package logs to the ``robustbench_med`` logger and never configures
@@ -54,7 +54,7 @@ __version__ = "0.1.0"
 
 _LAZY = {"benchmark": "robustbench_med.evaluation", "check_regression": "robustbench_med.gate",
          "run_grid": "robustbench_med.runner", "load_grid": "robustbench_med.grid", "summarize": "robustbench_med.leaderboard",
-         "build_entries": "robustbench_med.entries"}
+         "summary_wide": "robustbench_med.leaderboard", "build_entries": "robustbench_med.entries"}
 
 
 def __getattr__(name: str):
@@ -103,5 +103,6 @@ __all__ = [
     "load_grid",
     "run_grid",
     "summarize",
+    "summary_wide",
     "wrap",
 ]

@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 def cmd_run(args: argparse.Namespace) -> int:
     from robustbench_med.distributed import process_context
     from robustbench_med.grid import load_grid
-    from robustbench_med.leaderboard import summarize, to_text, write_leaderboard
+    from robustbench_med.leaderboard import summary_wide, to_text, write_leaderboard
     from robustbench_med.runner import run_grid
 
     grid = load_grid(_grid_arg(args.grid))
@@ -44,7 +44,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"shard {args.shard} written to {store}; when every shard is done: robustbench-med merge {out} {out}")
         return 0
     paths = write_leaderboard(store, out)
-    print(to_text(summarize(store)))
+    print(to_text(summary_wide(store)))
     print("written: " + ", ".join(str(p) for p in paths.values()))
     return 0
 
@@ -78,7 +78,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
-    from robustbench_med.leaderboard import summarize, to_text, write_leaderboard
+    from robustbench_med.leaderboard import summary_wide, to_text, write_leaderboard
 
     store = Path(args.store)
     if store.is_dir():
@@ -86,20 +86,20 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     if not store.exists():
         raise RobustBenchMedError(f"no result store at {store}")
     paths = write_leaderboard(store, args.out or store.parent)
-    print(to_text(summarize(store)))
+    print(to_text(summary_wide(store)))
     print("written: " + ", ".join(str(p) for p in paths.values()))
     return 0
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from robustbench_med.leaderboard import summarize, to_text, write_leaderboard
+    from robustbench_med.leaderboard import summary_wide, to_text, write_leaderboard
     from robustbench_med.merge import merge_stores
 
     report = merge_stores(args.out, args.stores, allow_gaps=args.allow_gaps)
     print(report.text())
     if not report.gaps:
         paths = write_leaderboard(report.out, report.out.parent)
-        print(to_text(summarize(report.out)))
+        print(to_text(summary_wide(report.out)))
         print("written: " + ", ".join(str(p) for p in paths.values()))
     return 0
 

@@ -142,13 +142,13 @@ def _write_study_tables(store: Path, folder: Path) -> None:
     baselines, two arms across training seeds) into ``folder`` (created only when there is something to write):
     ``modalities.md`` / ``.csv``, ``sites.md`` / ``.csv``, ``baselines.md`` / ``.csv``, ``seed_studies.md`` / ``.csv``."""
     from robustbench_med import paired_metrics, seed_studies, site_metrics
-    from robustbench_med.leaderboard import summarize
+    from robustbench_med.leaderboard import summary_wide
     from robustbench_med.modality_metrics import write_modality_tables
     from robustbench_med.paired_metrics import write_study_table
     from robustbench_med.store import Store
 
     with Store(store) as st:  # one open store: its frames are decoded once (Store.memo), each table computed once
-        df = summarize(st, fairness_boot=0)
+        df = summary_wide(st, fairness_boot=0)
         has_modalities = "attack" in df and (df.attack == "modality.dropout").any()
         tables = {"sites": (site_metrics.site_table(st), site_metrics.to_markdown),
                   "baselines": (paired_metrics.baseline_table(st), paired_metrics.to_markdown),

@@ -17,7 +17,8 @@ the field (``results[3].robust: must be a fraction in [0, 1] (not a percentage),
 - the run manifest (package versions, device, seed, config and data hashes, the grid), the sha256 of the weights,
   the sensitive attributes of each sample, and an ``external`` field for a stronger (adaptive) evaluation.
 
-Fairness columns of :func:`robustbench_med.leaderboard.summarize` (``robust_gap_*``, ``worst_group_*``,
+Entries are built from the wide summary (:func:`robustbench_med.leaderboard.summary_wide`, computed once per cell in
+:mod:`robustbench_med.results`). Its fairness columns (``robust_gap_*``, ``worst_group_*``,
 ``es_dice_*`` and ``name[attr=group]`` / ``name[attr]`` style) are carried through generically in ``groups``.
 """
 from __future__ import annotations
@@ -25,7 +26,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
@@ -34,23 +34,21 @@ from typing import Any, Iterable
 import numpy as np
 import pandas as pd
 
+from robustbench_med.columns import GROUP_PREFIXES, SUMMARY_FIELDS, is_group_column  # noqa: F401 (public names kept)
 from robustbench_med.entry_types import (  # noqa: F401  (KIND ... MEAN_TOL: re-exported, public names)
     KIND, MEAN_TOL, RELIABILITY_FLAGS, SCHEMA_VERSION, STATUSES, Entry, External, Manifest, ResultRow, optional_keys,
     required_keys,
 )
 from robustbench_med.errors import ConfigError
+from robustbench_med.results import (  # noqa: F401 (WORST_CASE: public name kept)
+    WORST_CASE, WORST_CASE_KEY, group_gaps, is_baseline, is_worst_case_attack, worst_case_cells, worst_case_label, worst_case_scores,
+)
+from robustbench_med.statistics import attack_success_rate, mean_ci
 from robustbench_med.store import Store
 from robustbench_med.tasks import task_spec
 from robustbench_med.threat import CORRUPTION, eps_display
 
-WORST_CASE = "worst-case"
-_BRACKET = re.compile(r"^[^\[\]]+\[[^\[\]]+\]$")
-GROUP_PREFIXES = ("robust_gap_", "worst_group_", "es_dice_", "clean_gap_", "gap_change_")
-_KNOWN_COLUMNS = {
-    "cell_id", "victim", "task", "metric", "defense", "defense_params", "attack_through", "attack", "attack_params",
-    "knowledge", "norm", "eps", "eps_display", "status", "reason", "n", "weights_sha256", "attack_seconds", "flags",
-    "clean", "mean_linf", "mean_l2", "robust", "robust_ci95_low", "robust_ci95_high", "attack_success_rate", "notes",
-}
+_KNOWN_COLUMNS = SUMMARY_FIELDS  # shim, kept for one release (columns.SUMMARY_FIELDS)
 # key lists of the entry objects, derived from the typed entries (shims, kept for one release)
 TOP_REQUIRED, TOP_OPTIONAL = required_keys(Entry), optional_keys(Entry)
 ROW_REQUIRED, ROW_OPTIONAL = required_keys(ResultRow), optional_keys(ResultRow)
@@ -75,9 +73,6 @@ def entry_path(root: str | Path, entry: dict[str, Any]) -> Path:
     return Path(root) / entry["dataset"] / entry["threat"]["key"] / f"{entry['victim']}.json"
 
 
-def is_group_column(name: str) -> bool:
-    """Whether a summary column is a per-group / fairness column carried into ``groups``."""
-    return name.startswith(GROUP_PREFIXES) or bool(_BRACKET.match(name))
 
 
 def defense_label(row: dict[str, Any]) -> str:
@@ -94,14 +89,16 @@ def defense_key(row: dict[str, Any]) -> str:
 
 def is_worst_case(row: dict[str, Any]) -> bool:
     """Whether a row is the per-sample worst case over several attacks (not one attack)."""
-    return str(row.get("attack", "")).startswith(WORST_CASE)
+    return is_worst_case_attack(row.get("attack", ""))
 
 
 def headline_rows(entry: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per defence: the worst case over attacks when there is one, else the strongest valid attack.
 
-    Noise baselines count only when nothing else ran; an all-invalid defence shows its invalid row.
+    Baselines (:func:`robustbench_med.results.is_baseline`) count only when nothing else ran; an all-invalid defence
+    shows its invalid row.
     """
+    norm = entry["threat"]["norm"]
     by_def: dict[str, list[dict[str, Any]]] = {}
     for row in entry["results"]:
         if row["status"] != "skipped":
@@ -110,7 +107,7 @@ def headline_rows(entry: dict[str, Any]) -> list[dict[str, Any]]:
     for rows in by_def.values():
         done = [r for r in rows if r["status"] == "done"]
         worst = [r for r in done if is_worst_case(r)]
-        real = [r for r in done if r.get("knowledge") != "none"] or done
+        real = [r for r in done if not is_baseline(r.get("knowledge"), norm)] or done
         pick = worst[0] if worst else (min(real, key=lambda r: r["robust"]) if real else rows[0])
         out.append(pick)
     return out
@@ -226,12 +223,12 @@ def build_entries(store: Store | str | Path, *, display_names: dict[str, str] | 
     Raises :class:`ConfigError` when a cell is unfinished, when one victim × threat appears in two grids, or when a
     store holds runs of one grid with different configurations.
     """
-    from robustbench_med.leaderboard import summarize
+    from robustbench_med.leaderboard import summary_wide
 
     own = not isinstance(store, Store)
     st = Store(store) if own else store
     try:
-        df = summarize(st)
+        df = summary_wide(st)
         cells = {c["cell_id"]: c for c in st.cells()}
         manifests, flags, samples = st.manifests(), st.flags(), st.samples_frame()
     finally:
@@ -246,7 +243,9 @@ def build_entries(store: Store | str | Path, *, display_names: dict[str, str] | 
                           "re-run the grid to complete it")
     per_sample, attrs = _sample_arrays(samples)
     groups = _group_rows(df, cells)
-    entries = [_entry(key, rows, cells, manifests, flags, per_sample, attrs, display_names or {}) for key, rows in groups.items()]
+    components = _worst_case_components(df)
+    entries = [_entry(key, rows, cells, manifests, flags, per_sample, attrs, display_names or {}, components)
+               for key, rows in groups.items()]
     return [validate_entry(e, source=f"entry {e['victim']} @ {e['threat']['key']}") for e in entries if e is not None]
 
 
@@ -273,24 +272,32 @@ def _group_rows(df: pd.DataFrame, cells: dict[str, dict[str, Any]]) -> dict[tupl
             raise ConfigError(f"victim {row['victim']} × threat {key[2]} on {key[0]} appears in grids {grid_of[key]!r} and "
                               f"{cell['grid']!r}; publish them into separate leaderboards or drop one")
         groups.setdefault(key, []).append(row)
+    components = _worst_case_components(df)
     for _, row in df.iterrows():
         if is_worst_case(row):
-            comps = _components(df, row)
+            comps = components.get(_worst_case_key(row), [])
             if len(comps) >= 2:
                 key = (cells[comps[0]]["dataset"], row["victim"], threat_key(row["norm"], float(row["eps"])))
                 groups.setdefault(key, []).append(row)
     return groups
 
 
+def _worst_case_key(row: pd.Series) -> tuple:
+    """The identity of a worst case: victim, defence setting, norm and eps (as :func:`results.worst_case_cells`)."""
+    return (row["victim"], row["defense"], row["defense_params"], row["attack_through"], row["norm"], float(row["eps"]))
+
+
+def _worst_case_components(df: pd.DataFrame) -> dict[tuple, list[str]]:
+    """Cell ids each worst-case row of a summary takes the minimum over (:func:`results.worst_case_cells`)."""
+    return {_worst_case_key(pd.Series(dict(zip(WORST_CASE_KEY, wc.key)))): list(wc.cell_ids) for wc in worst_case_cells(df)}
+
+
 def _components(df: pd.DataFrame, wc: pd.Series) -> list[str]:
-    """Cell ids a worst-case row takes the minimum over (the finished, non-noise cells at its budget)."""
-    same = (df.victim == wc["victim"]) & (df.defense == wc["defense"]) & (df.defense_params == wc["defense_params"]) & \
-           (df.attack_through == wc["attack_through"]) & (df.norm == wc["norm"]) & np.isclose(df.eps.astype(float), float(wc["eps"]))
-    sel = df[same & (df.status == "done") & df.robust.notna() & ~df.attack.str.startswith(WORST_CASE) & ~df.attack.str.startswith("noise.")]
-    return sorted(sel.cell_id)
+    """Cell ids a worst-case row takes the minimum over (the finished, non-baseline cells at its budget)."""
+    return _worst_case_components(df).get(_worst_case_key(wc), [])
 
 
-def _entry(key, rows, cells, manifests, flags, per_sample, attrs, names) -> dict[str, Any] | None:
+def _entry(key, rows, cells, manifests, flags, per_sample, attrs, names, components) -> dict[str, Any] | None:
     """One entry (not yet validated) from the summary rows of one dataset × victim × threat."""
     dataset, victim, tkey = key
     real = [r for r in rows if not is_worst_case(r)]
@@ -304,7 +311,7 @@ def _entry(key, rows, cells, manifests, flags, per_sample, attrs, names) -> dict
     by_id = {r["cell_id"]: r for r in result_rows}
     threshold = task_spec(real[0]["task"]).success_threshold
     for wc in (r for r in rows if is_worst_case(r)):
-        result_rows.append(_worst_case_row(wc, by_id, attrs, n, threshold))
+        result_rows.append(_worst_case_row(wc, by_id, attrs, n, threshold, components[_worst_case_key(wc)]))
     shas = sorted({str(r["weights_sha256"]) for r in real if isinstance(r["weights_sha256"], str)})
     if len(shas) > 1:
         raise ConfigError(f"victim {victim} has results for several weights ({', '.join(s[:12] for s in shas)}) in one store; "
@@ -364,44 +371,29 @@ def _result_row(r: pd.Series, cells, flags, per_sample, n: int) -> dict[str, Any
     return row
 
 
-def _worst_case_row(wc: pd.Series, by_id: dict[str, dict[str, Any]], attrs, n: int, threshold: float) -> dict[str, Any]:
-    """The per-sample minimum over the finished non-noise attacks of one defence (as in ``summarize``)."""
-    comp_rows = [r for r in by_id.values() if r["status"] == "done" and not r["attack"].startswith("noise.")
-                 and r["defense"] == wc["defense"] and r["defense_params"] == _json_obj(wc["defense_params"])
-                 and r["attack_through"] == wc["attack_through"]]
-    comps = sorted(r["cell_id"] for r in comp_rows)
+def _worst_case_row(wc: pd.Series, by_id: dict[str, dict[str, Any]], attrs, n: int, threshold: float,
+                    comps: list[str]) -> dict[str, Any]:
+    """The per-sample minimum over the cells ``comps`` (:func:`results.worst_case_cells`) of one defence, taken by
+    :func:`results.worst_case_scores` from the rows' stored per-sample scores, scored at the task's ``threshold``."""
     first = by_id[comps[0]]
-    adv = np.min([by_id[c]["per_sample"]["adv"] for c in comps], axis=0)
+    adv = worst_case_scores({c: by_id[c]["per_sample"]["adv"] for c in comps})
     clean = np.asarray(first["per_sample"]["clean"], dtype=float)
-    from robustbench_med.leaderboard import mean_ci
-
     lo, hi = mean_ci(adv)
-    ok = clean >= threshold
     flags = sorted({f for c in comps for f in by_id[c]["flags"]})
     groups = _groups(wc) or worst_case_group_stats(adv, attrs, n)
     return {
         "cell_id": None, "defense": wc["defense"], "defense_params": _json_obj(wc["defense_params"]), "attack_through": wc["attack_through"],
-        "attack": f"{WORST_CASE}({len(comps)} attacks)", "attack_params": {}, "knowledge": "ensemble", "components": comps,
+        "attack": worst_case_label(len(comps)), "attack_params": {}, "knowledge": "ensemble", "components": comps,
         "status": "done", "reason": "", "n": n, "clean": float(clean.mean()), "robust": float(adv.mean()), "robust_ci95": [lo, hi],
-        "attack_success_rate": float(((adv < threshold) & ok).sum() / ok.sum()) if ok.any() else None, "mean_linf": None, "mean_l2": None,
+        "attack_success_rate": _num(attack_success_rate(clean >= threshold, adv >= threshold)), "mean_linf": None, "mean_l2": None,
         "attack_seconds": _sum_or_none(by_id[c]["attack_seconds"] for c in comps), "groups": groups, "flags": flags,
         "per_sample": {"clean": [float(v) for v in clean], "adv": [float(v) for v in adv]},
     }
 
 
 def worst_case_group_stats(adv: np.ndarray, attrs: dict[int, dict[str, Any]], n: int) -> dict[str, Any]:
-    """``robust_gap_<a>``, ``worst_group_robust_<a>`` and ``worst_group_<a>`` of per-sample scores, with the
-    definitions of :mod:`robustbench_med.leaderboard` (max − min and min of the group means; the argmin group)."""
-    out: dict[str, Any] = {}
-    names = sorted({k for i in range(n) for k in attrs.get(i, {})})
-    for attr in names:
-        labels = pd.Series([str(attrs.get(i, {}).get(attr)) for i in range(n)])
-        by = pd.Series(adv).groupby(labels.values).mean()
-        if len(by) >= 2:
-            out[f"robust_gap_{attr}"] = float(by.max() - by.min())
-            out[f"worst_group_robust_{attr}"] = float(by.min())
-            out[f"worst_group_{attr}"] = str(by.idxmin())
-    return out
+    """Shim, kept for one release: :func:`robustbench_med.results.group_gaps`."""
+    return group_gaps(adv, attrs, n)
 
 
 def _attribute_lists(attrs: dict[int, dict[str, Any]], n: int) -> dict[str, list[str]]:

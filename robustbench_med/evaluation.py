@@ -118,7 +118,7 @@ def benchmark(model: nn.Module | str | Victim, *, dataset: str = "phantom.ct", s
     """
     from robustbench_med.api import create_dataset
     from robustbench_med.grid import parse_grid
-    from robustbench_med.leaderboard import summarize, write_leaderboard
+    from robustbench_med.leaderboard import summary_wide, write_leaderboard
     from robustbench_med.runner import run_grid
 
     if threat not in BENCHMARK_NORMS:
@@ -146,7 +146,7 @@ def benchmark(model: nn.Module | str | Victim, *, dataset: str = "phantom.ct", s
         with tempfile.TemporaryDirectory(prefix="rbm_benchmark_") as tmp:
             run_dir = Path(out) if out is not None else Path(tmp)
             store = run_grid(grid, run_dir, device=device, progress=progress)
-            table = summarize(store)
+            table = summary_wide(store)
             if out is not None:
                 write_leaderboard(store, run_dir)
             if publish is not None:

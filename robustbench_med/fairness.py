@@ -436,70 +436,6 @@ def compare_groups(
             "gap_other_ci95_low": float(q[0, 3]), "gap_other_ci95_high": float(q[1, 3])}
 
 
-def store_frames(store: Any) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """Cells, samples and decoded attributes of a store (a :class:`Store` or a path); read once per version of an
-    open :class:`Store` (:meth:`Store.memo`), copies returned."""
-    from robustbench_med.store import Store
-
-    def read(st: Store) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-        cells, samples = pd.DataFrame(st.cells()), st.samples_frame()
-        attrs = pd.DataFrame([_json(v) or {} for v in samples["attrs"]], index=samples.index) if len(samples) else pd.DataFrame()
-        return cells, samples, attrs
-
-    if isinstance(store, Store):
-        return tuple(f.copy() for f in store.memo("store_frames", lambda: read(store)))  # type: ignore[return-value]
-    with Store(store) as st:
-        return read(st)
-
-
-def fairness_table(store: Any, *, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
-    """One row per finished cell of a store: the cell's description plus :func:`fairness_columns`."""
-    cells, samples, attrs = store_frames(store)
-    rows = []
-    for _, c in cells[cells.status == "done"].iterrows() if len(cells) else []:
-        sub = samples[samples.cell_id == c.cell_id]
-        if sub.empty:
-            continue
-        eps = json.loads(c.threat).get("eps") if isinstance(c.threat, str) else None
-        head = {"cell_id": c.cell_id, "victim": c.victim, "defense": c.defense, "attack": c.attack, "eps": eps,
-                "n": len(sub), "clean": float(sub.clean_score.mean()), "robust": float(sub.adv_score.mean())}
-        rows.append({**head, **fairness_columns(sub, attrs.loc[sub.index], c.task, c.metric, n_boot=n_boot, seed=seed)})
-    return pd.DataFrame(rows)
-
-
-def compare_defenses(store: Any, base: str = "identity.none", other: str = "apple.latent",
-                     attributes: Iterable[str] = ATTRIBUTES, *, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
-    """:func:`compare_groups` of defence ``other`` against ``base`` for every victim of a store: one ``clean`` row per
-    victim, setting of ``other`` and attribute (the defended models on clean inputs), and one row per attack setting
-    (same attack and parameters under both defences) and attribute, on the adversarial scores. A grid may hold
-    ``other`` with several parameter settings (e.g. two APPLE configurations): each is compared on its own and named
-    by the ``defense_params`` column."""
-    cells, samples, attrs = store_frames(store)
-    if cells.empty:
-        return pd.DataFrame()
-    done = cells[cells.status == "done"]
-    rows = []
-    for victim, vc in done.groupby("victim"):
-        b_cells = vc[vc.defense == base]
-        for d_params, o_cells in vc[vc.defense == other].groupby("defense_params", sort=True, dropna=False):
-            pairs = [(b, o) for _, b in b_cells.iterrows() for _, o in o_cells.iterrows()
-                     if b.attack == o.attack and b.attack_params == o.attack_params]
-            if not pairs:
-                continue
-            first = samples[samples.cell_id == pairs[0][0].cell_id]
-            by_idx = attrs.loc[first.index].set_index(first.sample_idx.to_numpy())
-            settings = [("clean", "", None, pairs[0][0].cell_id, pairs[0][1].cell_id, "clean_score")]
-            settings += [(b.attack, b.attack_params, json.loads(b.threat).get("eps"), b.cell_id, o.cell_id, "adv_score") for b, o in pairs]
-            for attack, params, eps, b_id, o_id, score in settings:
-                present = group_columns(by_idx, attributes)  # site only on multi-site data
-                for attr in [a for a in list(attributes) + [INTERSECTION] if a in present]:
-                    res = compare_groups(samples[samples.cell_id == b_id], samples[samples.cell_id == o_id], by_idx, attr,
-                                         score=score, n_boot=n_boot, seed=seed)
-                    rows.append({"victim": victim, "defense_params": d_params, "attack": attack, "attack_params": params,
-                                 "eps": eps, "attribute": attr, **res})
-    return pd.DataFrame(rows)
-
-
 def group_table(samples: pd.DataFrame, attrs: pd.DataFrame, cells: pd.DataFrame | None = None) -> pd.DataFrame:
     """Long-format per-group table for plots: one row per (cell, attribute, group) with ``n``, ``clean`` and
     ``robust`` group means, joined with the cell's ``victim``, ``defense``, ``attack``, ``eps`` when ``cells`` (the
@@ -517,14 +453,6 @@ def group_table(samples: pd.DataFrame, attrs: pd.DataFrame, cells: pd.DataFrame 
         meta["eps"] = [json.loads(t).get("eps") if isinstance(t, str) else None for t in meta.threat]
         df = df.merge(meta.drop(columns="threat"), on="cell_id", how="left")
     return df
-
-
-def group_table_from_store(store: Any) -> pd.DataFrame:
-    """:func:`group_table` of every finished cell of a store."""
-    cells, samples, attrs = store_frames(store)
-    done = set(cells[cells.status == "done"].cell_id) if len(cells) else set()
-    sub = samples[samples.cell_id.isin(done)]
-    return group_table(sub, attrs.loc[sub.index], cells)
 
 
 def plot_group_gaps(df: pd.DataFrame, path: str | Path, attribute: str = "sex") -> Path | None:
@@ -641,6 +569,8 @@ def defense_comparison_markdown(store: Any, title: str, *, base: str = "identity
     """A Markdown table of :func:`compare_defenses` for the attribute each APPLE setting hides (clean inputs and every
     attack): the undefended and defended overall score and group gap, and the paired changes with their stratified
     bootstrap 95% intervals. Empty when the store holds no pair of ``base`` and ``other`` cells."""
+    from robustbench_med.results import compare_defenses
+
     df = compare_defenses(store, base, other, n_boot=n_boot, seed=seed)
     if df.empty:
         return ""
@@ -677,6 +607,18 @@ def append_defense_comparisons(readme: str | Path, stores: Iterable[tuple[str, A
              "(1,000 resamples within groups). A Δgap interval below 0 means APPLE narrowed the gap.")
     atomic_write_text(readme, readme.read_text().rstrip("\n") + "\n\n" + "\n\n".join([APPLE_SECTION, intro, *tables]))
     return True
+
+
+_MOVED = ("store_frames", "fairness_table", "compare_defenses", "group_table_from_store")
+
+
+def __getattr__(name: str) -> Any:
+    """Shims, kept for one release: the store-reading functions moved to :mod:`robustbench_med.results`."""
+    if name in _MOVED:
+        from robustbench_med import results
+
+        return getattr(results, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__: list[str] = [

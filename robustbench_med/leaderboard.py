@@ -19,6 +19,12 @@ Columns (names say what they compute):
 - ``attack_seconds``: wall-clock time spent attacking the cell (batched cells share their batches' time).
 - ``flags``: reliability flags: masked gradients (zero input gradients), randomised outputs, black-box beats
   white-box at the same budget (gradient masking), invalid budget.
+
+Every number is computed once per cell in :mod:`robustbench_med.results` (the worst case over attacks, the task's
+success threshold, the baseline rule and the group gaps live there); :func:`summarize` returns it as a tidy long frame
+(one row per cell × metric × group), :func:`summary_wide` as the wide frame above. The terminal table
+(:func:`to_text`) and ``leaderboard.md`` (:func:`to_markdown`) take their columns from the registry of
+:mod:`robustbench_med.columns` (its ``text`` view), like every rendering of :mod:`robustbench_med.render`.
 """
 from __future__ import annotations
 
@@ -27,50 +33,21 @@ import math
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
+from robustbench_med.columns import COLUMNS, SUMMARY_FIELDS, for_rows, is_group_column
+from robustbench_med.render import markdown_table
+from robustbench_med.results import (  # noqa: F401 (GROUP_ATTRS, BLACK_BOX_MARGIN: public, kept)
+    BLACK_BOX_MARGIN, GROUP_ATTRS, flag_black_box, store_frames, summaries, summarize_worst_case, tidy_summary,
+    worst_case_cells, worst_case_samples,
+)
+from robustbench_med.statistics import Z95, attack_success_rate as _asr, bootstrap_ci, mean_ci, wilson  # noqa: F401 (shims)
 from robustbench_med.store import Store
-from robustbench_med.threat import eps_display
-
-Z95 = 1.959963984540054
-GROUP_ATTRS = ("sex", "age_group", "site")
-BLACK_BOX_MARGIN = 0.02
-
-
-def wilson(k: float, n: int) -> tuple[float, float]:
-    """Wilson score 95% interval of a binomial proportion k/n (Wilson, JASA 1927)."""
-    if n == 0:
-        return (math.nan, math.nan)
-    p = k / n
-    denom = 1 + Z95**2 / n
-    centre = (p + Z95**2 / (2 * n)) / denom
-    half = Z95 * math.sqrt(p * (1 - p) / n + Z95**2 / (4 * n * n)) / denom
-    low = 0.0 if k == 0 else max(0.0, centre - half)
-    high = 1.0 if k == n else min(1.0, centre + half)
-    return (low, high)
-
-
-def bootstrap_ci(values: np.ndarray, n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap 95% interval of the mean (Efron & Tibshirani 1993), seeded."""
-    if len(values) == 0:
-        return (math.nan, math.nan)
-    rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, len(values), size=(n_boot, len(values)))].mean(1)
-    return (float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975)))
-
-
-def mean_ci(values: np.ndarray) -> tuple[float, float]:
-    if len(values) and np.all((values == 0) | (values == 1)):
-        return wilson(float(values.sum()), len(values))
-    return bootstrap_ci(values)
 
 
 def _load(store: Store) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, dict[str, Any]]:
     """Cells (with their seconds), samples, decoded attributes and flags of an open store (frames read once per
-    store version: :func:`robustbench_med.fairness.store_frames`)."""
-    from robustbench_med.fairness import store_frames
-
+    store version: :func:`robustbench_med.results.store_frames`)."""
     cells, samples, attrs = store_frames(store)
     timings = store.timings()
     if not cells.empty:
@@ -78,36 +55,24 @@ def _load(store: Store) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, dict[
     return cells, samples, attrs, store.flags()
 
 
-def _group_stats(sub: pd.DataFrame, attrs: pd.DataFrame, task: str, metric: str, n_boot: int) -> dict[str, Any]:
-    """All fairness-under-attack columns of a cell (:func:`robustbench_med.fairness.fairness_columns`), plus short
-    aliases of the headline ones: ``robust_gap_<attr>``, ``worst_group_robust_<attr>``, ``gap_change_<attr>``."""
-    from robustbench_med.fairness import fairness_columns
+def summarize(store: Store | str | Path, fairness_boot: int = 200, *, wide: bool = False) -> pd.DataFrame:
+    """The summary of a store, computed once per cell (:mod:`robustbench_med.results`), as a tidy long frame.
 
-    out: dict[str, Any] = dict(fairness_columns(sub, attrs, task, metric, n_boot=n_boot, seed=0))
-    for attr in GROUP_ATTRS:
-        for alias, key in (("robust_gap", f"robust_gap_{metric}[{attr}]"), ("worst_group_robust", f"robust_worst_group_{metric}[{attr}]"),
-                           ("worst_group", f"robust_worst_group[{attr}]"), ("clean_gap", f"clean_gap_{metric}[{attr}]"),
-                           ("gap_change", f"gap_change_{metric}[{attr}]")):
-            if key in out:
-                out[f"{alias}_{attr}"] = out[key]
-    return out
-
-
-def _detection_stats(sub: pd.DataFrame) -> dict[str, Any]:
-    """Detector AUROC and TPR at 90% TNR when the cell ran behind a detector defence."""
-    first = sub["metrics"].iloc[0]
-    if not isinstance(first, str) or "clean_detector_score" not in first:
-        return {}
-    from robustbench_med.detection import detection_metrics_from_rows
-
-    return detection_metrics_from_rows(sub[["metrics", "clean_correct", "adv_correct"]].to_dict("records"))
-
-
-def summarize(store: Store | str | Path, fairness_boot: int = 200) -> pd.DataFrame:
-    """One row per attacked cell (valid, invalid or skipped) plus worst-case-over-attacks rows.
+    Tidy (default): one row per summary row × metric × group (:func:`robustbench_med.results.tidy_summary`: the cell's
+    identity, then ``metric``, ``group_attr``, ``group``, ``value``, ``label``, ``ci_low``, ``ci_high``); each metric
+    appears once. ``wide=True`` (or :func:`summary_wide`): the wide view, one row per attacked cell (valid, invalid or
+    skipped) plus worst-case-over-attacks rows, one column per metric (the columns of the module docstring, the
+    fairness columns of :func:`robustbench_med.fairness.fairness_columns` and their short aliases), sorted by victim,
+    defence, norm, eps and attack. :func:`robustbench_med.results.wide_from_tidy` turns the tidy frame back into it.
 
     ``fairness_boot``: bootstrap resamples for the fairness confidence intervals (0 skips the fairness columns).
     """
+    df = summary_wide(store, fairness_boot)
+    return df if wide else tidy_summary(df)
+
+
+def summary_wide(store: Store | str | Path, fairness_boot: int = 200) -> pd.DataFrame:
+    """The wide view of :func:`summarize` (one row per cell and per worst case over attacks; see there)."""
     own = not isinstance(store, Store)
     st = Store(store) if own else store
     try:
@@ -117,176 +82,77 @@ def summarize(store: Store | str | Path, fairness_boot: int = 200) -> pd.DataFra
             st.close()
     if cells.empty:
         return pd.DataFrame()
-    by_cell = dict(tuple(samples.groupby("cell_id", sort=False)))
-    empty = samples.iloc[0:0]
-    rows = [_cell_row(c, by_cell.get(c["cell_id"], empty), attrs, flags, fairness_boot) for _, c in cells.iterrows()]
-    df = pd.DataFrame(rows)
-    df = pd.concat([df, _worst_case_rows(df, cells, samples, attrs, fairness_boot)], ignore_index=True)
-    _flag_black_box(df)
+    df = summaries(cells, samples, attrs, flags, fairness_boot)
     return df.sort_values(["victim", "defense", "norm", "eps", "attack"], na_position="last").reset_index(drop=True)
-
-
-def _cell_row(cell: pd.Series, sub: pd.DataFrame, all_attrs: pd.DataFrame, flags: dict[str, Any], n_boot: int) -> dict[str, Any]:
-    threat = json.loads(cell["threat"]) if isinstance(cell["threat"], str) else {}
-    extra = json.loads(cell["extra"]) if isinstance(cell["extra"], str) else {}
-    row: dict[str, Any] = {
-        "cell_id": cell["cell_id"], "victim": cell["victim"], "task": cell["task"], "metric": cell["metric"],
-        "defense": cell["defense"], "defense_params": cell["defense_params"], "attack_through": cell["attack_through"],
-        "attack": cell["attack"], "attack_params": cell["attack_params"], "knowledge": extra.get("knowledge"),
-        "norm": threat.get("norm"), "eps": threat.get("eps"), "eps_display": eps_display(threat["eps"], threat.get("norm")) if "eps" in threat else "",
-        "status": cell["status"], "reason": cell["reason"] or "", "n": int(len(sub)), "weights_sha256": cell["weights_sha256"],
-        "attack_seconds": cell.get("seconds"),
-        "flags": sorted(k for k, (v, _) in flags.get(extra.get("group_key", ""), {}).items() if v),
-    }
-    if sub.empty or cell["status"] == "skipped":
-        return row
-    clean = sub["clean_score"].to_numpy(float)
-    row["clean"] = float(clean.mean())
-    row["mean_linf"] = float(sub["linf"].mean())
-    row["mean_l2"] = float(sub["l2"].mean())
-    if cell["status"] == "invalid":
-        row["flags"] = row["flags"] + ["invalid_budget"]
-        return row
-    adv = sub["adv_score"].to_numpy(float)
-    lo, hi = mean_ci(adv)
-    correct = sub["clean_correct"].to_numpy(int)
-    row.update({
-        "robust": float(adv.mean()), "robust_ci95_low": lo, "robust_ci95_high": hi,
-        "attack_success_rate": _asr(correct, sub["adv_correct"].to_numpy(int)),
-    })
-    if n_boot:
-        row.update(_group_stats(sub, all_attrs.loc[sub.index], cell["task"], cell["metric"], n_boot))
-    row.update(_detection_stats(sub))
-    row.update(_secondary_means(sub, cell["metric"]))
-    return row
-
-
-def _secondary_means(sub: pd.DataFrame, primary: str) -> dict[str, float]:
-    """``robust_<m>`` / ``clean_<m>``: means of the victim's secondary per-sample metrics (e.g. VQA accuracy on the
-    attacked question ``vqa_accuracy_first`` and on the others ``vqa_accuracy_others``; MRE of landmarks)."""
-    per = pd.DataFrame([json.loads(m) if isinstance(m, str) else (m or {}) for m in sub["metrics"]])
-    skip = {primary, "detector_score", "clean_detector_score"}
-    out = {}
-    for key in per.columns:
-        if key in skip or not pd.api.types.is_numeric_dtype(per[key]):
-            continue
-        name = key if key.startswith("clean_") else f"robust_{key}"
-        out[name] = float(per[key].mean())
-    return out
-
-
-def _asr(clean_correct: np.ndarray, adv_correct: np.ndarray) -> float:
-    """Fraction of clean-correct samples made incorrect; NaN when no sample is correct on clean input."""
-    n = int(clean_correct.sum())
-    return float(((clean_correct == 1) & (adv_correct == 0)).sum() / n) if n else math.nan
 
 
 def _worst_case_rows(df: pd.DataFrame, cells: pd.DataFrame, samples: pd.DataFrame, attrs: pd.DataFrame | None = None,
                      n_boot: int = 0) -> pd.DataFrame:
-    """Per victim × defence × norm × eps: each sample's minimum score over all valid attacks at that budget, with the
-    fairness-under-attack columns of those per-sample minima (``n_boot`` > 0)."""
-    valid = df[(df.status == "done") & df.robust.notna()] if "robust" in df else df.iloc[0:0]
-    out = []
-    for key, g in valid.groupby(["victim", "defense", "defense_params", "attack_through", "norm", "eps"], dropna=False):
-        attacks = [a for a in g.attack if not a.startswith("noise.")]
-        if len(attacks) < 2:
-            continue
-        sub = samples[samples.cell_id.isin(g[~g.attack.str.startswith("noise.")].cell_id)]
-        per_sample = sub.groupby("sample_idx").agg(adv=("adv_score", "min"), clean=("clean_score", "first"), correct=("clean_correct", "first"))
-        adv = per_sample["adv"].to_numpy(float)
-        lo, hi = mean_ci(adv)
-        first = g.iloc[0]
-        correct = per_sample["correct"].to_numpy(int)
-        thr = 0.5
-        out.append({
-            "cell_id": "", "victim": key[0], "task": first.task, "metric": first.metric, "defense": key[1],
-            "defense_params": key[2], "attack_through": key[3], "attack": f"worst-case({len(attacks)} attacks)",
-            "attack_params": json.dumps(sorted(attacks)), "knowledge": "ensemble", "norm": key[4], "eps": key[5],
-            "eps_display": first.eps_display, "status": "done", "reason": "", "n": int(len(per_sample)),
-            "weights_sha256": first.weights_sha256, "flags": [], "clean": float(per_sample["clean"].mean()),
-            "robust": float(adv.mean()), "robust_ci95_low": lo, "robust_ci95_high": hi,
-            "attack_success_rate": _asr(correct, (adv >= thr).astype(int)),
-        })
-        if n_boot and attrs is not None:
-            wc = _worst_samples(sub, thr)
-            out[-1].update(_group_stats(wc, attrs.loc[wc.index], first.task, first.metric, n_boot))
-    return pd.DataFrame(out)
+    """Shim, kept for one release: :func:`robustbench_med.results.summarize_worst_case` of every
+    :func:`robustbench_med.results.worst_case_cells`."""
+    return pd.DataFrame([summarize_worst_case(wc, df, samples, attrs, n_boot).to_row() for wc in worst_case_cells(df)])
 
 
 def _worst_samples(sub: pd.DataFrame, threshold: float) -> pd.DataFrame:
-    """Per sample, the row of the attack with the lowest score (its prediction goes with it), keeping the sample's
-    original row index (for its attributes); secondary metrics are not carried (``metrics`` empty)."""
-    worst = sub.sort_values(["sample_idx", "adv_score"], kind="stable")
-    worst = worst[~worst.sample_idx.duplicated()].copy()
-    worst["adv_correct"] = (worst["adv_score"] >= threshold).astype(int)
-    worst["metrics"] = "{}"
-    return worst
+    """Shim, kept for one release: :func:`robustbench_med.results.worst_case_samples`."""
+    return worst_case_samples(sub, threshold)
 
 
 def _flag_black_box(df: pd.DataFrame) -> None:
-    """Flag white-box cells beaten by a black-box, transfer or noise attack at the same budget on the same defended
-    model (gradient masking); attacks crafted on the undefended model and transferred (``attack_through:
-    transfer``) count as transfer attacks against the adaptive ones."""
-    if "robust" not in df:
-        return
-    for _, g in df[df.status == "done"].groupby(["victim", "defense", "defense_params", "norm", "eps"], dropna=False):
-        g = g[~g.attack.str.startswith("worst-case")]
-        weak = g[g.knowledge.isin(["black-box", "transfer", "none"]) | (g.attack_through == "transfer")]
-        if weak.empty:
-            continue
-        best_weak = weak.robust.min()
-        for i, r in g[(g.knowledge == "white-box") & (g.attack_through != "transfer")].iterrows():
-            if r.robust > best_weak + BLACK_BOX_MARGIN:
-                df.at[i, "flags"] = sorted(set(r["flags"]) | {"black_box_beats_white_box"})
+    """Shim, kept for one release: :func:`robustbench_med.results.flag_black_box`."""
+    flag_black_box(df)
 
 
-DISPLAY = [("victim", "victim"), ("defense", "defense"), ("attack", "attack"), ("norm", "norm"), ("eps_display", "eps"),
-           ("metric", "metric"), ("clean", "clean"), ("robust", "robust"), ("ci", "95% CI"),
-           ("attack_success_rate", "ASR"), ("robust_gap_sex", "gap(sex)"), ("worst_group_robust_sex", "worst(sex)"),
-           ("gap_change_sex", "Δgap(sex)"), ("robust_gap_age_group", "gap(age)"), ("n", "n"), ("mean_linf", "mean L∞"),
-           ("mean_l2", "mean L2"), ("flags", "flags")]
-DETECTION_DISPLAY = [("detector_auroc", "det. AUROC"), ("detector_tpr_at_90tnr", "TPR@90%TNR"),
-                     ("detector_auroc_two_sided", "det. AUROC (2-sided)"), ("detector_tpr_at_90tnr_two_sided", "TPR@90%TNR (2-sided)")]
-VQA_DISPLAY = [("robust_vqa_accuracy_first", "robust (attacked q)"), ("robust_vqa_accuracy_others", "robust (other q)")]
-
-
-def display_columns(df: pd.DataFrame) -> list[tuple[str, str]]:
-    """The displayed columns; after the ASR: the detector AUROC and TPR at 90% TNR when a cell ran behind a detector,
-    and for VQA victims the accuracy on each image's first evaluation question (the one question-specific attacks
-    target) and on its other questions."""
-    extra = [(c, h) for c, h in DETECTION_DISPLAY + VQA_DISPLAY if c in df and not df[c].isna().all()]
-    at = [c for c, _ in DISPLAY].index("attack_success_rate") + 1
-    return DISPLAY[:at] + extra + DISPLAY[at:]
-
-
-def _fmt(v: Any) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "–"
-    if isinstance(v, float):
-        return f"{v:.3f}"
-    if isinstance(v, list):
-        return ", ".join(v)
-    return str(v)
-
-
-def display_rows(df: pd.DataFrame) -> list[list[str]]:
-    rows, columns = [], display_columns(df)
+def summary_rows(df: pd.DataFrame) -> list[dict[str, Any]]:
+    """Display rows (the fields :mod:`robustbench_med.columns` reads, as :func:`robustbench_med.render.flat_rows`
+    makes them from entries) of the done and invalid rows of a wide summary: group values under ``groups``, the
+    other numeric summary columns (detector AUROC, VQA per-question accuracy …) under ``metrics``."""
+    if df.empty:
+        return []
+    rows = []
     for _, r in df[df.status.isin(["done", "invalid"])].iterrows():
-        r = r.copy()
-        r["ci"] = f"[{r.robust_ci95_low:.3f}, {r.robust_ci95_high:.3f}]" if pd.notna(r.get("robust_ci95_low")) else "–"
-        if r.status == "invalid":
-            r["robust"] = "INVALID"
-        rows.append([_fmt(r.get(col)) for col, _ in columns])
+        row = {k: _missing(r.get(k)) for k in ("victim", "task", "metric", "defense", "attack", "norm", "eps", "eps_display",
+                                                "status", "clean", "robust", "n", "mean_linf", "mean_l2")}
+        row.update({"model": r["victim"], "asr": _missing(r.get("attack_success_rate")), "ci_low": _missing(r.get("robust_ci95_low")),
+                    "ci_high": _missing(r.get("robust_ci95_high")), "flags": list(r["flags"]),
+                    "groups": {k: v for k, v in r.items() if is_group_column(k) and _missing(v) is not None},
+                    "metrics": {k: v for k, v in r.items() if k not in SUMMARY_FIELDS and not is_group_column(k)
+                                and isinstance(_missing(v), (int, float)) and not isinstance(v, bool)}})
+        rows.append(row)
     return rows
 
 
+def _missing(v: Any) -> Any:
+    """None for a missing value (None or NaN), else the value."""
+    return None if v is None or (isinstance(v, float) and math.isnan(v)) else v
+
+
+# shims, kept for one release: the terminal table's columns are the registry's ``text`` view (robustbench_med.columns)
+DISPLAY = [(c.key, c.heading) for c in COLUMNS if "text" in c.views and c.source == "row"]
+DETECTION_DISPLAY = [(c.key, c.heading) for c in COLUMNS if c.source == "metrics" and c.key.startswith("detector_")]
+VQA_DISPLAY = [(c.key, c.heading) for c in COLUMNS if c.source == "metrics" and c.tasks == ("vqa",)]
+
+
+def display_columns(df: pd.DataFrame) -> list[tuple[str, str]]:
+    """(key, heading) of the terminal table's columns (the registry's ``text`` view, :mod:`robustbench_med.columns`):
+    after the ASR, the detector AUROC and TPR at 90% TNR when a cell ran behind a detector and, for VQA victims, the
+    accuracy on each image's first evaluation question and on its other questions; then the group columns."""
+    return [(c.key, c.heading) for c in for_rows(summary_rows(df), "text")]
+
+
+def display_rows(df: pd.DataFrame) -> list[list[str]]:
+    """The cells of the terminal table, one list per done or invalid summary row."""
+    rows = summary_rows(df)
+    columns = for_rows(rows, "text")
+    return [[c.cell(r) for c in columns] for r in rows]
+
+
 def to_markdown(df: pd.DataFrame) -> str:
-    """A GitHub-flavoured Markdown table of the leaderboard (pipes in text are escaped)."""
-    head = [h for _, h in display_columns(df)]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-    for row in display_rows(df):
-        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in row) + " |")
-    skipped = df[df.status == "skipped"]
+    """A GitHub-flavoured Markdown table of a wide summary (the terminal table's columns; pipes in text are
+    escaped), through the one Markdown path of :func:`robustbench_med.render.markdown_table`."""
+    rows = summary_rows(df)
+    lines = markdown_table(for_rows(rows, "text"), rows)
+    skipped = df[df.status == "skipped"] if len(df) else df
     if len(skipped):
         lines.append("")
         lines.append(f"Skipped cells ({len(skipped)}): " + "; ".join(f"{r.victim} × {r.attack}: {r.reason}" for _, r in skipped.iterrows()))
@@ -294,12 +160,14 @@ def to_markdown(df: pd.DataFrame) -> str:
 
 
 def to_text(df: pd.DataFrame) -> str:
-    """A fixed-width table for the terminal."""
-    head = [h for _, h in display_columns(df)]
-    rows = display_rows(df)
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
+    """A fixed-width table for the terminal (the registry's ``text`` view)."""
+    rows = summary_rows(df)
+    columns = for_rows(rows, "text")
+    head = [c.heading for c in columns]
+    cells = [[c.cell(r) for c in columns] for r in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(head)]
     fmt = "  ".join("{:<" + str(w) + "}" for w in widths)
-    return "\n".join([fmt.format(*head), fmt.format(*("-" * w for w in widths))] + [fmt.format(*r) for r in rows]) + "\n"
+    return "\n".join([fmt.format(*head), fmt.format(*("-" * w for w in widths))] + [fmt.format(*r) for r in cells]) + "\n"
 
 
 def plot_robustness(df: pd.DataFrame, path: str | Path) -> Path | None:
@@ -358,7 +226,7 @@ def _write_reports(store: Store, out: Path) -> dict[str, Path]:
     from robustbench_med.seed_studies import write_seed_study_tables
     from robustbench_med.site_metrics import write_site_tables
 
-    df = summarize(store)
+    df = summary_wide(store)
     paths = {"markdown": out / "leaderboard.md", "csv": out / "leaderboard.csv", "json": out / "leaderboard.json"}
     paths["markdown"].write_text(to_markdown(df))
     df.assign(flags=df["flags"].map(lambda f: ";".join(f))).to_csv(paths["csv"], index=False)

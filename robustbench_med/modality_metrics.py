@@ -151,7 +151,7 @@ def paired_table(store: Any, n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
     """Each victim against its declared baseline (card ``extra['baseline']``) on the same samples: per subset of
     available sequences, and for the per-sample mean over subsets, ``Δ = victim − baseline`` with a paired bootstrap
     95% interval and a verdict (``better`` / ``worse`` when it excludes 0, else ``no difference shown``)."""
-    from robustbench_med.fairness import store_frames
+    from robustbench_med.results import store_frames
     from robustbench_med.gate import resample_indices
 
     cells, samples, _ = store_frames(store)

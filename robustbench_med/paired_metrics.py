@@ -77,7 +77,7 @@ def condition_labels(cells: pd.DataFrame) -> dict[str, tuple[str, Any]]:
 
 
 def _condition_scores(store: Any) -> dict[tuple[str, str], pd.DataFrame]:
-    from robustbench_med.fairness import store_frames
+    from robustbench_med.results import store_frames
 
     cells, samples, _ = store_frames(store)
     if cells.empty or samples.empty:

@@ -19,6 +19,9 @@ import re
 from pathlib import Path
 from typing import Any, Iterable
 
+from robustbench_med.columns import (
+    COLUMNS, CSV_ORDER, GROUPS_AFTER, Column, csv_columns, fixed3, for_rows, group_columns, interval,
+)
 from robustbench_med.entries import defense_label, headline_rows, is_worst_case
 
 RELIABILITY_NOTE = ("flags: masked_gradients = zero input gradients on the attacked model; randomized = outputs vary "
@@ -69,52 +72,38 @@ def _attack_label(r: dict[str, Any]) -> str:
 
 
 def display_group_columns(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
-    """(key, heading) of the fairness-under-attack columns shown in tables, per attribute: worst-group robust metric,
-    robust gap, gap change from clean to attacked (Δgap > 0: the attack widens the gap) and, for segmentation, the
-    robust ES-Dice in both published forms."""
-    heading = {"worst_group_robust_": "worst-group robust", "robust_gap_": "robust gap", "gap_change_": "Δgap"}
-    es = {"robust_es_dice_fairseg": "ES-Dice FairSeg", "robust_es_dice_fairmedfm": "ES-Dice FairMedFM"}
-    found: dict[str, tuple[str, str, int]] = {}
-    for r in rows:
-        for k, v in r["groups"].items():
-            if not isinstance(v, (int, float)):
-                continue
-            prefix = next((p for p in heading if k.startswith(p)), None)
-            if prefix and "[" not in k:
-                found[k] = (k[len(prefix):], heading[prefix], list(heading).index(prefix))
-            m = re.match(r"^(robust_es_dice_(?:fairseg|fairmedfm))\[([^*\]]+)\]$", k)
-            if m:
-                found[k] = (m.group(2), es[m.group(1)], 3 + list(es).index(m.group(1)))
-    order = sorted(found, key=lambda k: (found[k][0], found[k][2]))
-    return [(k, f"{found[k][1]} ({found[k][0]})") for k in order]
+    """(key, heading) of the fairness-under-attack columns shown in tables (:func:`robustbench_med.columns.group_columns`:
+    per attribute, worst-group robust metric, robust gap, gap change from clean to attacked — Δgap > 0: the attack
+    widens the gap — and, for segmentation, the robust ES-Dice in both published forms)."""
+    return [(c.key, c.heading) for c in group_columns(rows)]
 
 
-METRIC_COLUMNS = [("detector_auroc", "det. AUROC"), ("detector_tpr_at_90tnr", "TPR@90%TNR"),
-                  ("detector_auroc_two_sided", "det. AUROC (two-sided)"),
-                  ("detector_tpr_at_90tnr_two_sided", "TPR@90%TNR (two-sided)"),
-                  ("robust_vqa_accuracy_first", "robust (attacked q)"), ("robust_vqa_accuracy_others", "robust (other q)")]
+METRIC_COLUMNS = [(c.key, c.heading) for c in COLUMNS if c.source == "metrics"]  # shim, kept for one release
 
 
 def display_metric_columns(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
-    """(key, heading) of the per-attack metrics some rows carry: detector AUROC and TPR at 90% TNR (cells behind a
-    detector), VQA accuracy on the attacked question and on the other questions (LVLM victims)."""
-    return [(k, h) for k, h in METRIC_COLUMNS if any(isinstance(r["metrics"].get(k), (int, float)) for r in rows)]
+    """(key, heading) of the per-attack metrics some rows carry (the registry's ``metrics`` columns: detector AUROC and
+    TPR at 90% TNR for cells behind a detector, VQA accuracy on the attacked and on the other questions)."""
+    return [(c.key, c.heading) for c in for_rows(rows, "html") if c.source == "metrics"]
 
 
 def _f(v: Any) -> str:
-    return "–" if v is None else f"{v:.3f}"
+    return fixed3(v)
 
 
 def _metric_cell(r: dict[str, Any], key: str) -> str:
-    """A per-attack metric; a one-sided detector AUROC significantly below 0.5 reads ``0.042 (overshoot)``."""
-    text = _f(r["metrics"].get(key))
-    if key == "detector_auroc" and r["metrics"].get("detector_auroc_overshoot") == 1.0:
-        text += " (overshoot)"
-    return text
+    """A per-attack metric as its registered column shows it (``0.042 (overshoot)`` for a one-sided detector AUROC
+    significantly below 0.5)."""
+    return _metric_column(key).cell(r)
+
+
+def _metric_column(key: str) -> Column:
+    """The registered per-attack metric column ``key`` (a plain number column when not registered)."""
+    return next((c for c in COLUMNS if c.source == "metrics" and c.key == key), Column(key, key, source="metrics"))
 
 
 def _ci(r: dict[str, Any]) -> str:
-    return "–" if r["ci_low"] is None else f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}]"
+    return interval(r)
 
 
 def _sections(rows: list[dict[str, Any]]) -> dict[tuple[str, str, str], list[dict[str, Any]]]:
@@ -126,14 +115,16 @@ def _sections(rows: list[dict[str, Any]]) -> dict[tuple[str, str, str], list[dic
 
 
 def _cells(r: dict[str, Any], groups: list[tuple[str, str]]) -> list[str]:
-    """The text cells of one Markdown / LaTeX table row."""
-    robust = "INVALID" if r["status"] == "invalid" else _f(r["robust"])
-    return ([r["model"], r["defense"], r["attack"], _f(r["clean"]), robust, _ci(r), _f(r["asr"])]
-            + [_f(r["groups"].get(k)) for k, _ in groups] + [_f(r["external"]), ", ".join(r["flags"]) or "–", str(r["n"])])
+    """Shim, kept for one release: the text cells of one LaTeX table row with the given group columns."""
+    keys = {k for k, _ in groups}
+    cols = [c for c in for_rows([r], "latex") if c.source != "groups"]
+    at = [c.key for c in cols].index("asr") + 1
+    fam = [c for c in group_columns([r]) if c.key in keys]
+    return [c.cell(r) for c in cols[:at] + fam + cols[at:]]
 
 
-HEAD = ["model", "defence", "attack", "clean", "robust", "95% CI", "ASR"]
-TAIL = ["external", "flags", "n"]
+HEAD = ["model", "defence", "attack", "clean", "robust", "95% CI", "ASR"]  # shim, kept for one release (columns.COLUMNS)
+TAIL = ["external", "flags", "n"]  # shim, kept for one release (columns.COLUMNS)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -146,6 +137,12 @@ def md_escape(text: str) -> str:
     return re.sub(r"([\\|`*_\[\]])", r"\\\1", text)
 
 
+def markdown_table(columns: list[Column], rows: Iterable[dict[str, Any]]) -> list[str]:
+    """The lines of one GitHub Markdown table: headings and cells of ``columns`` (escaped with :func:`md_escape`)."""
+    lines = ["| " + " | ".join(md_escape(c.heading) for c in columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    return lines + ["| " + " | ".join(md_escape(c.cell(r)) for c in columns) + " |" for r in rows]
+
+
 def to_markdown(entries: list[dict[str, Any]]) -> str:
     """A Markdown leaderboard: one table per dataset × threat model × task, ranked by headline robust metric."""
     rows = flat_rows(entries)
@@ -156,29 +153,21 @@ def to_markdown(entries: list[dict[str, Any]]) -> str:
     every = _sections(flat_rows(entries, headline_only=False))
     for key, sec in _sections(rows).items():
         dataset, threat, task = key
-        groups = display_group_columns(sec)
-        head = ["#"] + HEAD + [h for _, h in groups] + TAIL
-        lines += [f"## {md_escape(dataset)} · {md_escape(threat)} · {md_escape(task)}", "",
-                  "| " + " | ".join(md_escape(h) for h in head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-        for i, r in enumerate(sec, 1):
-            lines.append("| " + " | ".join([str(i)] + [md_escape(c) for c in _cells(r, groups)]) + " |")
+        ranked = [{**r, "rank": i} for i, r in enumerate(sec, 1)]
+        lines += [f"## {md_escape(dataset)} · {md_escape(threat)} · {md_escape(task)}", ""]
+        lines += markdown_table(for_rows(ranked, "markdown"), ranked)
         lines += [""] + _metric_table(every.get(key, []))
     return "\n".join(lines)
 
 
 def _metric_table(rows: list[dict[str, Any]]) -> list[str]:
-    """Markdown lines of a per-attack table with the metrics of :func:`display_metric_columns` (none if no row has
-    them): every attack, not only the headline, since detection and per-question accuracy are per attack."""
-    metrics = display_metric_columns(rows)
-    if not metrics:
+    """Markdown lines of a per-attack table (the registry's ``per_attack`` columns; none when no row has a per-attack
+    metric): every attack, not only the headline, since detection and per-question accuracy are per attack."""
+    columns = for_rows(rows, "per_attack")
+    if not any(c.source == "metrics" for c in columns):
         return []
-    head = ["model", "defence", "attack", "clean", "robust", "ASR"] + [h for _, h in metrics] + ["n"]
-    lines = ["Per attack:", "", "| " + " | ".join(md_escape(h) for h in head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-    for r in sorted((r for r in rows if not r["attack"].startswith("worst-case")), key=lambda r: (r["model"], r["defense"], r["attack"])):
-        cells = [r["model"], r["defense"], r["attack"], _f(r["clean"]), _f(r["robust"]), _f(r["asr"])]
-        cells += [_metric_cell(r, k) for k, _ in metrics] + [str(r["n"])]
-        lines.append("| " + " | ".join(md_escape(c) for c in cells) + " |")
-    return lines + [""]
+    every = sorted((r for r in rows if not is_worst_case(r)), key=lambda r: (r["model"], r["defense"], r["attack"]))
+    return ["Per attack:", ""] + markdown_table(columns, every) + [""]
 
 
 _LATEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{", "}": r"\}",
@@ -194,11 +183,10 @@ def to_latex(entries: list[dict[str, Any]]) -> str:
     """LaTeX tables (booktabs), one per dataset × threat model × task."""
     out = ["% generated by robustbench_med (robustbench-med publish); needs \\usepackage{booktabs}"]
     for (dataset, threat, task), sec in _sections(flat_rows(entries)).items():
-        groups = display_group_columns(sec)
-        head = HEAD + [h for _, h in groups] + TAIL
-        out += ["\\begin{table}[t]", "\\centering", "\\small", "\\begin{tabular}{lll" + "r" * (len(head) - 3) + "}", "\\toprule",
-                " & ".join(latex_escape(h) for h in head) + " \\\\", "\\midrule"]
-        out += [" & ".join(latex_escape(c) for c in _cells(r, groups)) + " \\\\" for r in sec]
+        columns = for_rows(sec, "latex")
+        out += ["\\begin{table}[t]", "\\centering", "\\small", "\\begin{tabular}{lll" + "r" * (len(columns) - 3) + "}", "\\toprule",
+                " & ".join(latex_escape(c.heading) for c in columns) + " \\\\", "\\midrule"]
+        out += [" & ".join(latex_escape(c.cell(r)) for c in columns) + " \\\\" for r in sec]
         out += ["\\bottomrule", "\\end{tabular}",
                 f"\\caption{{{latex_escape(dataset)}, {latex_escape(threat)}, {latex_escape(task)}: clean and robust metric "
                 "(worst case over attacks per defence) with 95\\% CI, attack success rate and robust group metrics.}", "\\end{table}", ""]
@@ -209,9 +197,7 @@ def to_latex(entries: list[dict[str, Any]]) -> str:
 # CSV
 
 
-CSV_COLUMNS = ["dataset", "threat", "norm", "eps", "eps_display", "victim", "model", "grid", "task", "metric", "defense",
-               "defense_name", "defense_params", "attack_through", "attack", "attack_params", "view", "status", "clean",
-               "robust", "ci_low", "ci_high", "asr", "mean_linf", "mean_l2", "n", "external", "flags", "weights_sha256"]
+CSV_COLUMNS = list(CSV_ORDER)  # shim, kept for one release (columns.CSV_ORDER)
 
 
 def _csv_safe(value: Any) -> Any:
@@ -222,19 +208,25 @@ def _csv_safe(value: Any) -> Any:
 
 
 def to_csv(entries: list[dict[str, Any]]) -> str:
-    """Every result row (headline and per-attack) with every group column, one line each."""
+    """Every result row (headline and per-attack) with every group column, one line each
+    (:func:`robustbench_med.columns.csv_columns`)."""
     rows = flat_rows(entries, headline_only=False)
-    group_keys = sorted({k for r in rows for k in r["groups"]})
-    metric_keys = sorted({k for r in rows for k, v in r["metrics"].items() if isinstance(v, (int, float, str))})
+    columns = csv_columns(rows)
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(CSV_COLUMNS + group_keys + metric_keys)
+    writer.writerow([c.key for c in columns])
     for r in rows:
-        values = {**r, "defense_params": json.dumps(r["defense_params"], sort_keys=True),
-                  "attack_params": json.dumps(r["attack_params"], sort_keys=True), "flags": ";".join(r["flags"])}
-        writer.writerow([_csv_safe(values[c]) for c in CSV_COLUMNS] + [_csv_safe(r["groups"].get(k)) for k in group_keys]
-                        + [_csv_safe(r["metrics"].get(k)) for k in metric_keys])
+        writer.writerow([_csv_safe(_csv_value(c.value(r))) for c in columns])
     return buf.getvalue()
+
+
+def _csv_value(value: Any) -> Any:
+    """A CSV field: objects as sorted JSON, lists joined with ``;``, anything else as is."""
+    if isinstance(value, dict):
+        return json.dumps(value, sort_keys=True)
+    if isinstance(value, list):
+        return ";".join(map(str, value))
+    return value
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -390,13 +382,24 @@ def _e(text: Any) -> str:
 
 
 def _html_columns(groups: list[tuple[str, str]], metrics: list[tuple[str, str]] = ()) -> list[tuple[str, str, str]]:
-    """(row key, heading, type) of the HTML table."""
-    cols = [("model", "model", "text"), ("task", "task", "text"), ("threat_label", "threat", "text"),
-            ("defense", "defence", "text"), ("attack", "attack", "text"), ("clean", "clean", "num"),
-            ("robust", "robust", "num"), ("ci", "95% CI", "num"), ("asr", "ASR", "num")]
-    cols += [(f"m:{k}", h, "num") for k, h in metrics]
-    cols += [(f"g:{k}", h, "num") for k, h in groups]
-    return cols + [("external", "external", "num"), ("flags", "flags", "text"), ("n", "n", "num"), ("weights_sha256", "weights", "text")]
+    """(row key, heading, type) of the HTML table: the registry's ``html`` row columns (:data:`columns.COLUMNS`, in
+    order), with the given per-attack metric (``m:<key>``) and group (``g:<key>``) columns in their place."""
+    cols: list[tuple[str, str, str]] = []
+    for c in COLUMNS:
+        if "html" in c.views and c.source == "row":
+            cols.append((c.key, c.heading, c.kind))
+        if c.key == GROUPS_AFTER:
+            cols += [(f"m:{k}", h, "num") for k, h in metrics] + [(f"g:{k}", h, "num") for k, h in groups]
+    return cols
+
+
+def _html_column(key: str) -> Column:
+    """The column behind an HTML table key (``m:`` per-attack metric, ``g:`` group value, else a row field)."""
+    if key.startswith("m:"):
+        return _metric_column(key[2:])
+    if key.startswith("g:"):
+        return Column(key[2:], key[2:], source="groups")
+    return next((c for c in COLUMNS if c.source == "row" and c.key == key), Column(key, key))
 
 
 def _html_cell(r: dict[str, Any], key: str, typ: str) -> str:
@@ -414,11 +417,10 @@ def _html_cell(r: dict[str, Any], key: str, typ: str) -> str:
     if key == "weights_sha256":
         sha = r["weights_sha256"] or ""
         return f'<td title="{_e(sha)}"><code>{_e(sha[:12])}</code></td>'
-    value = r["groups"].get(key[2:]) if key.startswith("g:") else r["metrics"].get(key[2:]) if key.startswith("m:") else r.get(key)
+    col = _html_column(key)
+    value = col.value(r)
     if typ == "num":
-        shown = ("INVALID" if key == "robust" and r["status"] == "invalid" else str(value) if key == "n"
-                 else _metric_cell(r, key[2:]) if key.startswith("m:") else _f(value))
-        return f'<td class="num" data-value="{_e("" if value is None else value)}">{_e(shown)}</td>'
+        return f'<td class="num" data-value="{_e("" if value is None else value)}">{_e(col.cell(r))}</td>'
     return f"<td>{_e(value if value is not None else '')}</td>"
 
 

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from robustbench_med.fairness import store_frames
+from robustbench_med.results import store_frames
 from robustbench_med.gate import resample_indices
 from robustbench_med.registry import VICTIMS
 from robustbench_med.store import Store

@@ -28,6 +28,7 @@ import numpy as np
 from robustbench_med.entries import defense_label, is_worst_case, load_entry, validate_entry
 from robustbench_med.errors import ConfigError
 from robustbench_med.grid import Grid, canonical, parse_grid
+from robustbench_med.results import worst_case_scores
 from robustbench_med.store import Store
 
 Z99 = 2.5758293035489004
@@ -309,7 +310,7 @@ def _compare_rows(entry: dict[str, Any], rerun: dict[str, dict[int, tuple[float,
         if missing:
             problems.append(f"{defense_label(row)} × {row['attack']}: cell(s) {missing} were not reproduced by the manifest's grid")
             continue
-        adv = np.min([[rerun[c][i][1] for i in idx] for c in ids], axis=0)
+        adv = worst_case_scores({c: [rerun[c][i][1] for i in idx] for c in ids})
         clean = np.asarray([rerun[ids[0]][i][0] for i in idx])
         out.append(_comparison(row, adv, clean, idx, tol, by_id))
     return out

@@ -238,9 +238,9 @@ def corruption_store(trained_cnn, tmp_path_factory):
 
 
 def test_grid_severity_zero_equals_clean_and_five_is_not_better_than_one(corruption_store):
-    from robustbench_med.leaderboard import summarize
+    from robustbench_med.leaderboard import summary_wide
 
-    df = summarize(corruption_store, fairness_boot=0)
+    df = summary_wide(corruption_store, fairness_boot=0)
     cells = df[df.attack.str.startswith("corruption.")]
     assert len(cells) == 3 * len(CORRUPTIONS) and (cells.status == "done").all() and (cells.n == 32).all()
     assert (cells.norm == "corruption").all() and set(cells.eps_display) == {"0", "1", "5"}

@@ -214,7 +214,7 @@ def test_external_result_and_generic_group_columns_validate(entry):
 def test_summary_fairness_columns_are_carried_generically(toy, monkeypatch):
     import robustbench_med.leaderboard as lb
 
-    original = lb.summarize
+    original = lb.summary_wide
 
     def with_fairness(store):
         df = original(store)
@@ -223,7 +223,7 @@ def test_summary_fairness_columns_are_carried_generically(toy, monkeypatch):
         df["detector_auroc"] = 0.75
         return df
 
-    monkeypatch.setattr(lb, "summarize", with_fairness)
+    monkeypatch.setattr(lb, "summary_wide", with_fairness)
     rows = [r for e in build_entries(toy["store"]) for r in e["results"] if r["status"] == "done" and r["cell_id"]]
     assert all(r["groups"]["robust_accuracy[sex=F]"] == r["robust"] and r["groups"]["es_dice_sex"] == 0.5 for r in rows)
     assert all(r["metrics"]["detector_auroc"] == 0.75 for r in rows)
@@ -344,3 +344,20 @@ def test_verify_with_another_weights_file_reports_the_hash_mismatch(toy):
     assert not report.ok and any("weights differ" in p and "--weights" in p for p in report.problems)
     assert main(["verify", str(toy["board"] / "phantom.ct" / "Linf-8_255" / f"{TOY}.json"), "--samples", "2",
                  "--weights", toy["robust"], "--quiet"]) == 0
+
+
+def test_summarize_is_tidy_and_round_trips_to_the_wide_view(toy):
+    """``summarize`` gives one row per cell × metric × group; ``wide=True`` / ``summary_wide`` the wide view, which
+    the tidy frame rebuilds (every column with a value)."""
+    import pandas as pd
+
+    from robustbench_med.leaderboard import summarize, summary_wide
+    from robustbench_med.results import wide_from_tidy
+
+    tidy, wide = summarize(toy["store"], fairness_boot=20), summary_wide(toy["store"], fairness_boot=20)
+    assert not tidy.duplicated(["row", "metric", "group_attr", "group"]).any()
+    assert {"robust_gap_accuracy", "robust", "attack_success_rate"} <= set(tidy.metric) and "robust_gap_sex" not in set(tidy.metric)
+    pd.testing.assert_frame_equal(summarize(toy["store"], fairness_boot=20, wide=True), wide)
+    back = wide_from_tidy(tidy)
+    cols = [c for c in wide.columns if wide[c].notna().any()]
+    pd.testing.assert_frame_equal(back[cols], wide[cols], check_dtype=False)

@@ -10,7 +10,7 @@ from robustbench_med.defense import PurifiedVictim
 from robustbench_med.errors import ConfigError
 from robustbench_med.grid import parse_grid
 from robustbench_med.runner import run_grid
-from robustbench_med.leaderboard import summarize
+from robustbench_med.leaderboard import summary_wide
 
 BETA = 32 / 255
 
@@ -187,7 +187,7 @@ def test_masked_gradient_flag_fires_on_naive_adaptive_not_on_bpda_eot(tmp_path):
                      {"name": "f3.v3", "attack_through": "adaptive", "eot": 2},
                      {"name": "f3.v3", "attack_through": "transfer"}],
     })
-    df = summarize(run_grid(grid, tmp_path, progress=False))
+    df = summary_wide(run_grid(grid, tmp_path, progress=False))
     flags = {row.attack_through: row.flags for row in df.itertuples()}
     assert "masked_gradients" in flags["detach"]
     assert "masked_gradients" not in flags["adaptive"]
@@ -203,7 +203,7 @@ def test_defence_that_does_not_support_a_victim_skips_its_cells(tmp_path):
         "attacks": [{"name": "noise.uniform", "params": {"eps": "8/255"}}],
         "defenses": ["identity.none", {"name": "f3.v3", "params": {"source": "qformer"}}],
     })
-    df = summarize(run_grid(grid, tmp_path, progress=False), fairness_boot=0)
+    df = summary_wide(run_grid(grid, tmp_path, progress=False), fairness_boot=0)
     by_defense = {row.defense: row for row in df.itertuples()}
     assert by_defense["identity.none"].status == "done"
     assert by_defense["f3.v3"].status == "skipped" and "Q-Former" in by_defense["f3.v3"].reason

@@ -12,7 +12,7 @@ import pytest
 import robustbench_med as rbm
 from robustbench_med.attacks.pgd import PGD
 from robustbench_med.grid import parse_grid
-from robustbench_med.leaderboard import summarize, write_leaderboard
+from robustbench_med.leaderboard import summary_wide, write_leaderboard
 from robustbench_med.registry import ATTACKS
 from robustbench_med.runner import run_grid
 
@@ -45,7 +45,7 @@ def _rows(store_path):
 
 def test_small_grid_runs_and_reports(trained_cnn, tmp_path):
     store = run_grid(parse_grid(SMALL), tmp_path, progress=False)
-    df = summarize(store)
+    df = summary_wide(store)
     done = df[(df.status == "done") & df.robust.notna()]
     assert len(done) >= 6
     attacked = done[done.knowledge != "none"]  # random noise may, by chance, raise accuracy; attacks may not
@@ -87,7 +87,7 @@ def test_budget_violations_mark_the_cell_invalid(trained_cnn, tmp_path):
         store = run_grid(grid, tmp_path, progress=False)
     finally:
         ATTACKS.remove("broken.overbudget")
-    df = summarize(store)
+    df = summary_wide(store)
     broken = df[df.attack == "broken.overbudget"].iloc[0]
     assert broken.status == "invalid" and "budget violated" in broken.reason
     assert "robust" not in broken or broken.robust != broken.robust  # NaN: no robustness number
@@ -103,7 +103,7 @@ def test_budget_violations_mark_the_cell_invalid(trained_cnn, tmp_path):
 def test_masked_gradients_are_flagged(trained_cnn, tmp_path):
     grid = parse_grid({**SMALL, "attacks": [{"name": "pgd.linf", "params": {"eps": "8/255", "steps": 3}}],
                        "defenses": [{"name": "jpeg.bpda", "attack_through": "detach"}, {"name": "jpeg.bpda"}]})
-    df = summarize(run_grid(grid, tmp_path, progress=False))
+    df = summary_wide(run_grid(grid, tmp_path, progress=False))
     naive = df[df.attack_through == "detach"].iloc[0]
     bpda = df[df.attack_through == "adaptive"].iloc[0]
     assert "masked_gradients" in naive["flags"] and "masked_gradients" not in bpda["flags"]

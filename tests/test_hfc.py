@@ -325,7 +325,7 @@ def test_grid_runner_prepares_hfc_and_reports_detection(binary_victim, tmp_path)
     from dataclasses import replace
 
     from robustbench_med.grid import parse_grid
-    from robustbench_med.leaderboard import summarize, to_text
+    from robustbench_med.leaderboard import summary_wide, to_text
     from robustbench_med.registry import VICTIMS
     from robustbench_med.runner import run_grid
 
@@ -339,7 +339,7 @@ def test_grid_runner_prepares_hfc_and_reports_detection(binary_victim, tmp_path)
                         {"name": "hfc.pgd", "params": {"eps": "8/255", "steps": 5, "lam": 1, "stats_target_field": "label"}}],
             "defenses": [{"name": "detector.svm", "params": DETECTOR_FIT}],
         })
-        df = summarize(run_grid(grid, tmp_path, progress=False), fairness_boot=0)
+        df = summary_wide(run_grid(grid, tmp_path, progress=False), fairness_boot=0)
     finally:
         VICTIMS.remove(name)
     cells = df[df.cell_id != ""].set_index("attack")
@@ -349,7 +349,7 @@ def test_grid_runner_prepares_hfc_and_reports_detection(binary_victim, tmp_path)
             assert 0 <= cells.loc[attack, key] <= 1, key
         assert cells.loc[attack, "attack_success_rate"] > 0.5
     head = to_text(df).splitlines()[0]
-    assert head.index("ASR") < head.index("det. AUROC") < head.index("TPR@90%TNR") < head.index("det. AUROC (2-sided)")
+    assert head.index("ASR") < head.index("det. AUROC") < head.index("TPR@90%TNR") < head.index("det. AUROC (two-sided)")
 
 
 def test_packaged_hfc_grids_cover_the_paper_setting():

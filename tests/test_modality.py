@@ -221,10 +221,10 @@ def modality_store(tmp_path_factory):
 
 
 def test_grid_runs_every_subset_and_writes_the_modality_tables(modality_store, tmp_path):
-    from robustbench_med.leaderboard import summarize, write_leaderboard
+    from robustbench_med.leaderboard import summary_wide, write_leaderboard
     from robustbench_med.modality_metrics import dropout_rows, modality_summary
 
-    df = summarize(modality_store)
+    df = summary_wide(modality_store)
     cells = df[df.attack == "modality.dropout"]
     assert len(cells) == 14 and (cells.status == "done").all() and (cells.n == 8).all()
     assert sorted(cells.eps.astype(int).value_counts().to_dict().items()) == [(1, 4), (2, 6), (3, 4)]

@@ -300,9 +300,9 @@ def test_a_grid_naming_user_code_is_refused_until_imports_are_allowed(user_packa
                     "attacks": [{"name": "labmodels.fgsm", "factory": "labmodels.nets:my_fgsm", "params": {"eps": "2/255"}}]})
     assert g.attacks[0].name == "labmodels.fgsm"
     try:
-        from robustbench_med.leaderboard import summarize
+        from robustbench_med.leaderboard import summary_wide
 
-        table = summarize(run_grid(g, user_package.parent / "run", progress=False))
+        table = summary_wide(run_grid(g, user_package.parent / "run", progress=False))
         assert table[table.attack == "labmodels.fgsm"].status.tolist() == ["done"]
     finally:
         ATTACKS.remove("labmodels.fgsm")

@@ -71,9 +71,9 @@ def test_condition_labels_average_attack_seeds_and_name_other_parameters(monkeyp
     scores = {"c0": [0.0, 0.2], "c1": [0.4, 0.6], "c2": [1.0, 1.0], "c3": [0.5, 0.5], "c4": [0.7, 0.7], "c5": [0.3, 0.3]}
     samples = pd.DataFrame([{"cell_id": c, "sample_idx": i, "clean_score": 1.0, "adv_score": v}
                             for c, vals in scores.items() for i, v in enumerate(vals)])
-    import robustbench_med.fairness as FA
+    import robustbench_med.results as RS
 
-    monkeypatch.setattr(FA, "store_frames", lambda store: (cells, samples, pd.DataFrame()))
+    monkeypatch.setattr(RS, "store_frames", lambda store: (cells, samples, pd.DataFrame()))
     frames = PM._condition_scores(None)
     assert set(frames) == {("v", "identity.none"), ("v", "f3.v3[transfer]"), ("v", "f3.v3")}  # routes kept apart
     assert frames[("v", "f3.v3[transfer]")]["pgd.linf 8/255"].tolist() == [0.7, 0.7]

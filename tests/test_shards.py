@@ -10,7 +10,7 @@ from rank_helpers import store_contents as _everything, table as _table
 
 from robustbench_med.errors import ConfigError
 from robustbench_med.grid import parse_grid
-from robustbench_med.leaderboard import summarize
+from robustbench_med.leaderboard import summary_wide
 from robustbench_med.merge import MergeError, merge_stores
 from robustbench_med.runner import run_grid, shard_dir
 from robustbench_med.store import StoreError
@@ -49,7 +49,7 @@ def test_sharded_run_merged_equals_a_single_process(single, tmp_path, n):
     report = merge_stores(out, [out])
     assert not report.gaps and report.cells == {"done": 6}
     assert _everything(report.out) == _everything(single)
-    merged, ref = summarize(report.out)[SUMMARY], summarize(single)[SUMMARY]
+    merged, ref = summary_wide(report.out)[SUMMARY], summary_wide(single)[SUMMARY]
     assert merged.equals(ref)
 
 

@@ -118,7 +118,7 @@ def sites_store(tmp_path_factory):
 
 
 def test_site_tables_break_scores_down_per_site_with_a_paired_baseline_comparison(sites_store, tmp_path):
-    from robustbench_med.leaderboard import summarize, write_leaderboard
+    from robustbench_med.leaderboard import summary_wide, write_leaderboard
     from robustbench_med.site_metrics import site_scores, site_table
     from robustbench_med.store import Store
 
@@ -147,7 +147,7 @@ def test_site_tables_break_scores_down_per_site_with_a_paired_baseline_compariso
     assert row["gap[sex@B]"] == pytest.approx(by_sex.max() - by_sex.min())  # fairness within a site
     assert row["gap_change[sex A→B]"] == pytest.approx(row["gap[sex@B]"] - row["gap[sex@A]"])
     assert len(site_scores(sites_store)) == 2 * 2 * 24  # 2 victims × (clean + 1 cell) × 24 samples
-    df = summarize(sites_store)
+    df = summary_wide(sites_store)
     assert "robust_gap_site" in df.columns and df.robust_gap_site.notna().any()
     assert not any("site*" in c or "*site" in c for c in df.columns)  # site is reported alone, never intersected
     paths = write_leaderboard(sites_store, tmp_path)

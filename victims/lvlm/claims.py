@@ -91,9 +91,9 @@ def claims_from_store(store: Any) -> list[dict[str, Any]]:
     (``qava_hidden_unrelated``: qava.hidden from the unrelated pool, of no evaluated type);
     ``projector_only_drop``: clean − robust accuracy under the projector-only attack.
     """
-    from robustbench_med.leaderboard import summarize
+    from robustbench_med.leaderboard import summary_wide
 
-    df = summarize(store, fairness_boot=0)
+    df = summary_wide(store, fairness_boot=0)
     df = df[(df.task == "vqa") & (df.defense == "identity.none") & (df.status == "done")]
     rows = []
     for (victim, eps), g in df.groupby(["victim", "eps"]):
@@ -196,7 +196,7 @@ def metric_frames(store: Any, metric: str) -> dict[tuple[str, str], tuple[pd.Dat
 
 
 def _metric_frames(store: Any, metric: str) -> dict[tuple[str, str], tuple[pd.DataFrame, dict[str, int]]]:
-    from robustbench_med.fairness import store_frames
+    from robustbench_med.results import store_frames
     from robustbench_med.paired_metrics import condition_labels
 
     cells, samples, _ = store_frames(store)
