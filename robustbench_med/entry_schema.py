@@ -32,6 +32,7 @@ from jsonschema.exceptions import ValidationError, best_match
 
 from robustbench_med.compute import parse_compute
 from robustbench_med.entries import defense_key, is_worst_case, threat_key
+from robustbench_med.results import worst_case_scores
 from robustbench_med.entry_types import (
     HEX64_PATTERN, KIND, MEAN_TOL, NAME_PATTERN, SCHEMA_VERSION, URL_PATTERN, Entry, Record,
     ResultRow, Threat, unwrap_optional,
@@ -347,7 +348,7 @@ def _check_components(c: _Check, rows: list[dict[str, Any]]) -> None:
             other = by_id.get(cid)
             if other is None or other["status"] != "done" or defense_key(other) != defense_key(row):
                 raise c.fail(f"{f}.components[{j}]", f"{cid!r} is not a finished row of the same defence in this entry")
-        adv = np.min([by_id[cid]["per_sample"]["adv"] for cid in comps], axis=0)
+        adv = worst_case_scores({cid: by_id[cid]["per_sample"]["adv"] for cid in comps})
         if not np.allclose(adv, row["per_sample"]["adv"], atol=1e-12, rtol=0):
             raise c.fail(f"{f}.per_sample.adv", "is not the per-sample minimum over the component rows")
 

@@ -21,7 +21,7 @@ def _sources() -> dict[str, str]:
 
 def test_the_worst_case_threshold_and_baseline_rules_have_one_home():
     """grep: the per-sample minimum over attacks, a hard-coded success threshold and the noise-name rule appear only
-    in results.py (entries' validator re-checks a stored minimum; it does not build one)."""
+    in results.py (the entry validator re-checks a stored minimum through results.worst_case_scores)."""
     patterns = {
         "per-sample minimum": re.compile(r'sort_values\(\["sample_idx", "adv_score"\]|\("adv_score", "min"\)|np\.min\(\[.*(adv|rerun)'),
         "hard-coded threshold": re.compile(r"\bthr(eshold)? = 0\.5"),
@@ -29,9 +29,9 @@ def test_the_worst_case_threshold_and_baseline_rules_have_one_home():
     }
     for what, pattern in patterns.items():
         where = sorted(f for f, text in _sources().items() if pattern.search(text))
-        allowed = {"results.py"} | ({"entries.py"} if what == "per-sample minimum" else set())
-        assert set(where) <= allowed, f"{what} outside results.py: {where}"
+        assert set(where) <= {"results.py"}, f"{what} outside results.py: {where}"
     assert "def worst_case_samples" in _sources()["results.py"]
+    assert "worst_case_scores(" in _sources()["entry_schema.py"]
     entries_src = _sources()["entries.py"]
     builder = entries_src[entries_src.index("def _worst_case_row"):entries_src.index("def worst_case_group_stats")]
     assert "worst_case_scores(" in builder and "np.min" not in builder
