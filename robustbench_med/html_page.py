@@ -47,9 +47,11 @@ p.note { margin: 0 0 .8rem; color: var(--muted); font-size: 12px; }
 #toolbar input[type="search"] { width: 13rem; padding: .25rem .4rem; font: inherit; }
 #toolbar select { font: inherit; max-width: 11rem; }
 #toolbar .count { margin-left: auto; color: var(--muted); }
-#leaderboard { overflow: auto; max-height: calc(100vh - 2rem); border: 1px solid var(--line); border-radius: 6px; }
-table.board { border-collapse: separate; border-spacing: 0; font-size: 12.5px; width: max-content; min-width: 100%; }
-table.board + table.board { margin-top: .9rem; }
+#leaderboard { overflow: auto; max-height: calc(100vh - 2rem); border: 1px solid var(--line); border-radius: 6px;
+               display: flex; flex-direction: column; gap: .9rem; }
+table.board { border-collapse: separate; border-spacing: 0; font-size: 12.5px; width: max-content; min-width: 100%;
+              flex: none; }
+table.board[hidden] { display: none; }
 caption { text-align: left; background: #e8eef6; color: #23405f; font-weight: 600; padding: 5px 8px; }
 caption span { position: sticky; left: 8px; }
 th, td { border-bottom: 1px solid var(--line); padding: 3px 7px; text-align: left; vertical-align: top; background: #fff; }
@@ -74,7 +76,7 @@ img.plot { display: block; max-width: 100%; height: auto; margin: 0 auto; }
 dialog { width: min(880px, 94vw); max-height: 88vh; border: 1px solid var(--line); border-radius: 8px; padding: 1rem 1.25rem; }
 dialog::backdrop { background: rgba(20, 28, 38, .35); }
 dialog h3 { margin: 0 2rem .5rem 0; font-size: 1.1rem; }
-dialog dl { display: grid; grid-template-columns: max-content 1fr; gap: .2rem 1rem; margin: .3rem 0 .8rem; font-size: 13px; }
+dialog dl { display: grid; grid-template-columns: 10rem 1fr; gap: .2rem 1rem; margin: .3rem 0 .8rem; font-size: 13px; }
 dialog h4 { margin: .7rem 0 0; font-size: .95rem; }
 dialog dt { color: var(--muted); }
 dialog dd { margin: 0; overflow-wrap: anywhere; }
@@ -198,7 +200,7 @@ SCRIPT = """
     sortRows();
     applyFilters();
     var row = /^[0-9]+$/.test(p.get("row") || "") ? rows[Number(p.get("row"))] : null;
-    if (row) { openDetail(row); }
+    if (row) { openDetail(row); } else if (dialog.open) { dialog.close(); }
   }
   heads.forEach(function (th) {
     var button = th.querySelector("button");
@@ -218,7 +220,7 @@ SCRIPT = """
   board.addEventListener("click", function (ev) {
     if (ev.target.closest("a, button")) { return; }
     var row = ev.target.closest("tr[data-entry]");
-    if (row) { openDetail(row); }
+    if (row) { openDetail(row); } else if (dialog.open) { dialog.close(); }
   });
   board.addEventListener("keydown", function (ev) {
     var row = ev.target.closest("tr[data-entry]");
@@ -226,6 +228,7 @@ SCRIPT = """
   });
   document.getElementById("detail-close").addEventListener("click", function () { dialog.close(); });
   dialog.addEventListener("close", function () { state.row = ""; writeState(); });
+  window.addEventListener("hashchange", readState);
   readState();
 }());
 """

@@ -332,7 +332,8 @@ def test_detail_view_shows_the_manifest_and_names_stay_text(driver, page, entrie
 
 
 def test_unknown_url_state_is_ignored(driver, page):
-    """A stale or hand-edited URL (unknown filter value, sort key or row) shows the default view, without errors."""
+    """A stale or hand-edited URL (unknown filter value, sort key or row) shows the default view, without errors; a
+    changed fragment is applied without a reload."""
     _open(driver, page.as_uri() + "#task=nope&sort=nope&row=9999&q=", 1440)
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select
@@ -340,6 +341,9 @@ def test_unknown_url_state_is_ignored(driver, page):
     assert Select(driver.find_element(By.ID, "filter-task")).first_selected_option.get_attribute("value") == ""
     assert not driver.find_element(By.ID, "detail").is_displayed()
     assert len(_visible_rows(driver)) > 0
+    _js(driver, "location.hash = 'task=segmentation'")  # editing the fragment of an open page applies it
+    assert {t for t, _, _, _ in _visible_rows(driver)} == {"segmentation"}
+    _no_errors(driver)
 
 
 def test_an_entry_copy_keeps_its_own_detail(entries):
