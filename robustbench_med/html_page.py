@@ -22,6 +22,7 @@ import json
 import re
 from typing import Any, Iterable
 
+from robustbench_med import render
 from robustbench_med.render import (
     RELIABILITY_NOTE,
     _e,
@@ -175,6 +176,12 @@ SCRIPT = """
     all(node, "[data-row-field]").forEach(function (dd) {
       dd.textContent = row.getAttribute("data-" + dd.getAttribute("data-row-field")) || "\u2013";
     });
+    var keys = Array.prototype.map.call(row.closest("table").tHead.rows[0].cells,
+                                        function (th) { return th.getAttribute("data-key"); });
+    all(node, "[data-row-cell]").forEach(function (dd) {
+      var col = keys.indexOf(dd.getAttribute("data-row-cell"));
+      dd.textContent = col >= 0 ? row.cells[col].textContent : "\u2013";
+    });
   }
   function openDetail(row) {
     var tpl = document.getElementById("entry-" + row.getAttribute("data-entry"));
@@ -245,8 +252,15 @@ def _cell_has_value(cell: str) -> bool:
     return text not in ("", "–")
 
 
-def _entry_key(dataset: str, grid: str, victim: str, threat: str, task: str) -> tuple[str, ...]:
-    return (dataset, grid, victim, threat, task)
+def _row_entry_key(r: dict[str, Any]) -> tuple[Any, ...]:
+    """What tells the entry of a display row apart from the others: dataset, grid, victim, threat, task, weights."""
+    return (r["dataset"], r["grid"], r["victim"], r["threat"], r["task"], r["weights_sha256"])
+
+
+def _entry_index(entries: list[dict[str, Any]]) -> dict[tuple[Any, ...], int]:
+    """The position of each entry in ``entries`` by :func:`_row_entry_key` (its rows open its detail view)."""
+    return {(e["dataset"], e["grid"], e["victim"], e["threat"]["key"], e["task"], e["weights_sha256"]): i
+            for i, e in enumerate(entries)}
 
 
 def _row_html(r: dict[str, Any], cells: list[str], entry: int) -> str:
@@ -256,15 +270,20 @@ def _row_html(r: dict[str, Any], cells: list[str], entry: int) -> str:
     return (f'<tr tabindex="0" data-entry="{entry}" data-dataset="{_e(r["dataset"])}" data-task="{_e(r["task"])}" '
             f'data-threat="{_e(r["threat"])}" data-defense="{_e(r["defense_name"])}" '
             f'data-view="{"headline all" if r["view"] == "headline" else "all"}" data-search="{_e(search)}" '
-            f'data-attack="{_e(r["attack"])}" data-attack-params="{_e(params)}" data-defence-label="{_e(r["defense"])}" '
-            f'data-status="{_e(r["status"])}">' + "".join(cells) + "</tr>")
+            f'data-attack-params="{_e(params)}" data-status="{_e(r["status"])}">' + "".join(cells) + "</tr>")
+
+
+def _head_cell(key: str, heading: str, typ: str, tasks: set[str]) -> str:
+    """A sortable header cell naming the tasks its column applies to."""
+    return (f'<th scope="col" data-key="{_e(key)}" data-type="{typ}" data-tasks="{_e(" ".join(sorted(tasks)))}" '
+            f'aria-sort="none"><button type="button">{_e(heading)}</button></th>')
 
 
 def _tables(entries: list[dict[str, Any]], rows: list[dict[str, Any]]) -> str:
     """One table per dataset × task, each with the columns that apply to its task and a sticky header, all inside one
     scroll box. A column applies to a task when some row of that task has a value in it (``data-tasks``)."""
     cols = _html_columns(display_group_columns(rows), display_metric_columns(rows))
-    index = {_entry_key(e["dataset"], e["grid"], e["victim"], e["threat"]["key"], e["task"]): i for i, e in enumerate(entries)}
+    index = _entry_index(entries)
     tasks: list[set[str]] = [set() for _ in cols]
     groups: dict[tuple[str, str, str], list[tuple[dict[str, Any], list[str]]]] = {}
     for r in rows:
@@ -276,11 +295,8 @@ def _tables(entries: list[dict[str, Any]], rows: list[dict[str, Any]]) -> str:
     out = []
     for (dataset, task, metric), members in groups.items():
         keep = [i for i in range(len(cols)) if task in tasks[i] and cols[i][0] != "task"]  # the caption names the task
-        head = "".join(f'<th scope="col" data-key="{_e(cols[i][0])}" data-type="{cols[i][2]}" '
-                       f'data-tasks="{_e(" ".join(sorted(tasks[i])))}" aria-sort="none"><button type="button">{_e(cols[i][1])}</button></th>'
-                       for i in keep)
-        body = "".join(_row_html(r, [cells[i] for i in keep],
-                                 index[_entry_key(r["dataset"], r["grid"], r["victim"], r["threat"], r["task"])]) for r, cells in members)
+        head = "".join(_head_cell(*cols[i], tasks[i]) for i in keep)
+        body = "".join(_row_html(r, [cells[i] for i in keep], index[_row_entry_key(r)]) for r, cells in members)
         out.append(f'<table class="board" data-dataset="{_e(dataset)}" data-task="{_e(task)}"><caption><span>{_e(dataset)} · '
                    f'{_e(task)} ({_e(metric)})</span></caption><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>')
     return f'<div id="leaderboard">{"".join(out)}</div>'
@@ -289,7 +305,8 @@ def _tables(entries: list[dict[str, Any]], rows: list[dict[str, Any]]) -> str:
 def _filter(name: str, label: str, options: Iterable[tuple[str, str]], default: str = "") -> str:
     """A <select> filtering elements whose ``data-<name>`` (a space-separated token list) holds the chosen value."""
     opts = ['<option value="">all</option>'] if not default else []
-    opts += [f'<option value="{_e(v)}"{" selected" if v == default else ""}>{_e(text)}</option>' for v, text in sorted(set(options))]
+    opts += [f'<option value="{_e(v)}"{" selected" if v == default else ""}>{_e(text)}</option>'
+             for v, text in sorted(set(options))]
     return (f'<label>{_e(label)} <select id="filter-{_e(name)}" data-filter="{_e(name)}" data-default="{_e(default)}">'
             f'{"".join(opts)}</select></label>')
 
@@ -307,32 +324,45 @@ def _toolbar(rows: list[dict[str, Any]]) -> str:
 
 
 def _dl(items: Iterable[tuple[str, Any]]) -> str:
+    """A definition list of escaped (term, value) pairs."""
     return "<dl>" + "".join(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in items) + "</dl>"
 
 
+def _entry_fields(e: dict[str, Any]) -> list[tuple[str, Any]]:
+    """What the entry says about itself: model, data, task, threat model, sample count, seeds, provenance."""
+    return [("model", e.get("display_name") or e["victim"]), ("victim", e["victim"]),
+            ("dataset", f"{e['dataset']} ({e['split']})"), ("task", f"{e['task']} ({e['metric']})"),
+            ("threat model", f"{e['threat']['norm']} {e['threat']['eps_display']}"), ("n", e["n"]),
+            ("seeds", ", ".join(map(str, e["seeds"]))), ("success threshold", e["success_threshold"]),
+            ("notes", e.get("notes") or "–"), ("created", e["created"]), ("generator", e["generator"])]
+
+
+def _manifest_fields(e: dict[str, Any]) -> list[tuple[str, Any]]:
+    """The run manifest: package versions, seed, config and data hashes, device, the grid in brief, the runs."""
+    man, grid = e["manifest"], e["manifest"]["grid"]
+    return [("versions", ", ".join(f"{k} {v}" for k, v in sorted(man["versions"].items()))), ("seed", man["seed"]),
+            ("config hash", man["config_hash"]), ("data hash", man["data_hash"]),
+            ("device", man["device"] + (f" ({man['device_name']})" if man.get("device_name") else "")),
+            ("grid", f"{grid.get('name')}: {grid.get('dataset')} / {grid.get('split')}, n={grid.get('n_examples')}, "
+                     f"batch {grid.get('batch_size')}"),
+            ("runs", ", ".join(r["run_id"] for r in e["runs"]))]
+
+
+ROW_FIELDS = ('<dl><dt>defence</dt><dd data-row-cell="defense"></dd><dt>attack</dt><dd data-row-cell="attack"></dd>'
+              '<dt>attack parameters</dt><dd data-row-field="attack-params"></dd>'
+              '<dt>status</dt><dd data-row-field="status"></dd></dl>')
+
+
 def _entry_detail(i: int, e: dict[str, Any], grid_id: str) -> str:
-    """The detail view of one entry (a ``<template>`` the script clones into the dialog): the clicked row, the entry,
-    its weights hash and its run manifest."""
-    man = e["manifest"]
+    """The detail view of one entry, a ``<template>`` the script clones into the dialog: the clicked row (filled in by
+    the script from the row), the entry, its weights sha256 and link, its run manifest and its grid configuration."""
     link = e.get("link")
     link_html = (f'<dt>link</dt><dd><a href="{_e(link)}" rel="noopener noreferrer">{_e(link)}</a></dd>'
                  if link and re.match(r"^https?://", link) else "")
-    row = ("<dl>" + "".join(f'<dt>{_e(k)}</dt><dd data-row-field="{f}"></dd>' for k, f in
-                            (("defence", "defence-label"), ("attack", "attack"), ("attack parameters", "attack-params"),
-                             ("status", "status"))) + "</dl>")
-    entry = _dl([("model", e.get("display_name") or e["victim"]), ("victim", e["victim"]), ("dataset", f"{e['dataset']} ({e['split']})"),
-                 ("task", f"{e['task']} ({e['metric']})"), ("threat model", f"{e['threat']['norm']} {e['threat']['eps_display']}"),
-                 ("n", e["n"]), ("seeds", ", ".join(map(str, e["seeds"]))), ("success threshold", e["success_threshold"]),
-                 ("notes", e.get("notes") or "–"), ("created", e["created"]), ("generator", e["generator"])])
-    weights = f"<dl><dt>weights sha256</dt><dd><code class=\"sha\">{_e(e['weights_sha256'] or '–')}</code></dd>{link_html}</dl>"
-    versions = ", ".join(f"{k} {v}" for k, v in sorted(man["versions"].items()))
-    manifest = _dl([("versions", versions), ("seed", man["seed"]), ("config hash", man["config_hash"]), ("data hash", man["data_hash"]),
-                    ("device", man["device"] + (f" ({man['device_name']})" if man.get("device_name") else "")),
-                    ("grid", f"{man['grid'].get('name')}: {man['grid'].get('dataset')} / {man['grid'].get('split')}, "
-                             f"n={man['grid'].get('n_examples')}, batch {man['grid'].get('batch_size')}"),
-                    ("runs", ", ".join(r["run_id"] for r in e["runs"]))])
+    weights = f'<dl><dt>weights sha256</dt><dd><code>{_e(e["weights_sha256"] or "–")}</code></dd>{link_html}</dl>'
     return (f'<template id="entry-{i}"><h3>{_e(e.get("display_name") or e["victim"])}</h3>'
-            f"<h4>this row</h4>{row}<h4>entry</h4>{entry}{weights}<h4>run manifest</h4>{manifest}"
+            f"<h4>this row</h4>{ROW_FIELDS}<h4>entry</h4>{_dl(_entry_fields(e))}{weights}"
+            f"<h4>run manifest</h4>{_dl(_manifest_fields(e))}"
             f'<details><summary>grid configuration</summary><div data-grid="{grid_id}"></div></details></template>')
 
 
@@ -345,23 +375,22 @@ def _details(entries: list[dict[str, Any]]) -> str:
         grid_id = grids.setdefault(text, str(len(grids)))
         out.append(_entry_detail(i, e, grid_id))
     out += [f'<template id="grid-{g}"><pre>{_e(text)}</pre></template>' for text, g in grids.items()]
-    return ('<dialog id="detail" aria-label="entry details"><button type="button" id="detail-close" aria-label="close">✕</button>'
-            '<div id="detail-body"></div></dialog>' + "".join(out))
+    return ('<dialog id="detail" aria-label="entry details">'
+            '<button type="button" id="detail-close" aria-label="close">✕</button><div id="detail-body"></div></dialog>'
+            + "".join(out))
 
 
 def _figures(entries: list[dict[str, Any]]) -> str:
     """The plots of each dataset × task as inline PNG data URIs (nothing is fetched), each figure tagged with the
     dataset, task, threat models and defences it shows so that it follows the filters."""
-    from robustbench_med import render
-
     by_group: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     for e in entries:
         by_group.setdefault((e["dataset"], e["task"], e["metric"]), []).append(e)
     out = []
     for (dataset, task, metric), group in sorted(by_group.items()):
         rows = flat_rows(group, headline_only=False)
-        tags = (f'data-dataset="{_e(dataset)}" data-task="{_e(task)}" data-threat="{_e(" ".join(sorted({r["threat"] for r in rows})))}" '
-                f'data-defense="{_e(" ".join(sorted({r["defense_name"] for r in rows})))}"')
+        threats, defenses = " ".join(sorted({r["threat"] for r in rows})), " ".join(sorted({r["defense_name"] for r in rows}))
+        tags = f'data-dataset="{_e(dataset)}" data-task="{_e(task)}" data-threat="{_e(threats)}" data-defense="{_e(defenses)}"'
         for title, png in (("robust metric vs eps", render.plot_robustness_vs_eps(group)),
                            ("robust group gaps", render.plot_group_gaps(group))):
             if png:

@@ -315,7 +315,9 @@ def test_detail_view_shows_the_manifest_and_names_stay_text(driver, page, entrie
     text = dialog.text
     assert entry["weights_sha256"] in text and "c0ffee" in text and "d00d" in text and "torch 2.14.1" in text
     assert XSS in text and not dialog.find_elements(By.CSS_SELECTOR, "img, script")
-    assert row.get_attribute("data-attack") in text
+    cells = [td.text for td in row.find_elements(By.TAG_NAME, "td")]
+    assert "worst-case(2 attacks)" in cells and "\nattack\nworst-case(2 attacks)\n" in text  # the clicked row's attack
+    assert "\nstatus\ndone\n" in text
     dialog.find_element(By.TAG_NAME, "summary").click()  # the grid configuration, written once and cloned in
     assert '"n_examples": 20' in dialog.find_element(By.TAG_NAME, "pre").text
     url = driver.current_url
