@@ -36,7 +36,7 @@ from robustbench_med.render import (
 STYLE = """
 :root { --line: #dde1e6; --head: #f3f5f8; --muted: #5f6b7a; --accent: #1f5fa8; }
 * { box-sizing: border-box; }
-body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 0 auto; padding: 1rem 1.25rem 2rem;
+body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 0 auto; padding: 1rem .75rem 2rem;
        color: #1d232b; max-width: 2400px; }
 h1 { font-size: 1.45rem; margin: 0 0 .3rem; }
 h2 { font-size: 1.1rem; margin: 1.5rem 0 .5rem; }
@@ -50,22 +50,23 @@ p.note { margin: 0 0 .8rem; color: var(--muted); font-size: 12px; }
 #toolbar .count { margin-left: auto; color: var(--muted); }
 #leaderboard { overflow: auto; max-height: calc(100vh - 2rem); border: 1px solid var(--line); border-radius: 6px;
                display: flex; flex-direction: column; gap: .9rem; }
-table.board { border-collapse: separate; border-spacing: 0; font-size: 12.5px; width: max-content; min-width: 100%;
+table.board { border-collapse: separate; border-spacing: 0; font-size: 12px; width: max-content; min-width: 100%;
               flex: none; }
 table.board[hidden] { display: none; }
 caption { text-align: left; background: #e8eef6; color: #23405f; font-weight: 600; padding: 5px 8px; }
 caption span { position: sticky; left: 8px; }
-th, td { border-bottom: 1px solid var(--line); padding: 3px 7px; text-align: left; vertical-align: top; background: #fff; }
-td { max-width: 15rem; overflow-wrap: anywhere; }
+th, td { border-bottom: 1px solid var(--line); padding: 3px 5px; text-align: left; vertical-align: top; background: #fff; }
+td { max-width: 11rem; overflow-wrap: break-word; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
 td.flag { color: #a00; }
 thead th { position: sticky; top: 0; z-index: 2; background: var(--head); vertical-align: bottom;
-           min-width: 3.5rem; max-width: 7.5rem; box-shadow: inset 0 -1px 0 #b9c0c9; }
+           box-shadow: inset 0 -1px 0 #b9c0c9, 1px 0 0 var(--head); font-size: 11.5px; line-height: 1.25; }
+thead th[data-type="num"] { text-align: right; width: 1px; }  /* as narrow as its longest word or number */
 thead th button { font: inherit; font-weight: 600; text-align: inherit; background: none; border: none; cursor: pointer;
                   padding: 0; color: inherit; overflow-wrap: normal; }
-th[aria-sort="ascending"] button::after { content: " \\25B2"; }
-th[aria-sort="descending"] button::after { content: " \\25BC"; }
-tr > :first-child { position: sticky; left: 0; z-index: 1; box-shadow: inset -1px 0 0 var(--line); min-width: 9rem; }
+th[aria-sort="ascending"] button::after { content: "\\00a0\\25B2"; }
+th[aria-sort="descending"] button::after { content: "\\00a0\\25BC"; }
+tr > :first-child { position: sticky; left: 0; z-index: 1; box-shadow: inset -1px 0 0 var(--line); min-width: 8rem; }
 thead tr > :first-child { z-index: 3; }
 tbody tr[data-entry] { cursor: pointer; }
 tbody tr[data-entry]:hover td { background: #f5f9ff; }
@@ -279,6 +280,9 @@ def _head_cell(key: str, heading: str, typ: str, tasks: set[str]) -> str:
             f'aria-sort="none"><button type="button">{_e(heading)}</button></th>')
 
 
+SHOWN_ELSEWHERE = ("task", "weights_sha256")  # the table's caption names the task; the detail view has the full hash
+
+
 def _tables(entries: list[dict[str, Any]], rows: list[dict[str, Any]]) -> str:
     """One table per dataset × task, each with the columns that apply to its task and a sticky header, all inside one
     scroll box. A column applies to a task when some row of that task has a value in it (``data-tasks``)."""
@@ -294,7 +298,7 @@ def _tables(entries: list[dict[str, Any]], rows: list[dict[str, Any]]) -> str:
         groups.setdefault((r["dataset"], r["task"], r["metric"]), []).append((r, cells))
     out = []
     for (dataset, task, metric), members in groups.items():
-        keep = [i for i in range(len(cols)) if task in tasks[i] and cols[i][0] != "task"]  # the caption names the task
+        keep = [i for i in range(len(cols)) if task in tasks[i] and cols[i][0] not in SHOWN_ELSEWHERE]
         head = "".join(_head_cell(*cols[i], tasks[i]) for i in keep)
         body = "".join(_row_html(r, [cells[i] for i in keep], index[_row_entry_key(r)]) for r, cells in members)
         out.append(f'<table class="board" data-dataset="{_e(dataset)}" data-task="{_e(task)}"><caption><span>{_e(dataset)} · '

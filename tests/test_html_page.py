@@ -206,6 +206,21 @@ def test_page_fits_the_window_and_nothing_overlaps(driver, page, shots, width):
     assert 6 / per_row == {1440: 2, 1920: 3}[width], boxes
     board = _js(driver, "var b = document.getElementById('leaderboard'); return [b.clientWidth, b.scrollWidth];")
     assert board[0] >= width - 60  # the table box takes the window's width (less the page margins)
+    widths = _js(driver, "var o = {}; document.querySelectorAll('table.board').forEach(function (t) {"
+                         " o[t.getAttribute('data-task')] = t.scrollWidth; }); return o;")
+    assert widths["binary"] <= board[0], (widths, board)  # a task without extra columns fits a laptop screen
+    spill = _js(driver, """
+        var out = [];
+        document.querySelectorAll("table.board th, table.board td").forEach(function (c) {
+          var r = c.getBoundingClientRect();
+          var b = c.querySelector("button") || c;
+          var inner = b.getBoundingClientRect();
+          if (c.scrollWidth > c.clientWidth + 1 || inner.left < r.left - 0.5 || inner.right > r.right + 0.5) {
+            out.push(c.textContent);
+          }
+        });
+        return out;""")
+    assert not spill, spill  # no heading or cell text runs into its neighbour
     first = driver.get_screenshot_as_png()
     _open(driver, page.as_uri(), width)
     second = driver.get_screenshot_as_png()
