@@ -48,6 +48,8 @@ p.note { margin: 0 0 .8rem; color: var(--muted); font-size: 12px; }
 #toolbar input[type="search"] { width: 13rem; padding: .25rem .4rem; font: inherit; }
 #toolbar select { font: inherit; max-width: 11rem; }
 #toolbar .count { margin-left: auto; color: var(--muted); }
+#toolbar button { font: inherit; padding: .15rem .6rem; cursor: pointer; }
+#empty { margin: 1rem; color: var(--muted); }
 #leaderboard { overflow: auto; max-height: calc(100vh - 2rem); border: 1px solid var(--line); border-radius: 6px;
                display: flex; flex-direction: column; gap: .9rem; }
 table.board { border-collapse: separate; border-spacing: 0; font-size: 12px; width: max-content; min-width: 100%;
@@ -166,6 +168,9 @@ SCRIPT = """
       table.hidden = !all(table, "tr[data-entry]").some(function (r) { return !r.hidden; });
     });
     figures.forEach(function (fig) { fig.hidden = !passes(fig); });
+    var plots = document.getElementById("plots");
+    if (plots) { plots.hidden = !figures.some(function (fig) { return !fig.hidden; }); }
+    document.getElementById("empty").hidden = shown > 0;
     count.textContent = String(shown);
     writeState();
   }
@@ -223,6 +228,13 @@ SCRIPT = """
     }
   });
   selects.forEach(function (s) { s.addEventListener("change", applyFilters); });
+  document.getElementById("reset").addEventListener("click", function () {
+    selects.forEach(function (s) { s.value = s.getAttribute("data-default") || ""; });
+    search.value = "";
+    state.key = "";
+    sortRows();
+    applyFilters();
+  });
   search.addEventListener("input", applyFilters);
   var board = document.getElementById("leaderboard");
   board.addEventListener("click", function (ev) {
@@ -303,7 +315,7 @@ def _tables(entries: list[dict[str, Any]], rows: list[dict[str, Any]]) -> str:
         body = "".join(_row_html(r, [cells[i] for i in keep], index[_row_entry_key(r)]) for r, cells in members)
         out.append(f'<table class="board" data-dataset="{_e(dataset)}" data-task="{_e(task)}"><caption><span>{_e(dataset)} · '
                    f'{_e(task)} ({_e(metric)})</span></caption><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>')
-    return f'<div id="leaderboard">{"".join(out)}</div>'
+    return f'<div id="leaderboard">{"".join(out)}<p id="empty" hidden>No row matches the search and filters.</p></div>'
 
 
 def _filter(name: str, label: str, options: Iterable[tuple[str, str]], default: str = "") -> str:
@@ -324,6 +336,7 @@ def _toolbar(rows: list[dict[str, Any]]) -> str:
             + _filter("threat", "threat model", ((r["threat"], r["threat_label"]) for r in rows))
             + _filter("defense", "defence", ((r["defense_name"], r["defense_name"]) for r in rows))
             + _filter("view", "rows", [("headline", "headline (worst case)"), ("all", "every attack")], default="headline")
+            + '<button type="button" id="reset">reset</button>'
             + f'<span class="count"><span id="row-count">{len(rows)}</span> rows shown</span></div>')
 
 
@@ -401,7 +414,7 @@ def _figures(entries: list[dict[str, Any]]) -> str:
                 caption = f"{dataset} · {task} ({metric}): {title}"
                 out.append(f'<figure {tags}><figcaption>{_e(caption)}</figcaption><img class="plot" alt="{_e(caption)}" '
                            f'src="data:image/png;base64,{base64.b64encode(png).decode()}"></figure>')
-    return '<h2>Plots</h2><section id="figures">' + "".join(out) + "</section>" if out else ""
+    return f'<section id="plots"><h2>Plots</h2><div id="figures">{"".join(out)}</div></section>' if out else ""
 
 
 def to_html(entries: list[dict[str, Any]], title: str = "robustbench_med leaderboard", plots: bool = True) -> str:

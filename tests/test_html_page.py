@@ -245,7 +245,8 @@ def test_header_stays_visible_when_the_table_scrolls(driver, page):
     assert top[2] < top[0], top  # while the first rows scrolled out of view
     _js(driver, "var b = document.getElementById('leaderboard'); b.scrollLeft = 400;")
     left = _js(driver, """var b = document.getElementById("leaderboard");
-        return [b.getBoundingClientRect().left + b.clientLeft, document.querySelector("table.board tbody td").getBoundingClientRect().left];""")
+        var td = document.querySelector("table.board tbody td");
+        return [b.getBoundingClientRect().left + b.clientLeft, td.getBoundingClientRect().left];""")
     assert abs(left[0] - left[1]) <= 1, left  # and the model column sticks at its left
 
 
@@ -262,12 +263,20 @@ def test_search_filters_and_sort_live_in_the_url(driver, page, entries):
     assert shown and {m for _, m, _, _ in shown} == {"resnet18.phantom"}
     assert driver.find_element(By.ID, "row-count").text == str(len(shown))
     assert not driver.find_element(By.CSS_SELECTOR, 'table.board[data-task="segmentation"]').is_displayed()
+    assert not driver.find_element(By.ID, "empty").is_displayed()
+    box.send_keys("zzz")  # nothing matches: say so
+    assert _visible_rows(driver) == [] and driver.find_element(By.ID, "empty").is_displayed()
+    assert driver.find_element(By.ID, "row-count").text == "0"
+    driver.find_element(By.ID, "reset").click()
+    assert len(_visible_rows(driver)) == len(headline) and "#" not in driver.current_url
+    box.send_keys("resnet")
     Select(driver.find_element(By.ID, "filter-threat")).select_by_value("Linf-2_255")
     Select(driver.find_element(By.ID, "filter-view")).select_by_value("all")
     driver.find_element(By.CSS_SELECTOR, 'table.board[data-task="classification"] th[data-key="robust"] button').click()
     driver.find_element(By.CSS_SELECTOR, 'table.board[data-task="classification"] th[data-key="robust"] button').click()
     before = _visible_rows(driver)
-    assert len(before) == sum(len(e["results"]) for e in entries if "resnet" in e["victim"] and e["threat"]["key"] == "Linf-2_255")
+    expected = [e for e in entries if "resnet" in e["victim"] and e["threat"]["key"] == "Linf-2_255"]
+    assert len(before) == sum(len(e["results"]) for e in expected)
     assert [v for _, _, v, _ in before] == sorted((v for _, _, v, _ in before), reverse=True)
     url = driver.current_url
     assert "#" in url and "q=resnet" in url and "threat=Linf-2_255" in url and "view=all" in url and "dir=desc" in url
@@ -275,8 +284,11 @@ def test_search_filters_and_sort_live_in_the_url(driver, page, entries):
     assert {f.get_attribute("data-task") for f in figures if f.is_displayed()} == {"binary", "classification", "segmentation"}
     Select(driver.find_element(By.ID, "filter-task")).select_by_value("classification")
     assert {f.get_attribute("data-task") for f in figures if f.is_displayed()} == {"classification"}  # plots follow
+    Select(driver.find_element(By.ID, "filter-defense")).select_by_value("identity.none")
     url = driver.current_url
-    before = _visible_rows(driver)
+    narrowed = _visible_rows(driver)
+    assert 0 < len(narrowed) < len(before) and "defense=identity.none" in url
+    before = narrowed
     driver.get("about:blank")
     driver.get(url)  # a fresh load of the URL restores search, filters and sort order
     _no_errors(driver)
@@ -285,7 +297,8 @@ def test_search_filters_and_sort_live_in_the_url(driver, page, entries):
     assert Select(driver.find_element(By.ID, "filter-view")).first_selected_option.get_attribute("value") == "all"
     assert driver.find_element(By.CSS_SELECTOR, 'table.board[data-task="classification"] th[data-key="robust"]'
                                ).get_attribute("aria-sort") == "descending"
-    assert {f.get_attribute("data-task") for f in driver.find_elements(By.CSS_SELECTOR, "figure") if f.is_displayed()} == {"classification"}
+    shown = {f.get_attribute("data-task") for f in driver.find_elements(By.CSS_SELECTOR, "figure") if f.is_displayed()}
+    assert shown == {"classification"}
 
 
 def test_columns_per_task_and_sorting_within_a_task(driver, page):
@@ -306,7 +319,8 @@ def test_columns_per_task_and_sorting_within_a_task(driver, page):
     for task in set(tasks):  # each task's rows are sorted by robust, never ranked against another task's metric
         values = [v for t, _, v, _ in after if t == task]
         assert values == sorted(values) and len(set(values)) > 1
-    assert {th.get_attribute("aria-sort") for th in driver.find_elements(By.CSS_SELECTOR, 'th[data-key="robust"]')} == {"ascending"}
+    robust_heads = driver.find_elements(By.CSS_SELECTOR, 'th[data-key="robust"]')
+    assert {th.get_attribute("aria-sort") for th in robust_heads} == {"ascending"}
     driver.find_element(By.CSS_SELECTOR, 'table.board[data-task="binary"] th[data-key="model"] button').click()
     names = [m for t, m, _, _ in _visible_rows(driver) if t == "binary"]
     assert names == sorted(names, key=str.lower)
@@ -368,6 +382,7 @@ def test_an_entry_copy_keeps_its_own_detail(entries):
     e = copy.deepcopy(entries[2])
     e["weights_sha256"] = "f" * 64
     text = html_page.to_html([entries[0], e], plots=False)
-    pairs = set(re.findall(r'<tr tabindex="0" data-entry="(\d)" data-dataset="[^"]*" data-task="[^"]*" data-threat="([^"]*)"', text))
+    pairs = set(re.findall(r'<tr tabindex="0" data-entry="(\d)" data-dataset="[^"]*" data-task="[^"]*" '
+                           r'data-threat="([^"]*)"', text))
     assert pairs == {("0", "Linf-8_255"), ("1", "Linf-2_255")}
     assert "f" * 64 in re.search(r'<template id="entry-1">(.*?)</template>', text, re.S).group(1)
