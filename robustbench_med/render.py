@@ -3,9 +3,9 @@
 RobustBench renders its leaderboard with a Jinja2 template and the model zoo's JSON files (Croce et al., NeurIPS
 2021 Datasets and Benchmarks; ``shared/reference/anchors.md`` §1). Here everything is rendered from the entries of
 :mod:`robustbench_med.entries`. The HTML page has no external JS, CSS, fonts or CDN: its one script and one style sheet
-are inline and pinned by a Content-Security-Policy hash (so even an injected inline handler would not run), its two
-plots (robust metric vs eps, robust group gaps) are embedded PNG data URIs, and every model name and text is
-HTML-escaped. The page itself is built in :mod:`robustbench_med.html_page`; its cells come from here.
+are inline and pinned by a Content-Security-Policy hash (so even an injected inline handler would not run), its
+plots (robust metric vs eps, robust group gaps, per dataset × task) are embedded PNG data URIs, and every model name
+and text is HTML-escaped. The page itself is built in :mod:`robustbench_med.html_page`; its cells come from here.
 """
 from __future__ import annotations
 
