@@ -5,11 +5,12 @@ RobustBench renders its leaderboard from the model zoo's JSON files through a Ji
 
 - Safety: the one inline script and the one inline style sheet are pinned by Content-Security-Policy hashes (an
   injected inline handler would not run); plots are PNG data URIs; every name and text is HTML-escaped.
-- Layout: the table scrolls inside its own box (the page never scrolls sideways), with a sticky header row and a
-  sticky model column; figures sit in a grid that takes two or three per row depending on the window width.
-- Rows are grouped by dataset × task (one ``<tbody>`` each): scores are comparable only within a task, so clicking a
-  heading sorts inside each group and never ranks a Dice against an SDR. A column is shown only for the tasks where
-  some row has a value (``data-tasks`` on its header cell).
+- Layout: one table per dataset × task, all in one box that scrolls by itself (the page never scrolls sideways),
+  each with a sticky header row and a sticky model column; numeric columns are as narrow as their longest word, so a
+  task without extra columns fits a 1440 px window. Figures sit in a grid of two or three per row by window width.
+- Scores are comparable only within a task: each table holds one task, clicking a heading sorts inside every table
+  and never ranks a Dice against an SDR. A column is shown for the tasks where some row has a value in it
+  (``data-tasks`` on its header cell); the task and the weights hash live in the caption and the detail view.
 - Filters (dataset, task, threat model, defence, headline / every attack), a search box and the sort order live in
   the URL fragment, so reloading or sharing the URL restores the view; figures are tagged with what they show and
   follow the filters. Clicking a row opens its entry's manifest (versions, seed, hashes, device, grid, weights sha256).
