@@ -3,15 +3,13 @@
 RobustBench renders its leaderboard with a Jinja2 template and the model zoo's JSON files (Croce et al., NeurIPS
 2021 Datasets and Benchmarks; ``shared/reference/anchors.md`` §1). Here everything is rendered from the entries of
 :mod:`robustbench_med.entries`. The HTML page has no external JS, CSS, fonts or CDN: its one script and one style sheet
-are inline and pinned by a Content-Security-Policy hash (so even an injected inline handler would not run), its two
-plots (robust metric vs eps, robust group gaps) are embedded PNG data URIs, and every model name and text is
-HTML-escaped. Columns sort on click; rows filter by task, threat model, defence and view (headline / all attacks).
+are inline and pinned by a Content-Security-Policy hash (so even an injected inline handler would not run), its
+plots (robust metric vs eps, robust group gaps, per dataset × task) are embedded PNG data URIs, and every model name
+and text is HTML-escaped. The page itself is built in :mod:`robustbench_med.html_page`; its cells come from here.
 """
 from __future__ import annotations
 
-import base64
 import csv
-import hashlib
 import html
 import io
 import json
@@ -300,84 +298,8 @@ def _png(fig, plt) -> bytes:
 # HTML
 
 
-_STYLE = """
-body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 1.5em; color: #222; }
-table { border-collapse: collapse; font-size: 13px; }
-th, td { border-bottom: 1px solid #ddd; padding: 4px 8px; text-align: left; vertical-align: top; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; }
-th button { font: inherit; font-weight: 600; background: none; border: none; cursor: pointer; padding: 0; }
-th[aria-sort="ascending"] button::after { content: " \\25B2"; }
-th[aria-sort="descending"] button::after { content: " \\25BC"; }
-.flag { color: #a00; }
-#filters label { margin-right: 1em; }
-img.plot { max-width: 100%; border: 1px solid #eee; }
-"""
-
-_SCRIPT = """
-(function () {
-  "use strict";
-  var table = document.getElementById("leaderboard");
-  var tbody = table.tBodies[0];
-  var heads = Array.prototype.slice.call(table.tHead.rows[0].cells);
-  var selects = Array.prototype.slice.call(document.querySelectorAll("select[data-filter]"));
-  var count = document.getElementById("row-count");
-  var state = { col: -1, dir: 1 };
-  Array.prototype.forEach.call(tbody.rows, function (row, i) { row.setAttribute("data-order", String(i)); });
-  function key(row, col, numeric) {
-    var cell = row.cells[col];
-    var raw = cell.hasAttribute("data-value") ? cell.getAttribute("data-value") : cell.textContent;
-    if (!numeric) { return raw.toLowerCase(); }
-    var v = parseFloat(raw);
-    return isNaN(v) ? null : v;
-  }
-  function sortBy(col) {
-    var numeric = heads[col].getAttribute("data-type") === "num";
-    state.dir = state.col === col ? -state.dir : 1;
-    state.col = col;
-    var rows = Array.prototype.slice.call(tbody.rows);
-    rows.sort(function (a, b) {
-      var x = key(a, col, numeric), y = key(b, col, numeric);
-      if (x === null || y === null) {
-        if (x === null && y === null) { return a.getAttribute("data-order") - b.getAttribute("data-order"); }
-        return x === null ? 1 : -1;
-      }
-      if (x < y) { return -state.dir; }
-      if (x > y) { return state.dir; }
-      return a.getAttribute("data-order") - b.getAttribute("data-order");
-    });
-    rows.forEach(function (row) { tbody.appendChild(row); });
-    heads.forEach(function (th, i) {
-      th.setAttribute("aria-sort", i === col ? (state.dir > 0 ? "ascending" : "descending") : "none");
-    });
-  }
-  function applyFilters() {
-    var shown = 0;
-    Array.prototype.forEach.call(tbody.rows, function (row) {
-      var keep = selects.every(function (s) {
-        var tokens = (row.getAttribute("data-" + s.getAttribute("data-filter")) || "").split(" ");
-        return !s.value || tokens.indexOf(s.value) >= 0;
-      });
-      row.hidden = !keep;
-      if (keep) { shown += 1; }
-    });
-    count.textContent = String(shown);
-  }
-  heads.forEach(function (th, i) {
-    var button = th.querySelector("button");
-    if (button) { button.addEventListener("click", function () { sortBy(i); }); }
-  });
-  selects.forEach(function (s) { s.addEventListener("change", applyFilters); });
-  applyFilters();
-}());
-"""
-
-
-def _csp_hash(text: str) -> str:
-    """A Content-Security-Policy source expression pinning an inline script or style by its sha256."""
-    return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode()).digest()).decode() + "'"
-
-
 def _e(text: Any) -> str:
+    """Text escaped for HTML content and attribute values (quotes included)."""
     return html.escape(str(text), quote=True)
 
 
@@ -424,50 +346,11 @@ def _html_cell(r: dict[str, Any], key: str, typ: str) -> str:
     return f"<td>{_e(value if value is not None else '')}</td>"
 
 
-def _filter(name: str, label: str, options: Iterable[tuple[str, str]], default: str = "") -> str:
-    """A <select> filtering rows whose ``data-<name>`` (a space-separated token list) holds the chosen value."""
-    opts = ['<option value="">all</option>'] if not default else []
-    opts += [f'<option value="{_e(v)}"{" selected" if v == default else ""}>{_e(text)}</option>' for v, text in sorted(set(options))]
-    return f'<label>{_e(label)} <select id="filter-{_e(name)}" data-filter="{_e(name)}">{"".join(opts)}</select></label>'
-
-
 def to_html(entries: list[dict[str, Any]], title: str = "robustbench_med leaderboard", plots: bool = True) -> str:
-    """A self-contained HTML leaderboard page (see the module docstring)."""
-    rows = flat_rows(entries, headline_only=False)
-    groups = display_group_columns(rows)
-    cols = _html_columns(groups, display_metric_columns(rows))
-    head = "".join(f'<th data-type="{typ}" aria-sort="none"><button type="button">{_e(h)}</button></th>' for _, h, typ in cols)
-    body = "".join(
-        f'<tr data-task="{_e(r["task"])}" data-threat="{_e(r["threat"])}" data-defense="{_e(r["defense_name"])}" '
-        f'data-view="{"headline all" if r["view"] == "headline" else "all"}">'
-        + "".join(_html_cell(r, k, t) for k, _, t in cols) + "</tr>" for r in rows)
-    filters = (_filter("task", "task", ((r["task"], r["task"]) for r in rows))
-               + _filter("threat", "threat model", ((r["threat"], r["threat_label"]) for r in rows))
-               + _filter("defense", "defence", ((r["defense_name"], r["defense_name"]) for r in rows))
-               + _filter("view", "rows", [("headline", "headline (worst case per defence)"), ("all", "every attack")], default="headline"))
-    figures = _figures(entries) if plots else ""
-    csp = (f"default-src 'none'; img-src data:; style-src {_csp_hash(_STYLE)}; script-src {_csp_hash(_SCRIPT)}; "
-           "base-uri 'none'; form-action 'none'")
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-            f'<meta http-equiv="Content-Security-Policy" content="{_e(csp)}">'
-            f'<meta name="viewport" content="width=device-width, initial-scale=1"><link rel="icon" href="data:,">'
-            f"<title>{_e(title)}</title><style>{_STYLE}</style></head><body>"
-            f"<h1>{_e(title)}</h1><p>{len(entries)} entries; scores are fractions in [0, 1]. Rows: the headline (worst case "
-            "over attacks per defence) or every attack. Click a column heading to sort.</p>"
-            f"<p><small>{_e(RELIABILITY_NOTE)}</small></p>"
-            f'<div id="filters">{filters} <span><span id="row-count">{len(rows)}</span> rows shown</span></div>'
-            f'<table id="leaderboard"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
-            f"{figures}<script>{_SCRIPT}</script></body></html>\n")
+    """Shim, kept for one release: the page lives in :func:`robustbench_med.html_page.to_html`."""
+    from robustbench_med.html_page import to_html as page
 
-
-def _figures(entries: list[dict[str, Any]]) -> str:
-    """The two plots as inline PNG data URIs (nothing is fetched)."""
-    out = []
-    for title, png in (("Robust metric vs eps", plot_robustness_vs_eps(entries)), ("Robust group gaps", plot_group_gaps(entries))):
-        if png:
-            data = base64.b64encode(png).decode()
-            out.append(f'<h2>{_e(title)}</h2><img class="plot" alt="{_e(title)}" src="data:image/png;base64,{data}">')
-    return "<section>" + "".join(out) + "</section>" if out else ""
+    return page(entries, title=title, plots=plots)
 
 
 # ---------------------------------------------------------------------------------------------------------------
