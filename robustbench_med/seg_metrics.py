@@ -55,6 +55,9 @@ def one_hot_maps(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> 
         raise ConfigError(f"prediction and target class maps differ in shape: {list(pred.shape)} vs {list(target.shape)}")
     if num_classes < 2:
         raise ConfigError(f"segmentation needs at least 2 classes (background and one foreground), got {num_classes}")
+    for name, m in (("prediction", pred), ("target", target)):
+        if m.numel() and (int(m.min()) < 0 or int(m.max()) >= num_classes):
+            raise ConfigError(f"{name} class indices must lie in [0, {num_classes}), got [{int(m.min())}, {int(m.max())}]")
     p = F.one_hot(pred.long(), num_classes).movedim(-1, 1).float()
     t = F.one_hot(target.long(), num_classes).movedim(-1, 1).float()
     return p, t

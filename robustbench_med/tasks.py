@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from robustbench_med.errors import ConfigError
-from robustbench_med.seg_metrics import dice_per_class, iou_per_class, mean_present, surface_distances  # noqa: F401 (public here too)
+from robustbench_med.seg_metrics import dice_per_class, iou_per_class, mean_present, surface_distances  # noqa: F401
 
 
 @dataclass(frozen=True)

@@ -193,3 +193,15 @@ def test_segmentation_task_reports_surface_distances_and_keeps_its_loss():
         loss = task.loss(logits, target)
         expected = F.cross_entropy(logits, target, reduction="none").flatten(1).mean(1)
         assert torch.equal(loss, expected) and loss.grad_fn is not None
+
+
+def test_bad_class_maps_raise_clear_errors():
+    from robustbench_med.errors import ConfigError
+
+    maps = torch.zeros(2, 4, 4, dtype=torch.long)
+    with pytest.raises(ConfigError, match="class indices"):
+        S.dice_per_class(maps, maps + 3, 3)
+    with pytest.raises(ConfigError, match="differ in shape"):
+        S.surface_distances(maps, maps[:, :3], 3)
+    with pytest.raises(ConfigError, match="at least 2 classes"):
+        S.iou_per_class(maps, maps, 1)
