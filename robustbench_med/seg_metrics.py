@@ -27,7 +27,16 @@ These conventions are the whole difference between a MONAI ``DiceMetric()`` / ``
 ``dice_fg`` / ``iou_fg`` on the same predictions: ``tests/test_library_metrics.py`` reproduces MONAI's numbers from
 ours by switching exactly these conventions, one at a time. Including the background (1) and leaving out the classes
 and samples without ground-truth foreground (2, 3) each tend to raise MONAI's number above ours where predictions
-hallucinate structures, as attacked ones do.
+hallucinate structures, as attacked ones do. Measured on ``unet3d.phantom`` (MONAI UNet), 6 ``phantom.volumes`` test
+volumes under ``pgd.linf`` 8/255 (5 steps, seed 0): mean ``dice_fg`` 0.696, ``DiceMetric(include_background=False)``
+0.722 (one volume's hallucinated class left out), ``DiceMetric()`` 0.764; clean, where no class is hallucinated, 0.895,
+0.895 and 0.912.
+
+**Cost** (CPU time, one thread, two foreground classes): HD95 + ASSD add about 6 ms per 64×64 slice (mostly MONAI's
+per-call cropping, once per class present in both maps) and about 55 ms per 96×96×96 volume; Dice and IoU through
+MONAI cost about 0.2 ms per slice and 10 ms more per volume than the overlap formulas did. They run with the other
+per-sample metrics (once per evaluated batch, after an attack or between restarts), never inside an attack's steps:
+attack objectives (the task's cross-entropy, the soft-Dice loss) do not involve them.
 
 **Surface distances of empty maps.** MONAI gives ``inf`` (or NaN) when a class is in only one map and NaN when in
 neither; a benchmark needs a defined number. Here, per class: present in both → MONAI's value; present in exactly one
