@@ -6,10 +6,15 @@ detector's scores on clean inputs, the positives its scores on adversarial input
 - ``detector_auroc`` = P(s_adv > s_clean) + ½ P(s_adv = s_clean), the area under the ROC curve
   (``sklearn.metrics.roc_auc_score``; it equals the normalised Mann–Whitney U statistic over all (clean, adversarial)
   pairs, Hanley & McNeil, Radiology 1982).
-- ``detector_tpr_at_90tnr``: the threshold τ is taken from the clean scores alone, τ = the smallest clean score with
-  at least 90% of the clean scores ≤ τ (numpy ``quantile(…, 0.9, method='higher')``), so TNR = P(s_clean ≤ τ) ≥ 0.9;
-  then TPR = P(s_adv > τ). This is the metric the released HFC code (Yao et al., MICCAI 2021, ``get_TPR_at_TNR``)
-  computes and prints as "TNR at 90".
+- ``detector_tpr_at_90tnr``: the threshold τ is taken from the clean scores alone, τ = numpy
+  ``quantile(clean, 0.9, method='higher')``, the sorted clean score at 0-based rank ⌈0.9·(n−1)⌉, so that
+  TNR = P(s_clean ≤ τ) ≥ 0.9 (it can be more: with n = 10 clean scores τ is their maximum and TNR = 1.0); then
+  TPR = P(s_adv > τ), a point of sklearn's ``roc_curve`` (the one at the smallest threshold above τ, tested).
+  ``roc_curve`` alone does not give it: the usual "TPR at FPR ≤ 0.1" reads the curve's best point with
+  FPR ≤ 0.1, whose threshold may lie below τ (e.g. clean 0…9, adversarial 8.5: that point has TPR 1.0, ours 0.0).
+  It follows the released HFC code (Yao et al., MICCAI 2021, ``get_TPR_at_TNR``), which thresholds its
+  lower-is-adversarial score at numpy ``percentile(clean, 10)`` with linear interpolation; the two thresholds can
+  differ by less than the gap between two adjacent clean scores.
 
 :func:`detection_metrics_from_rows` reads the per-sample rows the harness stores for a detector-defended cell
 (``metrics`` JSON with ``detector_score`` and ``clean_detector_score``, and the two-sided scores
@@ -57,7 +62,8 @@ def auroc(clean_scores: Any, adv_scores: Any) -> float:
 
 
 def tpr_at_tnr(clean_scores: Any, adv_scores: Any, tnr: float = TNR_LEVEL) -> float:
-    """TPR = P(s_adv > τ) with τ = ``quantile(clean, tnr, method='higher')`` (so at least ``tnr`` of clean ≤ τ)."""
+    """TPR = P(s_adv > τ) with τ = ``quantile(clean, tnr, method='higher')`` (so at least ``tnr`` of clean ≤ τ;
+    see the module docstring for how it relates to ``sklearn.metrics.roc_curve``)."""
     if not (0 < tnr < 1):
         raise ConfigError(f"tnr must lie in (0, 1), got {tnr!r}")
     neg, pos = _scores(clean_scores, "clean_scores"), _scores(adv_scores, "adv_scores")

@@ -188,9 +188,12 @@ def _raw_output(victim: Victim, x: torch.Tensor, y: torch.Tensor) -> torch.Tenso
 
 
 def _clean_extras(clean_row: dict[str, Any]) -> dict[str, float]:
-    """Clean-input values stored beside each adversarial row: every clean metric but the primary score (which has its
-    own column), prefixed ``clean_`` (e.g. ``clean_detector_score`` for detection AUROC, ``clean_vqa_accuracy_first``)."""
-    return {f"clean_{k}": v for k, v in list(clean_row["metrics"].items())[1:]}
+    """Clean-input values stored beside each adversarial row: every clean metric, prefixed ``clean_`` (e.g.
+    ``clean_detector_score`` for detection AUROC, ``clean_vqa_accuracy`` for the LVLM claims' clean pass,
+    ``clean_hd95_px``). All of them: clean rows come back from the store with sorted keys, so dropping the first one
+    (meant to be the primary score, which also has its own column) dropped whichever metric sorts first instead
+    (``assd_px`` before ``dice_fg``, ``mre_px`` before ``sdr@4px``, ``exact_match`` before ``label_accuracy``)."""
+    return {f"clean_{k}": v for k, v in clean_row["metrics"].items()}
 
 
 def _outcomes(metrics: dict[str, torch.Tensor], pred: list[Any] | None, positions: Sequence[int]) -> list[dict[str, Any]]:

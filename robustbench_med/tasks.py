@@ -18,18 +18,20 @@ counts as *correct* (score ≥ ``success_threshold``), which defines the attack 
 
 Secondary per-sample metrics follow the primary one: ``prob_pos`` (binary: the positive-class probability, for
 per-group calibration), ``iou_fg`` (segmentation: mean IoU over the foreground classes present, for ES-IoU),
-``exact_match`` (multi-label), ``mre_px`` (landmarks). Dice and IoU average over the foreground classes present in the
-prediction or the target, so a slice with a lesion has one more (harder) class than one without.
+``hd95_px`` / ``assd_px`` (segmentation: the 95th-percentile Hausdorff distance and the average symmetric surface
+distance in pixels, lower is better), ``exact_match`` (multi-label), ``mre_px`` (landmarks). Dice and IoU average over
+the foreground classes present in the prediction or the target, so a slice with a lesion has one more (harder) class
+than one without. The segmentation metrics are computed through MONAI in :mod:`robustbench_med.seg_metrics`, which
+states each convention that differs from MONAI's metric classes (e.g. ``DiceMetric``'s defaults) and what an empty
+map gives (a class only one map has: the image diagonal as its distance).
 
 ``*S`` is the spatial size: ``(H, W)`` for slices, ``(D, H, W)`` for volumes (issue #20); on a volume Dice and IoU are
-per volume (over all its voxels), ``hd95_vox`` (lower is better) is the per-volume 95th-percentile Hausdorff distance
-in voxels through MONAI's metric (:func:`hd95_per_volume`), landmarks are ``(x, y, z)`` voxel coordinates (x along W, y along H, z along D) and
-``sdr@Rpx`` / ``mre_px`` count voxels.
+per volume (over all its voxels), the surface distances are ``hd95_vox`` / ``assd_vox`` (in voxels), landmarks are
+``(x, y, z)`` voxel coordinates (x along W, y along H, z along D) and ``sdr@Rpx`` / ``mre_px`` count voxels.
 """
 from __future__ import annotations
 
 import difflib
-import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar, Sequence
 
@@ -37,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from robustbench_med.errors import ConfigError
+from robustbench_med.seg_metrics import dice_per_class, iou_per_class, mean_present, surface_distances  # noqa: F401
 
 
 @dataclass(frozen=True)
@@ -110,54 +113,10 @@ def heatmap_argmax(heatmaps: torch.Tensor) -> torch.Tensor:
     return torch.stack(coords, dim=-1)
 
 
-def dice_per_class(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Dice [B, K−1] of each foreground class; NaN where the class is absent from both maps."""
-    inter, denom = _overlaps(pred, target, num_classes)
-    return torch.where(denom > 0, 2 * inter / denom.clamp_min(1), torch.full_like(denom, float("nan")))
-
-
-def iou_per_class(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """IoU (Jaccard) [B, K−1] of each foreground class, |P ∩ T| / |P ∪ T|; NaN where absent from both maps."""
-    inter, denom = _overlaps(pred, target, num_classes)
-    return torch.where(denom > 0, inter / (denom - inter).clamp_min(1), torch.full_like(denom, float("nan")))
-
-
-def _overlaps(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per foreground class: |P ∩ T| and |P| + |T| [B, K−1]."""
-    p = F.one_hot(pred.long(), num_classes).flatten(1, -2)[..., 1:].float()
-    t = F.one_hot(target.long(), num_classes).flatten(1, -2)[..., 1:].float()
-    return (p * t).sum(1), p.sum(1) + t.sum(1)
-
-
 def hd95_per_volume(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """95th-percentile Hausdorff distance [B] in voxels, MONAI's ``compute_hausdorff_distance`` (symmetric, surface
-    distances, Euclidean) per foreground class, averaged over the classes present in the prediction or the target. A
-    class present in only one of them scores the volume's diagonal (the largest possible distance; MONAI gives inf);
-    a volume where no foreground class is present in either scores 0."""
-    from monai.metrics import compute_hausdorff_distance
-
-    p = F.one_hot(pred.long(), num_classes).movedim(-1, 1)
-    t = F.one_hot(target.long(), num_classes).movedim(-1, 1)
-    in_p, in_t = p[:, 1:].flatten(2).any(2), t[:, 1:].flatten(2).any(2)
-    both = in_p & in_t
-    hd = torch.zeros(both.shape, dtype=torch.float64)
-    if bool(both.any()):
-        with warnings.catch_warnings():  # MONAI warns for each class absent from a map; those are handled below
-            warnings.simplefilter("ignore", UserWarning)
-            warnings.simplefilter("ignore", FutureWarning)  # MONAI 1.5+ deprecation notices from inside its own metric
-            hd = compute_hausdorff_distance(p, t, include_background=False, percentile=95).double().cpu()
-    diag = float(torch.tensor([float(n) for n in pred.shape[1:]]).norm())
-    hd = torch.where((in_p ^ in_t).cpu(), torch.full_like(hd, diag), torch.nan_to_num(hd, nan=0.0, posinf=diag))
-    present = (in_p | in_t).cpu()
-    mean = (hd * present).sum(1) / present.sum(1).clamp_min(1)
-    return mean.float().to(pred.device)
-
-
-def mean_present(per_class: torch.Tensor) -> torch.Tensor:
-    """Mean over the classes present in the prediction or the target (NaN entries); 1 when none is (both empty)."""
-    present = ~torch.isnan(per_class)
-    mean = torch.nan_to_num(per_class).sum(1) / present.sum(1).clamp_min(1)
-    return torch.where(present.any(1), mean, torch.ones_like(mean))
+    """95th-percentile Hausdorff distance [B] in voxels (shim, kept for one release: the HD95 of
+    :func:`robustbench_med.seg_metrics.surface_distances`, which holds the MONAI call and the empty-map conventions)."""
+    return surface_distances(pred, target, num_classes)[0]
 
 
 def soft_dice_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -357,8 +316,8 @@ class Segmentation(Task):
     def metrics(self, output, target, sdr_radius=4.0):
         pred, k = self.predict(output), output.shape[1]
         out = {"dice_fg": mean_present(dice_per_class(pred, target, k)), "iou_fg": mean_present(iou_per_class(pred, target, k))}
-        if output.dim() == 5:  # volumes: the surface distance clinicians read next to Dice
-            out["hd95_vox"] = hd95_per_volume(pred, target, k)
+        unit = "vox" if output.dim() == 5 else "px"  # the surface distances clinicians read next to Dice (lower is better)
+        out[f"hd95_{unit}"], out[f"assd_{unit}"] = surface_distances(pred, target, k)
         return out
 
     def check_values(self, y, card, where):

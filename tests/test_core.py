@@ -191,7 +191,8 @@ def test_segmentation_training_weights_rare_classes_and_uses_batch_dice():
 
 def test_task_metrics_dice_iou_and_binary_probability():
     """Per-sample metrics: Dice and IoU average over the foreground classes present (IoU = Dice / (2 − Dice) for one
-    class), an empty prediction of an empty target scores 1, and binary heads also report P(positive)."""
+    class), an empty prediction of an empty target scores 1 (and distance 0), HD95 / ASSD in pixels follow, and binary
+    heads also report P(positive)."""
     from robustbench_med.tasks import metrics_per_sample
 
     target = torch.zeros(2, 4, 4, dtype=torch.long)
@@ -200,8 +201,11 @@ def test_task_metrics_dice_iou_and_binary_probability():
     logits[0, 1, :2, :] = 5.0  # predicts 8 pixels of class 1 (4 right); image 1 predicts background
     logits[1, 0] = 5.0
     m = metrics_per_sample("segmentation", logits, target)
-    assert list(m) == ["dice_fg", "iou_fg"]
+    assert list(m) == ["dice_fg", "iou_fg", "hd95_px", "assd_px"]
     assert torch.allclose(m["dice_fg"], torch.tensor([2 * 4 / 12, 1.0])) and torch.allclose(m["iou_fg"], torch.tensor([4 / 8, 1.0]))
+    # the prediction reaches 2 columns past the target: HD95 2 px; its 8 edge pixels lie 0, 0, 1, 2 (twice) and the
+    # target's 4 edge pixels 0 px from the other surface, so ASSD = 6 / 12; nothing to miss in image 1: 0
+    assert m["hd95_px"].tolist() == [2.0, 0.0] and m["assd_px"].tolist() == [0.5, 0.0]
     b = metrics_per_sample("binary", torch.tensor([[2.0], [-1.0]]), torch.tensor([1, 1]))
     assert list(b) == ["accuracy", "prob_pos"] and torch.equal(b["accuracy"], torch.tensor([1.0, 0.0]))
     assert torch.allclose(b["prob_pos"], torch.sigmoid(torch.tensor([2.0, -1.0])))

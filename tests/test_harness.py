@@ -1,5 +1,6 @@
 """The harness end to end: validity checks, resume after a kill, determinism, leaderboard outputs."""
 import json
+import math
 import os
 import signal
 import sqlite3
@@ -230,6 +231,12 @@ def test_attack_only_robust_leaves_segmentors_and_noise_alone(tmp_path):
     assert {v for v, _, _ in rows} == {"unet.phantom", "cnn.phantom"} and len(rows) == 8 * 4
     assert all(linf > 0 for _, linf, _ in rows), "every sample of a dense task, and of a noise baseline, is perturbed"
     assert not any(json.loads(extra)["attack_only_robust"] for _, _, extra in rows)
+    seg = [(json.loads(m), clean) for m, clean in con.execute(
+        "SELECT s.metrics, s.clean_score FROM samples s JOIN cells c USING (cell_id) WHERE c.victim = 'unet.phantom'")]
+    distances = ("hd95_px", "assd_px", "clean_hd95_px", "clean_assd_px")
+    assert seg and all(set(distances) <= set(m) and all(0 <= m[k] <= math.hypot(64, 64) for k in distances)
+                       and m["clean_dice_fg"] == pytest.approx(clean) for m, clean in seg), \
+        "segmentors store every metric per sample, clean and attacked (HD95 / ASSD in pixels)"
 
 
 def test_attack_only_robust_must_be_a_boolean():
