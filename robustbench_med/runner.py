@@ -187,13 +187,13 @@ def _raw_output(victim: Victim, x: torch.Tensor, y: torch.Tensor) -> torch.Tenso
         return next(iter(victim.evaluate(x, y).values())) if get_task(victim.task).victim_defined else victim(x)
 
 
-def _clean_extras(clean_row: dict[str, Any]) -> dict[str, float]:
-    """Clean-input values stored beside each adversarial row: every clean metric, prefixed ``clean_`` (e.g.
-    ``clean_detector_score`` for detection AUROC, ``clean_vqa_accuracy`` for the LVLM claims' clean pass,
-    ``clean_hd95_px``). All of them: clean rows come back from the store with sorted keys, so dropping the first one
-    (meant to be the primary score, which also has its own column) dropped whichever metric sorts first instead
-    (``assd_px`` before ``dice_fg``, ``mre_px`` before ``sdr@4px``, ``exact_match`` before ``label_accuracy``)."""
-    return {f"clean_{k}": v for k, v in clean_row["metrics"].items()}
+def _clean_extras(clean_row: dict[str, Any], primary: str) -> dict[str, float]:
+    """Clean-input values stored beside each adversarial row: every clean metric but the primary one (that is the
+    row's ``clean_score``), prefixed ``clean_`` (e.g. ``clean_detector_score`` for detection AUROC, ``clean_hd95_px``,
+    ``clean_mre_px``). The primary is skipped by name: clean rows come back from the store with sorted keys, and
+    skipping the first key (as this did before) dropped whichever metric sorts first instead (``assd_px`` before
+    ``dice_fg``, ``mre_px`` before ``sdr@4px``, ``exact_match`` before ``label_accuracy``)."""
+    return {f"clean_{k}": v for k, v in clean_row["metrics"].items() if k != primary}
 
 
 def _outcomes(metrics: dict[str, torch.Tensor], pred: list[Any] | None, positions: Sequence[int]) -> list[dict[str, Any]]:
@@ -778,7 +778,7 @@ class GridRunner:
                 "clean_correct": cl["correct"], "adv_correct": int(out["score"] >= pair.threshold), "clean_pred": cl["pred"],
                 "adv_pred": out["pred"], "eps": p.attack.threat.eps,
                 "linf": float(report.norms["Linf"][j]), "l2": float(report.norms["L2"][j]), "valid": int(report.valid and not broken),
-                "metrics": {**out["metrics"], **_clean_extras(cl)}, "attrs": pair.attrs[i],
+                "metrics": {**out["metrics"], **_clean_extras(cl, pair.defended.spec.metric)}, "attrs": pair.attrs[i],
             })
         return rows
 

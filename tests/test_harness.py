@@ -235,8 +235,8 @@ def test_attack_only_robust_leaves_segmentors_and_noise_alone(tmp_path):
         "SELECT s.metrics, s.clean_score FROM samples s JOIN cells c USING (cell_id) WHERE c.victim = 'unet.phantom'")]
     distances = ("hd95_px", "assd_px", "clean_hd95_px", "clean_assd_px")
     assert seg and all(set(distances) <= set(m) and all(0 <= m[k] <= math.hypot(64, 64) for k in distances)
-                       and m["clean_dice_fg"] == pytest.approx(clean) for m, clean in seg), \
-        "segmentors store every metric per sample, clean and attacked (HD95 / ASSD in pixels)"
+                       and "clean_dice_fg" not in m for m, clean in seg), \
+        "segmentors store every metric per sample, clean and attacked (HD95 / ASSD in pixels); the clean primary is clean_score"
 
 
 def test_attack_only_robust_must_be_a_boolean():

@@ -218,8 +218,11 @@ def _metric_frames(store: Any, metric: str) -> dict[tuple[str, str], tuple[pd.Da
                 continue
             label, seed = labels[c.cell_id]
             per.setdefault(label, {})[seed] = pd.Series([d[metric] for d in decoded], index=rows.sample_idx.to_numpy(), dtype=float)
-            if all(f"clean_{metric}" in d for d in decoded):  # the pair's clean pass (computed once per victim × route)
-                per.setdefault(CLEAN, {})[None] = pd.Series([d[f"clean_{metric}"] for d in decoded], index=rows.sample_idx.to_numpy(), dtype=float)
+            # the pair's clean pass (computed once per victim × route): the row's clean score for the primary metric
+            clean = (rows.clean_score.to_numpy(float) if metric == c.metric
+                     else [d[f"clean_{metric}"] for d in decoded] if all(f"clean_{metric}" in d for d in decoded) else None)
+            if clean is not None:
+                per.setdefault(CLEAN, {})[None] = pd.Series(clean, index=rows.sample_idx.to_numpy(), dtype=float)
         if per:
             out[(victim, route)] = (pd.DataFrame({k: pd.DataFrame(v).mean(axis=1) for k, v in per.items()}),
                                     {k: 0 if k == CLEAN else len(v) for k, v in per.items()})
