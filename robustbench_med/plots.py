@@ -126,21 +126,30 @@ def short_defense(row: dict[str, Any], hide: Iterable[tuple[str, str]] = ()) -> 
 
 
 def defense_labels(rows: Iterable[dict[str, Any]]) -> dict[str, str]:
-    """Readable labels of the defence settings of ``rows``, keyed by :func:`robustbench_med.entries.defense_key`:
-    a parameter every setting of the defence family (``detector.*``, ``apple.*``) shares is left out when the family
-    has several settings (``detector.svm(C=1.0)``, not ``detector.svm(C=1.0, attack=pgd.linf, n_fit=256, …)``)."""
+    """Readable labels of the defence settings of ``rows``, keyed by :func:`robustbench_med.entries.defense_key`.
+
+    In a defence family (``detector.*``, ``f3.*``, ``apple.*``), a parameter that several settings share with one
+    value tells none of them apart and is left out (``detector.kd(bandwidth=scott)``, not
+    ``detector.kd(attack=pgd.linf, bandwidth=scott, n_fit=256, …)``); a parameter of one setting only is shown.
+    """
     from robustbench_med.entries import defense_key
 
-    rows = list(rows)
-    family: dict[str, list[set[tuple[str, str]]]] = {}
     settings: dict[str, dict[str, Any]] = {}
     for r in rows:
-        key = defense_key(r)
-        if key not in settings:
-            settings[key] = r
-            family.setdefault(str(r["defense"]).split(".")[0], []).append(_scalar_pairs(r))
-    common = {f: set.intersection(*p) if len(p) > 1 else set() for f, p in family.items()}
-    return {k: short_defense(r, common[str(r["defense"]).split(".")[0]]) for k, r in settings.items()}
+        settings.setdefault(defense_key(r), r)
+    family: dict[str, list[set[tuple[str, str]]]] = {}
+    for r in settings.values():
+        pairs = _scalar_pairs(r)
+        if pairs not in family.setdefault(str(r["defense"]).split(".")[0], []):
+            family[str(r["defense"]).split(".")[0]].append(pairs)
+    hide: dict[str, set[tuple[str, str]]] = {}
+    for fam, sets in family.items():
+        values: dict[str, list[str]] = {}
+        for pairs in sets:
+            for k, v in pairs:
+                values.setdefault(k, []).append(v)
+        hide[fam] = {(k, v[0]) for k, v in values.items() if len(v) > 1 and len(set(v)) == 1}
+    return {k: short_defense(r, hide[str(r["defense"]).split(".")[0]]) for k, r in settings.items()}
 
 
 def _pyplot():
@@ -273,17 +282,63 @@ def robustness_figure(series: Sequence[Series], title: str | None = None) -> "Fi
     ncols = 1 if len(facets) == 1 else 2
     nrows = math.ceil(len(facets) / ncols)
     longest = max(min(len(s.label), LABEL_WIDTH) for s in series)
-    most = max(sum(_label_lines(s.label) for s in ss) for ss in by_facet.values())
     width = ncols * (4.6 + 0.075 * longest + 0.6)
-    height = nrows * max(3.4, 0.17 * most + 1.0) + (0.4 if title else 0)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(width, height), squeeze=False, layout="constrained")
+    need = [_facet_height(by_facet[f]) for f in facets] + [0.0] * (nrows * ncols - len(facets))
+    heights = [max(need[i * ncols:(i + 1) * ncols]) for i in range(nrows)]
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width, sum(heights) + (0.4 if title else 0)), squeeze=False,
+                             layout="constrained", gridspec_kw={"height_ratios": heights})
     for ax, f in zip(axes.flat, facets):
-        _draw_facet(ax, f, by_facet[f], styles)
+        if _single_budget(by_facet[f]):
+            _draw_dots(ax, f, by_facet[f], styles)
+        else:
+            _draw_facet(ax, f, by_facet[f], styles)
     for ax in list(axes.flat)[len(facets):]:
         fig.delaxes(ax)  # unused grid cell
     if title:
         fig.suptitle(title)
     return fig
+
+
+def _single_budget(series: list[Series]) -> bool:
+    """Whether every series of a panel has one budget (drawn as a dot plot: no eps axis to draw lines along)."""
+    return all(len(s.points) == 1 for s in series)
+
+
+def _facet_height(series: list[Series]) -> float:
+    """Inches a panel needs: its legend (line panels) or its labelled rows (dot panels)."""
+    if _single_budget(series):
+        return max(2.4, 0.19 * sum(wrap_label(_dot_label(s, series), 48, 2).count("\n") + 1 for s in series) + 1.4)
+    return max(3.4, 0.17 * sum(_label_lines(s.label) for s in series) + 1.0)
+
+
+def _dot_label(s: Series, series: list[Series]) -> str:
+    """A dot-plot row label; with the budget when the panel's rows have different budgets."""
+    if len({e for x in series for e in x.points}) > 1:
+        return f"{s.label} @ {next(iter(s.display.values()))}"
+    return s.label
+
+
+def _draw_dots(ax, facet: tuple[str, str, str], series: list[Series], styles: dict[str, Style]) -> None:
+    """One panel of single-budget series: a row per series, its score under attack (filled, 95% CI) and clean
+    (hollow)."""
+    task, metric, norm = facet
+    for victim in sorted({s.victim for s in series}):
+        st = styles[victim]
+        rows = [(y, s, next(iter(s.points.values()))) for y, s in enumerate(series) if s.victim == victim]
+        robust = [(y, v, None if lo is None or hi is None else (lo, hi)) for y, _, (v, lo, hi) in rows]
+        _interval_dots(ax, robust, color=st.color, marker=st.marker, markersize=5, linewidth=1.2)
+        clean = [(y, s.clean, None) for y, s, _ in rows if s.clean is not None]
+        _interval_dots(ax, clean, color=st.color, marker=st.marker, markerfacecolor="none", markersize=5)
+    ax.set_yticks(range(len(series)), [wrap_label(_dot_label(s, series), 48, 2) for s in series], fontsize=7)
+    ax.set_ylim(len(series) - 0.5, -0.5)
+    ax.set_xlim(-0.02, 1.02)
+    ax.grid(alpha=0.3, axis="x")
+    if "AUROC" in metric:
+        ax.axvline(0.5, color="#777777", linewidth=0.8, linestyle=(0, (4, 4)), zorder=0)
+    budgets = sorted({d for s in series for d in s.display.values()})
+    where = f"{norm} {budgets[0]}" if len(budgets) == 1 else norm
+    ax.set_title(wrap_label(f"{task}: {metric} at {where}", 60), fontsize=10)
+    ax.set_xlabel(wrap_label(f"{metric}: filled = under attack (95% CI), hollow = clean", 60), fontsize=8)
 
 
 def _label_lines(label: str) -> int:
@@ -463,23 +518,31 @@ def group_gap_figure(gaps: Sequence[Gap], title: str | None = None) -> "Figure |
 
 
 def _draw_gaps(ax, labels: list[str], gaps: dict[str, Gap], styles: dict[str, Style], ticks: bool) -> None:
-    """One dot-and-interval panel: a row per label (top to bottom)."""
-    for y, lbl in enumerate(labels):
-        g = gaps.get(lbl)
-        if g is None:
-            continue
-        st = styles[g.victim]
-        if g.clean is not None:
-            cerr = None if g.clean_ci is None else [[max(0.0, g.clean - g.clean_ci[0])], [max(0.0, g.clean_ci[1] - g.clean)]]
-            ax.errorbar([g.clean], [y + 0.18], xerr=cerr, color="#999999", marker=st.marker, markerfacecolor="none",
-                        markersize=4, linestyle="none", capsize=2, linewidth=0.8)
-        rerr = None if g.robust_ci is None else [[max(0.0, g.robust - g.robust_ci[0])], [max(0.0, g.robust_ci[1] - g.robust)]]
-        ax.errorbar([g.robust], [y - 0.12], xerr=rerr, color=st.color, marker=st.marker, markersize=5,
-                    linestyle="none", capsize=2, linewidth=1.2)
+    """One dot-and-interval panel: a row per label (top to bottom), one errorbar call per victim and kind."""
+    rows = [(y, gaps[lbl]) for y, lbl in enumerate(labels) if lbl in gaps]
+    for victim in sorted({g.victim for _, g in rows}):
+        mine = [(y, g) for y, g in rows if g.victim == victim]
+        st = styles[victim]
+        clean = [(y + 0.18, g.clean, g.clean_ci) for y, g in mine if g.clean is not None]
+        robust = [(y - 0.12, g.robust, g.robust_ci) for y, g in mine]
+        _interval_dots(ax, clean, color="#999999", marker=st.marker, markerfacecolor="none", markersize=4, linewidth=0.8)
+        _interval_dots(ax, robust, color=st.color, marker=st.marker, markersize=5, linewidth=1.2)
     ax.set_yticks(range(len(labels)), [wrap_label(lbl, 44, 2) for lbl in labels] if ticks else [""] * len(labels), fontsize=7)
     ax.set_ylim(len(labels) - 0.5, -0.5)
     ax.set_xlabel("max − min group mean", fontsize=8)
     ax.grid(alpha=0.3, axis="x")
+
+
+def _interval_dots(ax, points: list[tuple[float, float, tuple[float, float] | None]], **kw: Any) -> None:
+    """Horizontal dots (y, x, 95% interval or None): those with an interval as one errorbar call, the rest as dots."""
+    with_ci = [p for p in points if p[2] is not None]
+    if with_ci:
+        ys, xs, cis = zip(*with_ci)
+        err = [[max(0.0, x - c[0]) for x, c in zip(xs, cis)], [max(0.0, c[1] - x) for x, c in zip(xs, cis)]]
+        ax.errorbar(xs, ys, xerr=err, linestyle="none", capsize=2, **kw)
+    bare = [p for p in points if p[2] is None]
+    if bare:
+        ax.plot([p[1] for p in bare], [p[0] for p in bare], linestyle="none", **{k: v for k, v in kw.items() if k != "linewidth"})
 
 
 def group_gaps(entries: Iterable[dict[str, Any]]) -> "Figure | None":
@@ -535,27 +598,26 @@ def group_sweep(df: "pd.DataFrame", attribute: str = "sex") -> "Figure | None":
 
 
 def score_histograms(entries: Iterable[dict[str, Any]], max_panels: int = 12, bins: int = 20) -> "Figure | None":
-    """Histograms of the per-sample clean and adversarial scores: one panel per victim × defence × norm at its
-    largest budget (its headline row), sorted by task and victim, at most ``max_panels`` (the title says how many
-    were left out)."""
-    from robustbench_med.entries import headline_rows
-
-    from robustbench_med.entries import defense_key
+    """Histograms of the per-sample clean and adversarial scores: one panel per victim × defence at its largest
+    budget (its headline row; Linf before other norms). Panels take turns over the tasks (so every task shows),
+    at most ``max_panels`` (the title says how many were left out)."""
+    from robustbench_med.entries import defense_key, headline_rows
 
     entries = list(entries)
     labels = defense_labels(r for e in entries for r in e["results"])
     best: dict[tuple, tuple[dict[str, Any], dict[str, Any]]] = {}
     for e in entries:
+        rank = (e["threat"]["norm"] == "Linf", float(e["threat"]["eps"]))
         for r in headline_rows(e):
             if r["status"] != "done" or not r.get("per_sample"):
                 continue
-            key = (e["task"], e["metric"], e["victim"], labels[defense_key(r)], e["threat"]["norm"])
-            if key not in best or e["threat"]["eps"] > best[key][0]["threat"]["eps"]:
+            key = (e["task"], e["metric"], e["victim"], labels[defense_key(r)])
+            if key not in best or rank > (best[key][0]["threat"]["norm"] == "Linf", float(best[key][0]["threat"]["eps"])):
                 best[key] = (e, r)
     if not best:
         return None
     plt = _pyplot()
-    keys = sorted(best)
+    keys = _round_robin(sorted(best))
     shown = keys[:max_panels]
     cols = min(4, len(shown))
     rows = math.ceil(len(shown) / cols)
@@ -567,6 +629,7 @@ def score_histograms(entries: Iterable[dict[str, Any]], max_panels: int = 12, bi
         ax.hist(np.clip(r["per_sample"]["clean"], 0, 1), bins=edges, histtype="step", color="#555555", linewidth=1.4)
         ax.hist(np.clip(r["per_sample"]["adv"], 0, 1), bins=edges, histtype="stepfilled", color=styles[key[2]].color, alpha=0.45)
         ax.set_title(wrap_label(f"{key[2]} / {key[3]} @ {e['threat']['norm']} {e['threat']['eps_display']}", 40, 3), fontsize=8)
+        ax.set_xlim(0, 1)
         ax.set_xlabel(f"per-sample {e['metric']}", fontsize=8)
         ax.set_ylabel("samples", fontsize=8)
         ax.tick_params(labelsize=7)
@@ -577,8 +640,17 @@ def score_histograms(entries: Iterable[dict[str, Any]], max_panels: int = 12, bi
     handles = [Patch(facecolor="none", edgecolor="#555555", label="clean"), Patch(facecolor="#999999", alpha=0.45, label="adversarial")]
     fig.legend(handles=handles, loc="outside lower center", ncols=2, fontsize=8, frameon=False)
     if len(keys) > len(shown):
-        fig.suptitle(f"per-sample scores: first {len(shown)} of {len(keys)} victim × defence × norm", fontsize=9)
+        fig.suptitle(f"per-sample scores: {len(shown)} of {len(keys)} victim × defence, taking turns over the tasks", fontsize=9)
     return fig
+
+
+def _round_robin(keys: list[tuple]) -> list[tuple]:
+    """``keys`` (task first) reordered to take turns over the tasks: t1[0], t2[0], …, t1[1], t2[1], …"""
+    by_task: dict[str, list[tuple]] = {}
+    for k in keys:
+        by_task.setdefault(k[0], []).append(k)
+    queues = list(by_task.values())
+    return [q[i] for i in range(max(map(len, queues))) for q in queues if i < len(q)]
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -69,7 +69,7 @@ def _series(victim, defense, pts, clean=0.9, facet=("binary", "robust accuracy",
     s = plots.Series(victim, defense, facet, clean=clean)
     for eps, y in pts.items():
         s.points[eps] = (y, max(0.0, y - 0.05), min(1.0, y + 0.05))
-        s.display[eps] = f"{round(eps * 255)}/255"
+        s.display[eps] = f"{round(eps * 255)}/255" if facet[2] == "Linf" else f"{eps:g}"
     return s
 
 
@@ -88,21 +88,27 @@ def _line_colors(fig) -> dict[str, str]:
 # robustness vs eps
 
 
+def _series_count(ax) -> int:
+    """Series drawn in a panel: legend entries (a sweep panel) or labelled rows (a single-budget dot panel)."""
+    leg = ax.get_legend()
+    return len(leg.get_texts()) if leg is not None else len([t for t in ax.get_yticklabels() if t.get_text()])
+
+
 def test_one_panel_per_task_metric_norm_with_its_own_series():
     series = [_series("a.tiny", "identity.none", {2 / 255: 0.5, 8 / 255: 0.1}),
               _series("b.tiny", "identity.none", {2 / 255: 0.6, 8 / 255: 0.2}),
               _series("c.tiny", "identity.none", {8 / 255: 0.3}, facet=("segmentation", "robust dice_fg", "Linf")),
-              _series("a.tiny", "identity.none", {0.5: 0.4}, facet=("binary", "robust accuracy", "L2"))]
+              _series("a.tiny", "identity.none", {0.5: 0.4}, facet=("binary", "robust accuracy", "L2")),
+              _series("b.tiny", "jpeg.bpda", {0.5: 0.3}, facet=("binary", "robust accuracy", "L2"))]
     fig = plots.robustness_figure(series)
-    panels = [ax for ax in fig.axes if ax.axison]
-    assert len(panels) == 3
-    titles = {ax.get_title().replace("\n", " "): ax for ax in panels}
-    assert {len(ax.get_legend().get_texts()) for ax in panels} == {1, 2}
-    assert len(titles["binary: robust accuracy vs Linf eps"].get_legend().get_texts()) == 2
+    panels = {ax.get_title().replace("\n", " "): ax for ax in fig.axes}
+    assert sorted(panels) == ["binary: robust accuracy at L2 0.5", "binary: robust accuracy vs Linf eps",
+                              "segmentation: robust dice_fg at Linf 8/255"]
+    assert [_series_count(panels[t]) for t in sorted(panels)] == [2, 2, 1]
     assert layout_problems(fig) == []
 
 
-def test_a_single_budget_is_markers_with_an_error_bar_and_a_sweep_is_a_line_with_a_ci_band():
+def test_a_single_budget_is_a_dot_with_an_error_bar_and_a_sweep_is_a_line_with_a_ci_band():
     fig = plots.robustness_figure([_series("a.tiny", "identity.none", {8 / 255: 0.3}),
                                    _series("b.tiny", "identity.none", {2 / 255: 0.6, 4 / 255: 0.4, 8 / 255: 0.2})])
     ax = fig.axes[0]
@@ -116,16 +122,24 @@ def test_a_single_budget_is_markers_with_an_error_bar_and_a_sweep_is_a_line_with
     assert len(bands) == 1 and to_hex(bands[0].get_facecolor()[0][:3]) == to_hex(sweep.get_color())
     assert [t.get_text() for t in ax.get_xticklabels()][0].startswith("0")  # eps 0 is the clean score
     assert layout_problems(fig) == []
+    dots = plots.robustness_figure([_series("a.tiny", "identity.none", {0.5: 0.3}, facet=("binary", "robust accuracy", "L2"))])
+    ax = dots.axes[0]
+    assert all(line.get_linestyle() == "None" for line in ax.lines)  # no line joins clean and robust
+    filled = [line for line in ax.lines if line.get_markerfacecolor() != "none" and line.get_marker() not in ("|", "_")]
+    assert [line.get_xdata()[0] for line in filled] == [0.3] and ax.get_xaxis().get_label().get_text().startswith("robust accuracy")
+    assert any(line.get_xdata()[0] == 0.9 for line in ax.lines if line.get_markerfacecolor() == "none")  # clean, hollow
 
 
 def test_a_victim_keeps_its_colour_across_figures():
     one = plots.robustness_figure([_series("unet.phantom", "identity.none", {2 / 255: 0.5, 8 / 255: 0.1}),
-                                   _series("cnn.phantom", "identity.none", {8 / 255: 0.2})])
-    two = plots.robustness_figure([_series("unet.phantom", "identity.none", {4 / 255: 0.5}, facet=("seg", "robust dice", "Linf")),
-                                   _series("han.tiny", "identity.none", {4 / 255: 0.1})])
+                                   _series("cnn.phantom", "identity.none", {2 / 255: 0.2, 8 / 255: 0.1})])
+    two = plots.robustness_figure([_series("unet.phantom", "identity.none", {4 / 255: 0.5, 8 / 255: 0.3}, facet=("seg", "robust dice", "Linf")),
+                                   _series("han.tiny", "identity.none", {4 / 255: 0.1, 8 / 255: 0.0})])
     c1, c2 = _line_colors(one), _line_colors(two)
-    assert c1["unet.phantom / identity.none"] == c2["unet.phantom / identity.none"] == plots.victim_style("unet.phantom").color
+    assert c1["unet.phantom / identity.none"] == c2["unet.phantom / identity.none"] == plots.victim_style("unet.phantom").color.lower()
     assert c1["cnn.phantom / identity.none"] != c1["unet.phantom / identity.none"]
+    dots = plots.robustness_figure([_series("unet.phantom", "identity.none", {8 / 255: 0.1})])
+    assert {to_hex(line.get_color()) for line in dots.axes[0].lines} == {c1["unet.phantom / identity.none"]}
 
 
 def test_victim_styles_are_distinct_within_a_figure_and_stable():
@@ -145,9 +159,10 @@ def test_long_labels_are_wrapped_not_cut():
 def test_defence_labels_drop_what_a_family_shares():
     rows = [{"defense": "detector.svm", "defense_params": {"C": 1.0, "n_fit": 256, "attack_params": {"eps": 1}}, "attack_through": "adaptive"},
             {"defense": "detector.kd", "defense_params": {"bandwidth": "scott", "n_fit": 256}, "attack_through": "adaptive"},
+            {"defense": "detector.kd", "defense_params": {"bandwidth": "silverman", "n_fit": 256}, "attack_through": "adaptive"},
             {"defense": "jpeg.bpda", "defense_params": {"quality": 75}, "attack_through": "transfer"}]
-    assert sorted(plots.defense_labels(rows).values()) == ["detector.kd(bandwidth=scott)", "detector.svm(C=1.0)",
-                                                           "jpeg.bpda(quality=75) [transfer]"]
+    assert sorted(plots.defense_labels(rows).values()) == ["detector.kd(bandwidth=scott)", "detector.kd(bandwidth=silverman)",
+                                                           "detector.svm(C=1.0)", "jpeg.bpda(quality=75) [transfer]"]
 
 
 def test_summary_frame_takes_the_worst_attack_per_eps_and_skips_noise_baselines():
