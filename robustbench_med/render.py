@@ -3,9 +3,10 @@
 RobustBench renders its leaderboard with a Jinja2 template and the model zoo's JSON files (Croce et al., NeurIPS
 2021 Datasets and Benchmarks; ``shared/reference/anchors.md`` §1). Here everything is rendered from the entries of
 :mod:`robustbench_med.entries`. The HTML page has no external JS, CSS, fonts or CDN: its one script and one style sheet
-are inline and pinned by a Content-Security-Policy hash (so even an injected inline handler would not run), its two
-plots (robust metric vs eps, robust group gaps) are embedded PNG data URIs, and every model name and text is
-HTML-escaped. Columns sort on click; rows filter by task, threat model, defence and view (headline / all attacks).
+are inline and pinned by a Content-Security-Policy hash (so even an injected inline handler would not run), its
+plots (robust metric vs eps, group gaps, per-sample score histograms: :mod:`robustbench_med.plots`) are embedded PNG
+data URIs, and every model name and text is HTML-escaped. Columns sort on click; rows filter by task, threat model,
+defence and view (headline / all attacks).
 """
 from __future__ import annotations
 

@@ -187,6 +187,7 @@ def boards():
     return {b: load_entries(ROOT / b) for b in BOARDS}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("board", BOARDS)
 def test_published_figures_have_no_overlap_and_no_cut_text(boards, board):
     for make in (plots.robustness_vs_eps, plots.group_gaps, plots.score_histograms):

@@ -132,7 +132,7 @@ def test_html_is_self_contained_and_escaped(entries, rendered):
     for text in (script, style):
         assert "'sha256-" + base64.b64encode(hashlib.sha256(text.encode()).digest()).decode() + "'" in csp.replace("&#x27;", "'")
     pngs = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
-    assert len(pngs) == 2 and all(base64.b64decode(p)[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+    assert len(pngs) == 3 and all(base64.b64decode(p)[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
     assert page.count("<tr data-task") == len(flat_rows(entries, headline_only=False))
 
 
@@ -214,7 +214,7 @@ def test_html_page_in_headless_chromium(entries, rendered, monkeypatch):
         shown = _column(driver, "attack")
         assert len(shown) == sum(len(e["results"]) for e in entries if e["threat"]["key"] == "Linf-2_255")
         assert driver.find_element(By.ID, "row-count").text == str(len(shown))
-        assert len(driver.find_elements(By.CSS_SELECTOR, "section img.plot")) == 2
+        assert len(driver.find_elements(By.CSS_SELECTOR, "section img.plot")) == 3  # vs eps, group gaps, score histograms
         errors = [m for m in driver.get_log("browser") if m["level"] == "SEVERE"]
         assert not errors, errors
     finally:
