@@ -76,13 +76,20 @@ def victim_style(name: str) -> Style:
 
 
 def victim_styles(names: Iterable[str]) -> dict[str, Style]:
-    """Styles of several victims: each its own :func:`victim_style`, except that a name whose slot an earlier name (in
-    sorted order) took moves to the next free slot, so no two victims of one figure look alike."""
+    """Styles of the victims of a board or figure: each its own :func:`victim_style`, except that a name whose colour
+    an earlier name (in sorted order) took moves to the next colour nobody uses (or, past 20 victims, to the next
+    unused colour × marker), so no two victims of one board look alike. Render the figures of one board with the
+    styles of all its victims and a victim looks the same in every one of them."""
+    n_col = len(KELLY_COLORS)
+    size = n_col * len(MARKERS)
     taken: set[int] = set()
     out = {}
-    size = len(KELLY_COLORS) * len(MARKERS)
     for name in sorted(set(names)):
         slot = _slot(name)
+        used = {t % n_col for t in taken}
+        if slot % n_col in used and len(used) < n_col:
+            col = next((slot + k) % n_col for k in range(n_col) if (slot + k) % n_col not in used)
+            slot = slot - slot % n_col + col
         while slot in taken and len(taken) < size:
             slot = (slot + 1) % size
         taken.add(slot)
@@ -270,14 +277,15 @@ def summary_series(df: "pd.DataFrame") -> list[Series]:
     return list(series.values())
 
 
-def robustness_figure(series: Sequence[Series], title: str | None = None) -> "Figure | None":
+def robustness_figure(series: Sequence[Series], title: str | None = None,
+                      styles: dict[str, Style] | None = None) -> "Figure | None":
     """Robust metric (or detection score) vs eps: one panel per task × metric × norm, one series per victim ×
     defence (colour and marker per victim, line style per defence), CI bands, legends outside the panels."""
     if not series:
         return None
     plt = _pyplot()
     facets = sorted({s.facet for s in series}, key=lambda f: (f[2], f[0], f[1]))
-    styles = victim_styles(s.victim for s in series)
+    styles = styles or victim_styles(s.victim for s in series)
     by_facet = {f: sorted((s for s in series if s.facet == f), key=lambda s: (s.victim, s.defense)) for f in facets}
     ncols = 1 if len(facets) == 1 else 2
     nrows = math.ceil(len(facets) / ncols)
@@ -400,8 +408,9 @@ def _draw_series(ax, s: Series, pos: dict[float, int], style: Style, ls: str) ->
 
 
 def robustness_vs_eps(entries: Iterable[dict[str, Any]]) -> "Figure | None":
-    """Figure of :func:`robustness_figure` for leaderboard entries."""
-    return robustness_figure(entry_series(entries))
+    """Figure of :func:`robustness_figure` for leaderboard entries (victim styles from all of them)."""
+    entries = list(entries)
+    return robustness_figure(entry_series(entries), styles=victim_styles(e["victim"] for e in entries))
 
 
 def summary_robustness(df: "pd.DataFrame") -> "Figure | None":
@@ -425,7 +434,12 @@ class Gap:
     robust_ci: tuple[float, float] | None
     clean: float | None
     clean_ci: tuple[float, float] | None
+    threat: str = ""  # "Linf 8/255"
     order: tuple = ()  # sort key of the row: victim, defence, norm, eps
+
+    def row(self, one_threat: bool) -> str:
+        """The row label: victim / defence, with the threat model unless the whole panel has one."""
+        return self.label if one_threat else f"{self.label} @ {self.threat}"
 
 
 def entry_gaps(entries: Iterable[dict[str, Any]], n_boot: int = 1000) -> list[Gap]:
@@ -446,12 +460,13 @@ def entry_gaps(entries: Iterable[dict[str, Any]], n_boot: int = 1000) -> list[Ga
             attrs = sorted({k[len(f"robust_gap_{m}["):-1] for k in g if k.startswith(f"robust_gap_{m}[")}
                            | {k[len("robust_gap_"):] for k in g if k.startswith("robust_gap_") and "[" not in k
                               and not k.startswith(f"robust_gap_{m}")})
-            label = f"{e['victim']} / {labels[defense_key(r)]} @ {e['threat']['norm']} {e['threat']['eps_display']}"
+            label = f"{e['victim']} / {labels[defense_key(r)]}"
+            threat = f"{e['threat']['norm']} {e['threat']['eps_display']}"
             order = (e["victim"], labels[defense_key(r)], e["threat"]["norm"], float(e["threat"]["eps"]))
             for a in attrs:
                 gap = _stored_gap(g, m, a) or _bootstrap_gap(e, r, a, n_boot)
                 if gap is not None:
-                    out.append(Gap(e["victim"], label, f"{e['task']}: {m}", a, *gap, order=order))
+                    out.append(Gap(e["victim"], label, f"{e['task']}: {m}", a, *gap, threat=threat, order=order))
     return out
 
 
@@ -486,7 +501,8 @@ def _bootstrap_gap(e: dict[str, Any], r: dict[str, Any], a: str, n_boot: int):
     return (float(np.ptp(means(adv))), ci["robust_gap"], float(np.ptp(means(clean))), ci["clean_gap"])
 
 
-def group_gap_figure(gaps: Sequence[Gap], title: str | None = None) -> "Figure | None":
+def group_gap_figure(gaps: Sequence[Gap], title: str | None = None,
+                     styles: dict[str, Style] | None = None) -> "Figure | None":
     """Robust gap (filled, victim colour) and clean gap (hollow, grey) between groups with 95% intervals: one panel
     per task × metric (rows) and attribute (columns), one line per headline row, labels wrapped to fit."""
     if not gaps:
@@ -494,9 +510,10 @@ def group_gap_figure(gaps: Sequence[Gap], title: str | None = None) -> "Figure |
     plt = _pyplot()
     facets = sorted({g.facet for g in gaps})
     attrs = sorted({g.attribute for g in gaps}, key=lambda a: ("*" in a, a))
-    rows = {f: [lbl for _, lbl in sorted({(g.order, g.label) for g in gaps if g.facet == f})] for f in facets}
-    styles = victim_styles(g.victim for g in gaps)
-    lines = {f: sum(wrap_label(lbl, 44, 2).count("\n") + 1 for lbl in rows[f]) for f in facets}
+    one = {f: len({g.threat for g in gaps if g.facet == f}) == 1 for f in facets}
+    rows = {f: [lbl for _, lbl in sorted({(g.order, g.row(one[f])) for g in gaps if g.facet == f})] for f in facets}
+    styles = styles or victim_styles(g.victim for g in gaps)
+    lines = {f: sum(wrap_label(lbl, 44, 3).count("\n") + 1 for lbl in rows[f]) for f in facets}
     height = sum(0.2 * lines[f] + 1.1 for f in facets) + 0.6
     fig, axes = plt.subplots(len(facets), len(attrs), figsize=(3.2 * len(attrs) + 3.4, height), squeeze=False,
                              layout="constrained", gridspec_kw={"height_ratios": [lines[f] + 4 for f in facets]})
@@ -504,9 +521,10 @@ def group_gap_figure(gaps: Sequence[Gap], title: str | None = None) -> "Figure |
         top = max(max(g.robust, *(g.robust_ci or ()), *(g.clean_ci or ())) for g in gaps if g.facet == f)
         for j, a in enumerate(attrs):
             ax = axes[i][j]
-            _draw_gaps(ax, rows[f], {g.label: g for g in gaps if g.facet == f and g.attribute == a}, styles, j == 0)
-            ax.set_xlim(0, max(0.05, 1.05 * top))
-            ax.set_title(wrap_label(f"{f}\ngap by {a}", 40), fontsize=9)
+            _draw_gaps(ax, rows[f], {g.row(one[f]): g for g in gaps if g.facet == f and g.attribute == a}, styles, j == 0)
+            ax.set_xlim(-0.02 * max(0.05, top), max(0.05, 1.05 * top))  # a gap of 0 stays visible
+            at = f" at {next(g.threat for g in gaps if g.facet == f)}" if one[f] else ""
+            ax.set_title(wrap_label(f"{f}{at}\ngap by {a}", 40), fontsize=9)
     from matplotlib.lines import Line2D
 
     handles = [Line2D([], [], color="#333333", marker="o", linestyle="none", label="robust gap (95% CI)"),
@@ -527,7 +545,7 @@ def _draw_gaps(ax, labels: list[str], gaps: dict[str, Gap], styles: dict[str, St
         robust = [(y - 0.12, g.robust, g.robust_ci) for y, g in mine]
         _interval_dots(ax, clean, color="#999999", marker=st.marker, markerfacecolor="none", markersize=4, linewidth=0.8)
         _interval_dots(ax, robust, color=st.color, marker=st.marker, markersize=5, linewidth=1.2)
-    ax.set_yticks(range(len(labels)), [wrap_label(lbl, 44, 2) for lbl in labels] if ticks else [""] * len(labels), fontsize=7)
+    ax.set_yticks(range(len(labels)), [wrap_label(lbl, 44, 3) for lbl in labels] if ticks else [""] * len(labels), fontsize=7)
     ax.set_ylim(len(labels) - 0.5, -0.5)
     ax.set_xlabel("max − min group mean", fontsize=8)
     ax.grid(alpha=0.3, axis="x")
@@ -546,8 +564,9 @@ def _interval_dots(ax, points: list[tuple[float, float, tuple[float, float] | No
 
 
 def group_gaps(entries: Iterable[dict[str, Any]]) -> "Figure | None":
-    """Figure of :func:`group_gap_figure` for leaderboard entries."""
-    return group_gap_figure(entry_gaps(entries))
+    """Figure of :func:`group_gap_figure` for leaderboard entries (victim styles from all of them)."""
+    entries = list(entries)
+    return group_gap_figure(entry_gaps(entries), styles=victim_styles(e["victim"] for e in entries))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -622,7 +641,7 @@ def score_histograms(entries: Iterable[dict[str, Any]], max_panels: int = 12, bi
     cols = min(4, len(shown))
     rows = math.ceil(len(shown) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.9 * rows + 0.6), squeeze=False, layout="constrained")
-    styles = victim_styles(k[2] for k in shown)
+    styles = victim_styles(e["victim"] for e in entries)
     edges = np.linspace(0.0, 1.0, bins + 1)
     for ax, key in zip(axes.flat, shown):
         e, r = best[key]

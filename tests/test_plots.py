@@ -146,6 +146,7 @@ def test_victim_styles_are_distinct_within_a_figure_and_stable():
     names = [f"victim{i}.tiny" for i in range(60)]
     styles = plots.victim_styles(names)
     assert len(set(styles.values())) == 60
+    assert len({st.color for st in plots.victim_styles(names[:20]).values()}) == 20  # up to 20 victims: 20 colours
     assert plots.victim_styles(["cnn.phantom"])["cnn.phantom"] == plots.victim_style("cnn.phantom")
 
 
