@@ -578,6 +578,8 @@ def group_sweep(df: "pd.DataFrame", attribute: str = "sex") -> "Figure | None":
 
     ``df`` is a :func:`robustbench_med.fairness.group_table` with cell metadata; ``None`` when there is nothing to plot.
     """
+    from robustbench_med.threat import eps_display
+
     data = df[df.attribute == attribute] if len(df) and "attribute" in df else df
     if data is None or data.empty or "eps" not in data:
         return None
@@ -597,7 +599,7 @@ def group_sweep(df: "pd.DataFrame", attribute: str = "sex") -> "Figure | None":
             xs = [pos[0.0]] + [pos[float(e)] for e in s.eps]
             style = "-" if len(s) >= 2 else "none"
             ax.plot(xs, [clean] + list(s.robust), marker="o", linestyle=style, color=colors[str(level)], markersize=4)
-        ax.set_xticks(range(len(eps_all)), ["0" if e == 0 else f"{e:.3g}" for e in eps_all], fontsize=7,
+        ax.set_xticks(range(len(eps_all)), ["0" if e == 0 else eps_display(e) for e in eps_all], fontsize=7,
                       rotation=30 if len(eps_all) > 5 else 0)
         ax.set_title(wrap_label(f"{victim} / {defense} / {attack}", 40, 3), fontsize=8)
         ax.set_xlabel("eps (ordinal; 0 = clean)", fontsize=8)
