@@ -122,11 +122,13 @@ def _scalar_pairs(row: dict[str, Any]) -> set[tuple[str, str]]:
     return {(k, str(v)) for k, v in _params(row).items() if v is not None and not isinstance(v, (dict, list))}
 
 
-def short_defense(row: dict[str, Any], hide: Iterable[tuple[str, str]] = ()) -> str:
-    """A compact defence name: scalar parameters not in ``hide`` (a detector's nested attack settings are left out),
-    plus ``[transfer]`` / ``[detach]`` when it is not attacked adaptively."""
+def short_defense(row: dict[str, Any], hide: Iterable[tuple[str, str]] = (), max_params: int = 3) -> str:
+    """A compact defence name: up to ``max_params`` scalar parameters not in ``hide`` (a detector's nested attack
+    settings are left out; more are shown as ``…``), plus ``[transfer]`` / ``[detach]`` when it is not attacked
+    adaptively (kept whole: it is what tells two rows of one defence apart)."""
     hidden = set(hide)
     shown = [f"{k}={v}" for k, v in sorted(_scalar_pairs(row)) if (k, v) not in hidden and len(v) <= 16]
+    shown = shown[:max_params] + (["…"] if len(shown) > max_params else [])
     label = str(row["defense"]) + (f"({', '.join(shown)})" if shown else "")
     through = row.get("attack_through") or "adaptive"
     return label if through == "adaptive" else f"{label} [{through}]"
@@ -256,12 +258,11 @@ def entry_series(entries: Iterable[dict[str, Any]]) -> list[Series]:
 def summary_series(df: "pd.DataFrame") -> list[Series]:
     """Series of a :func:`robustbench_med.leaderboard.summarize` frame: per victim × defence × eps the lowest robust
     metric over the attacks (noise baselines, ``knowledge == 'none'``, left out) with its 95% interval."""
+    from robustbench_med.entries import defense_key
     from robustbench_med.threat import eps_display
 
     if df is None or df.empty or "robust" not in df:
         return []
-    from robustbench_med.entries import defense_key
-
     data = df[(df.status == "done") & df.robust.notna() & (df.knowledge != "none")]
     records = data.to_dict("records")
     labels = defense_labels(records)
@@ -315,7 +316,7 @@ def _single_budget(series: list[Series]) -> bool:
 def _facet_height(series: list[Series]) -> float:
     """Inches a panel needs: its legend (line panels) or its labelled rows (dot panels)."""
     if _single_budget(series):
-        return max(2.4, 0.19 * sum(wrap_label(_dot_label(s, series), 48, 2).count("\n") + 1 for s in series) + 1.4)
+        return max(2.4, 0.19 * sum(wrap_label(_dot_label(s, series), 48, 3).count("\n") + 1 for s in series) + 1.4)
     return max(3.4, 0.17 * sum(_label_lines(s.label) for s in series) + 1.0)
 
 
@@ -337,7 +338,7 @@ def _draw_dots(ax, facet: tuple[str, str, str], series: list[Series], styles: di
         _interval_dots(ax, robust, color=st.color, marker=st.marker, markersize=5, linewidth=1.2)
         clean = [(y, s.clean, None) for y, s, _ in rows if s.clean is not None]
         _interval_dots(ax, clean, color=st.color, marker=st.marker, markerfacecolor="none", markersize=5)
-    ax.set_yticks(range(len(series)), [wrap_label(_dot_label(s, series), 48, 2) for s in series], fontsize=7)
+    ax.set_yticks(range(len(series)), [wrap_label(_dot_label(s, series), 48, 3) for s in series], fontsize=7)
     ax.set_ylim(len(series) - 0.5, -0.5)
     ax.set_xlim(-0.02, 1.02)
     ax.grid(alpha=0.3, axis="x")
