@@ -5,11 +5,12 @@ accuracy against the perturbation budget; RobustBench, Croce et al., NeurIPS 202
 keeps to:
 
 - **facets**: one panel per task × metric × norm: accuracy, Dice, SDR and VQA scores never share an axis;
-- **one colour and marker per victim in every figure** (:func:`victim_styles`: a digest of the name picks a slot of
-  Kelly's 20 colours of maximum contrast × 10 markers; names that would share a slot in one figure move to the next
-  free one, in sorted order), line style per defence;
-- **a line only along one victim × defence across eps** (from its clean score at eps 0); a series with one budget is
-  drawn as markers with an error bar, never as a line between two unrelated points;
+- **one colour and marker per victim in every figure of a board** (:func:`victim_styles` over all the board's
+  victims: a digest of the name picks one of Kelly's 20 colours of maximum contrast × 10 markers; a name whose
+  colour an earlier one took moves to the next free colour), line style per defence;
+- **a line only along one victim × defence across eps** (from its clean score at eps 0); a panel whose series have
+  one budget each is a dot plot (a row per series: under attack with its interval, clean hollow), never a line
+  between two unrelated points;
 - **95% intervals as bands** (``robust_ci95`` of the entries) or error bars;
 - **legends outside the axes** (constrained layout keeps them clear of every panel), labels wrapped, never cut;
 - detector studies are plotted as detection AUROC and TPR at 90% TNR (worst over the attacks), not robust accuracy;

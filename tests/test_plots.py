@@ -198,6 +198,26 @@ def test_published_figures_have_no_overlap_and_no_cut_text(boards, board):
         matplotlib.pyplot.close(fig)
 
 
+def test_every_figure_of_a_board_draws_a_victim_in_one_colour(boards):
+    entries = boards["fairness"]
+    want = plots.victim_styles(e["victim"] for e in entries)["unet.phantom"].color.lower()
+    eps = plots.robustness_vs_eps(entries)
+    gaps = plots.group_gaps(entries)
+    hist = plots.score_histograms(entries, max_panels=30)
+    dots = [line for ax in eps.axes for line in ax.lines if line.get_marker() not in ("|", "_")]
+    rows = [t.get_text() for t in eps.axes[0].get_yticklabels()]
+    unet = [line for line in dots if rows[int(round(line.get_ydata()[0]))].startswith("unet.phantom /")]
+    assert unet and {to_hex(line.get_color()) for line in unet} == {want}
+    gap_rows = [t.get_text() for t in gaps.axes[0].get_yticklabels()]
+    robust = [line for line in gaps.axes[0].lines if line.get_marker() not in ("|", "_") and line.get_markerfacecolor() != "none"]
+    assert {to_hex(line.get_color()) for line in robust
+            if any(gap_rows[int(round(y + 0.12))].startswith("unet.phantom /") for y in line.get_ydata())} == {want}
+    filled = [ax.patches[1] for ax in hist.axes if ax.get_title().startswith("unet.phantom /")]
+    assert filled and {to_hex(p.get_facecolor()[:3]) for p in filled} == {want}
+    for fig in (eps, gaps, hist):
+        matplotlib.pyplot.close(fig)
+
+
 def test_detector_study_plots_auroc_and_tpr_not_robust_accuracy(boards):
     fig = plots.robustness_vs_eps(boards["detectors"])
     panels = [ax for ax in fig.axes if ax.axison]
