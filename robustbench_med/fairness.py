@@ -456,39 +456,10 @@ def group_table(samples: pd.DataFrame, attrs: pd.DataFrame, cells: pd.DataFrame 
 
 
 def plot_group_gaps(df: pd.DataFrame, path: str | Path, attribute: str = "sex") -> Path | None:
-    """Robust metric per group vs eps (eps 0 = clean), one panel per victim × defence × attack (PNG).
+    """PNG of :func:`robustbench_med.plots.group_sweep` at ``path`` (shim, kept for one release)."""
+    from robustbench_med import plots
 
-    ``df`` is a :func:`group_table` with cell metadata. Returns ``None`` when there is nothing to plot.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    data = df[df.attribute == attribute] if len(df) else df
-    if data.empty or "eps" not in data:
-        return None
-    panels = list(data.groupby(["victim", "defense", "attack"], sort=True))
-    cols = min(4, len(panels))
-    rows = math.ceil(len(panels) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
-    for ax, ((victim, defense, attack), p) in zip(axes.flat, panels):
-        for level, s in p.groupby("group"):
-            s = s.sort_values("eps")
-            clean = float(np.average(s.clean, weights=s.n))
-            ax.plot([0.0] + list(s.eps), [clean] + list(s.robust), marker="o", label=f"{attribute}={level}")
-        ax.set_title(f"{victim} / {defense}\n{attack}", fontsize=8)
-        ax.set_xlabel("eps")
-        ax.set_ylabel(str(p.metric.iloc[0]) if "metric" in p else "metric")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=6)
-    for ax in list(axes.flat)[len(panels):]:
-        ax.axis("off")
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return plots.save_or_none(plots.group_sweep(df, attribute), path)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -410,7 +410,8 @@ def _figures(entries: list[dict[str, Any]]) -> str:
         threats, defenses = " ".join(sorted({r["threat"] for r in rows})), " ".join(sorted({r["defense_name"] for r in rows}))
         tags = f'data-dataset="{_e(dataset)}" data-task="{_e(task)}" data-threat="{_e(threats)}" data-defense="{_e(defenses)}"'
         for title, png in (("robust metric vs eps", render.plot_robustness_vs_eps(group)),
-                           ("robust group gaps", render.plot_group_gaps(group))):
+                           ("robust group gaps", render.plot_group_gaps(group)),
+                           ("per-sample scores, clean vs adversarial", render.plot_score_histograms(group))):
             if png:
                 caption = f"{dataset} · {task} ({metric}): {title}"
                 out.append(f'<figure {tags}><figcaption>{_e(caption)}</figcaption><img class="plot" alt="{_e(caption)}" '

@@ -171,36 +171,10 @@ def to_text(df: pd.DataFrame) -> str:
 
 
 def plot_robustness(df: pd.DataFrame, path: str | Path) -> Path | None:
-    """Robust metric vs eps per victim × defence, one panel per norm (PNG)."""
-    import matplotlib
+    """PNG of :func:`robustbench_med.plots.summary_robustness` at ``path`` (shim, kept for one release)."""
+    from robustbench_med import plots
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    if "robust" not in df:
-        return None
-    data = df[(df.status == "done") & df.robust.notna() & (df.knowledge != "none")]
-    if data.empty:
-        return None
-    norms = sorted(data.norm.dropna().unique())
-    fig, axes = plt.subplots(1, len(norms), figsize=(6 * len(norms), 4.2), squeeze=False)
-    for ax, norm in zip(axes[0], norms):
-        for (victim, defense), g in data[data.norm == norm].groupby(["victim", "defense"]):
-            g = g.groupby("eps").robust.min().sort_index()
-            clean = df[(df.victim == victim) & (df.defense == defense)].clean.dropna()
-            xs = [0.0] + list(g.index)
-            ys = [float(clean.iloc[0]) if len(clean) else float("nan")] + list(g.values)
-            ax.plot(xs, ys, marker="o", label=f"{victim} / {defense}")
-        ax.set_xlabel(f"eps ({norm})")
-        ax.set_ylabel("robust metric (worst case over attacks)")
-        ax.set_ylim(-0.02, 1.02)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return plots.save_or_none(plots.summary_robustness(df), path)
 
 
 def write_leaderboard(store: Store | str | Path, out_dir: str | Path) -> dict[str, Path]:
@@ -247,11 +221,13 @@ def _write_reports(store: Store, out: Path) -> dict[str, Path]:
 
 
 def plot_group_gap_sweep(store: Store | str | Path, path: Path) -> Path | None:
-    """Per-group robust metric vs eps (by sex) for the attack swept over the most eps values."""
-    from robustbench_med.fairness import group_table_from_store, plot_group_gaps
+    """Per-group robust metric vs eps (by sex) for the attack swept over the most eps values
+    (:func:`robustbench_med.plots.group_sweep`; shim, kept for one release)."""
+    from robustbench_med import plots
+    from robustbench_med.fairness import group_table_from_store
 
     table = group_table_from_store(store)
     if table.empty:
         return None
     sweep = table.groupby("attack")["eps"].nunique().idxmax()
-    return plot_group_gaps(table[table.attack == sweep], path, attribute="sex")
+    return plots.save_or_none(plots.group_sweep(table[table.attack == sweep], attribute="sex"), path)

@@ -17,6 +17,7 @@ import re
 from pathlib import Path
 from typing import Any, Iterable
 
+from robustbench_med import plots
 from robustbench_med.columns import (
     COLUMNS, CSV_ORDER, GROUPS_AFTER, Column, csv_columns, fixed3, for_rows, group_columns, interval,
 )
@@ -232,66 +233,18 @@ def _csv_value(value: Any) -> Any:
 
 
 def plot_robustness_vs_eps(entries: list[dict[str, Any]]) -> bytes | None:
-    """Headline robust metric vs eps (eps = 0: clean) per model × defence, one panel per norm."""
-    series: dict[tuple[str, str], dict[str, Any]] = {}
-    for r in flat_rows(entries):
-        if r["robust"] is None:
-            continue
-        s = series.setdefault((r["norm"], f"{r['model']} / {r['defense']}"), {"pts": {}, "clean": r["clean"]})
-        s["pts"][r["eps"]] = min(r["robust"], s["pts"].get(r["eps"], 1.0))
-    if not series:
-        return None
-    plt = _pyplot()
-    norms = sorted({k[0] for k in series})
-    fig, axes = plt.subplots(1, len(norms), figsize=(6 * len(norms), 4.2), squeeze=False)
-    for ax, norm in zip(axes[0], norms):
-        for (nm, label), s in sorted(series.items()):
-            if nm == norm:
-                xs = [0.0] + sorted(s["pts"])
-                ax.plot(xs, [s["clean"]] + [s["pts"][x] for x in xs[1:]], marker="o", label=label[:60])
-        ax.set(xlabel=f"eps ({norm})", ylabel="robust metric (headline)", ylim=(-0.02, 1.02))
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=6)
-    return _png(fig, plt)
+    """PNG of :func:`robustbench_med.plots.robustness_vs_eps` (shim, kept for one release)."""
+    return plots.png_or_none(plots.robustness_vs_eps(entries))
 
 
 def plot_group_gaps(entries: list[dict[str, Any]]) -> bytes | None:
-    """Robust group gap (max − min group mean under attack) of each headline row, one panel per attribute."""
-    rows = flat_rows(entries)
-    keys = sorted({k for r in rows for k in r["groups"] if k.startswith("robust_gap_") and "[" not in k})
-    if not keys:
-        return None
-    plt = _pyplot()
-    height = max(3.0, 0.22 * len(rows) + 1.2)
-    fig, axes = plt.subplots(1, len(keys), figsize=(5.5 * len(keys), height), squeeze=False)
-    for ax, key in zip(axes[0], keys):
-        data = [(f"{r['model']} / {r['defense']} @ {r['threat_label']}"[:70], r["groups"][key])
-                for r in rows if isinstance(r["groups"].get(key), (int, float))]
-        ax.barh([d[0] for d in data], [d[1] for d in data], color="#c0504d")
-        ax.set(xlabel=f"robust gap ({key[len('robust_gap_'):]})", xlim=(0, 1))
-        ax.tick_params(axis="y", labelsize=6)
-        ax.invert_yaxis()
-        ax.grid(alpha=0.3, axis="x")
-    return _png(fig, plt)
+    """PNG of :func:`robustbench_med.plots.group_gaps` (shim, kept for one release)."""
+    return plots.png_or_none(plots.group_gaps(entries))
 
 
-def _pyplot():
-    """matplotlib's pyplot on the headless Agg backend."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _png(fig, plt) -> bytes:
-    """The figure as PNG bytes (and closed)."""
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return buf.getvalue()
+def plot_score_histograms(entries: list[dict[str, Any]]) -> bytes | None:
+    """PNG of :func:`robustbench_med.plots.score_histograms`."""
+    return plots.png_or_none(plots.score_histograms(entries))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -83,7 +83,7 @@ def test_columns_follow_the_tasks_that_have_values(entries):
 def test_figures_are_tagged_and_details_carry_the_manifest(entries):
     text = html_page.to_html(entries)
     figs = re.findall(r'<figure data-dataset="([^"]*)" data-task="([^"]*)" data-threat="([^"]*)" data-defense="([^"]*)">', text)
-    assert sorted({f[1] for f in figs}) == ["binary", "classification", "segmentation"] and len(figs) == 6
+    assert sorted({f[1] for f in figs}) == ["binary", "classification", "segmentation"] and len(figs) == 9
     assert ("phantom.ct", "binary", "Linf-2_255 Linf-8_255", "identity.none jpeg.bpda") in figs
     for i, e in enumerate(entries):
         tpl = re.search(rf'<template id="entry-{i}">(.*?)</template>', text, re.S).group(1)
@@ -197,7 +197,7 @@ def test_page_fits_the_window_and_nothing_overlaps(driver, page, shots, width):
     assert _js(driver, "return document.scrollingElement.scrollWidth") <= width
     boxes = _js(driver, BOXES)
     names = sorted(boxes)
-    assert len([n for n in names if n.startswith("figure")]) == 6
+    assert len([n for n in names if n.startswith("figure")]) == 9
     for i, a in enumerate(names):
         for b in names[i + 1:]:
             assert not _overlap(boxes[a], boxes[b]), (a, b, boxes[a], boxes[b])

@@ -130,6 +130,6 @@ def test_html_is_self_contained_and_escaped(entries, rendered):
     for text in (script, style):
         assert "'sha256-" + base64.b64encode(hashlib.sha256(text.encode()).digest()).decode() + "'" in csp.replace("&#x27;", "'")
     pngs = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
-    tasks = {(e["dataset"], e["task"]) for e in entries}  # two plots per dataset x task
-    assert len(pngs) == 2 * len(tasks) and all(base64.b64decode(p)[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+    tasks = {(e["dataset"], e["task"]) for e in entries}  # three plots per dataset x task
+    assert len(pngs) == 3 * len(tasks) and all(base64.b64decode(p)[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
     assert page.count("<tr tabindex") == len(flat_rows(entries, headline_only=False))
