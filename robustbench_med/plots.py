@@ -231,8 +231,10 @@ def _put(series: dict[tuple, Series], key: tuple, victim: str, defense: str, fac
 
 def entry_series(entries: Iterable[dict[str, Any]]) -> list[Series]:
     """Series of the headline rows of entries (robust metric with its 95% interval) and, for detector defences,
-    detection AUROC and TPR at 90% TNR (the lowest over the attacks at that budget)."""
+    detection AUROC and TPR at 90% TNR (the lowest over the attacks at that budget). A budget where only a baseline
+    ran (noise, :func:`robustbench_med.results.is_baseline`) is no point of a robustness curve and is left out."""
     from robustbench_med.entries import defense_key, headline_rows
+    from robustbench_med.results import is_baseline
 
     entries = list(entries)
     labels = defense_labels(r for e in entries for r in e["results"])
@@ -249,7 +251,7 @@ def entry_series(entries: Iterable[dict[str, Any]]) -> list[Series]:
                     if vals:
                         facet = (e["task"], name + " (worst attack)", norm)
                         _put(series, (facet, e["victim"], defense), e["victim"], defense, facet, eps, shown, min(vals), None, None, None)
-            elif r["status"] == "done" and r["robust"] is not None:
+            elif r["status"] == "done" and r["robust"] is not None and not is_baseline(r.get("knowledge"), norm):
                 lo, hi = (r.get("robust_ci95") or [None, None])
                 facet = (e["task"], f"robust {e['metric']}", norm)
                 _put(series, (facet, e["victim"], defense), e["victim"], defense, facet, eps, shown, float(r["robust"]), lo, hi, r["clean"])

@@ -324,3 +324,15 @@ def test_attack_examples_on_phantom_samples_with_a_random_victim():
     assert torch.all((adv >= 0) & (adv <= 1))
     fig = plots.example_grid(x, adv, titles=titles)
     assert len(fig.axes) == 6 and layout_problems(fig) == []
+
+
+def test_a_budget_where_only_a_noise_baseline_ran_is_no_point_of_the_robustness_curve():
+    """The published volumes board has cls3d.phantom at 8/255 with only noise.uniform (robust = clean): plotting it
+    would show a robust accuracy jumping back to the clean one. PGD ran at 1, 2 and 4/255."""
+    from robustbench_med.entries import load_entries
+
+    entries = [e for e in load_entries(ROOT / "volumes") if e["victim"] == "cls3d.phantom"]
+    assert {e["threat"]["eps_display"] for e in entries} == {"1/255", "2/255", "4/255", "8/255"}
+    (series,) = [s for s in plots.entry_series(entries) if s.facet[1].startswith("robust")]
+    assert sorted(series.display.values()) == ["1/255", "2/255", "4/255"]
+    assert all(y < series.clean for y, _, _ in series.points.values())
