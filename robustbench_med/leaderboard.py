@@ -164,7 +164,9 @@ def _cell_row(cell: pd.Series, sub: pd.DataFrame, all_attrs: pd.DataFrame, flags
 def _secondary_means(sub: pd.DataFrame, primary: str) -> dict[str, float]:
     """``robust_<m>`` / ``clean_<m>``: means of the victim's secondary per-sample metrics (e.g. VQA accuracy on the
     attacked question ``vqa_accuracy_first`` and on the others ``vqa_accuracy_others``; MRE of landmarks)."""
-    per = pd.DataFrame([json.loads(m) if isinstance(m, str) else (m or {}) for m in sub["metrics"]])
+    from robustbench_med.fairness import metrics_frame  # decodes each distinct metrics text once
+
+    per = metrics_frame(sub)
     skip = {primary, "detector_score", "clean_detector_score"}
     out = {}
     for key in per.columns:
