@@ -579,20 +579,34 @@ def compare_defenses(store: Any, base: str = "identity.none", other: str = "appl
 def group_table(samples: pd.DataFrame, attrs: pd.DataFrame, cells: pd.DataFrame | None = None) -> pd.DataFrame:
     """Long-format per-group table for plots: one row per (cell, attribute, group) with ``n``, ``clean`` and
     ``robust`` group means, joined with the cell's ``victim``, ``defense``, ``attack``, ``eps`` when ``cells`` (the
-    store's cell table) is given."""
-    rows = []
-    for cell_id, sub in samples.groupby("cell_id", sort=False):
-        for attr, g in group_columns(attrs.loc[sub.index]).items():
-            frame = pd.DataFrame({"g": g, "clean": sub.clean_score.to_numpy(float), "robust": sub.adv_score.to_numpy(float)})
-            for level, s in frame.groupby("g"):
-                rows.append({"cell_id": cell_id, "attribute": attr, "group": level, "n": len(s),
-                             "clean": float(s.clean.mean()), "robust": float(s.robust.mean())})
-    df = pd.DataFrame(rows)
+    store's cell table) is given. Rows: cells in order of appearance, attributes as :func:`group_columns` lists them,
+    groups sorted; one pass over the samples per attribute."""
+    rows: list[tuple[tuple[int, int, int], dict[str, Any]]] = []
+    if len(samples):
+        cell_codes, cell_ids = pd.factorize(samples["cell_id"])  # cells in order of first appearance
+        scores = {k: samples[col].to_numpy(float) for k, col in (("clean", "clean_score"), ("robust", "adv_score"))}
+        for a, (attr, g) in enumerate(group_columns(attrs.loc[samples.index]).items()):
+            levels = sorted(pd.unique(g))
+            key = cell_codes * len(levels) + _level_codes(g, levels)
+            order = np.argsort(key, kind="stable")  # each (cell, group) block in sample order
+            starts = np.flatnonzero(np.r_[True, np.diff(key[order]) != 0])
+            for block in np.split(order, starts[1:]):
+                c, lv = divmod(int(key[block[0]]), len(levels))
+                means = {k: _series_mean(v[block]) for k, v in scores.items()}
+                rows.append(((c, a, lv), {"cell_id": cell_ids[c], "attribute": attr, "group": levels[lv], "n": len(block), **means}))
+    df = pd.DataFrame([row for _, row in sorted(rows, key=lambda r: r[0])])
     if cells is not None and len(df):
         meta = cells[["cell_id", "victim", "defense", "attack", "metric", "threat"]].copy()
         meta["eps"] = [json.loads(t).get("eps") if isinstance(t, str) else None for t in meta.threat]
         df = df.merge(meta.drop(columns="threat"), on="cell_id", how="left")
     return df
+
+
+def _series_mean(v: np.ndarray) -> float:
+    """``pandas.Series(v).mean()`` (NaN skipped; pairwise sum of the rest, as pandas sums with NaN set to 0)."""
+    missing = np.isnan(v)
+    count = len(v) - int(missing.sum())
+    return float(np.where(missing, 0.0, v).sum() / count) if count else math.nan
 
 
 def group_table_from_store(store: Any) -> pd.DataFrame:

@@ -154,3 +154,31 @@ def test_non_finite_rows_are_left_out_once_for_every_attribute():
     assert out.pop("notes").startswith("2 samples with a non-finite score left out")
     same.pop("notes")
     assert out == same
+
+
+def reference_group_table(samples, attrs):
+    """One pandas group-by per cell and attribute (the per-cell loop the plots were drawn from)."""
+    rows = []
+    for cell_id, sub in samples.groupby("cell_id", sort=False):
+        for attr, g in group_columns(attrs.loc[sub.index]).items():
+            frame = pd.DataFrame({"g": g, "clean": sub.clean_score.to_numpy(float), "robust": sub.adv_score.to_numpy(float)})
+            for level, s in frame.groupby("g"):
+                rows.append({"cell_id": cell_id, "attribute": attr, "group": level, "n": len(s),
+                             "clean": float(s.clean.mean()), "robust": float(s.robust.mean())})
+    return pd.DataFrame(rows)
+
+
+def test_group_table_equals_the_per_cell_group_by():
+    from robustbench_med.fairness import group_table
+
+    rng = np.random.default_rng(9)
+    n = 400
+    samples = pd.DataFrame({"cell_id": rng.choice(["z", "a", "m"], n), "clean_score": rng.random(n) / 3,
+                            "adv_score": rng.random(n) * math.e}, index=rng.permutation(1000)[:n])
+    samples.loc[samples.index[:5], "adv_score"] = np.nan  # skipped by the mean, counted in n
+    sex = rng.choice(["M", "F"], n)
+    sex[samples.cell_id.to_numpy() == "a"] = "F"  # a cell with one sex only
+    attrs = pd.DataFrame({"sex": sex, "age_group": rng.choice(["old", "young", "mid"], n, p=[0.6, 0.39, 0.01])},
+                         index=samples.index)
+    pd.testing.assert_frame_equal(group_table(samples, attrs), reference_group_table(samples, attrs))
+    assert group_table(samples.iloc[:0], attrs.iloc[:0]).empty
