@@ -226,18 +226,24 @@ def _distinct(values: Iterable[Any]) -> tuple[np.ndarray, list[Any]] | None:
     return codes, list(uniques)
 
 
-def metrics_frame(samples: pd.DataFrame) -> pd.DataFrame:
-    """The ``metrics`` JSON column decoded into a frame on ``samples``' index (each distinct text decoded once: a
-    store repeats few of them)."""
-    if "metrics" not in samples:
-        return pd.DataFrame(index=samples.index)
-    found = _distinct(samples["metrics"])
+def json_frame(values: pd.Series) -> pd.DataFrame:
+    """A column of JSON objects (text, or already decoded) as a frame on the column's index, one column per key:
+    ``pd.DataFrame([json.loads(v) or {} for v in values])`` to the dtype, but each distinct text decoded once (a
+    store's ``metrics`` and ``attrs`` repeat a few texts over 100k rows)."""
+    found = _distinct(values)
     if found is None:
-        return pd.DataFrame([_json(v) or {} for v in samples["metrics"]], index=samples.index)
+        return pd.DataFrame([_json(v) or {} for v in values], index=values.index)
     codes, uniques = found
     frame = pd.DataFrame([_json(v) or {} for v in uniques]).take(codes)
-    frame.index = samples.index
+    frame.index = values.index
     return frame
+
+
+def metrics_frame(samples: pd.DataFrame) -> pd.DataFrame:
+    """The ``metrics`` JSON column decoded into a frame on ``samples``' index (:func:`json_frame`)."""
+    if "metrics" not in samples:
+        return pd.DataFrame(index=samples.index)
+    return json_frame(samples["metrics"])
 
 
 def _ints(values: Iterable[Any]) -> np.ndarray:
@@ -519,7 +525,7 @@ def store_frames(store: Any) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
 
     def read(st: Store) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
         cells, samples = pd.DataFrame(st.cells()), st.samples_frame()
-        attrs = pd.DataFrame([_json(v) or {} for v in samples["attrs"]], index=samples.index) if len(samples) else pd.DataFrame()
+        attrs = json_frame(samples["attrs"]) if len(samples) else pd.DataFrame()
         return cells, samples, attrs
 
     if isinstance(store, Store):

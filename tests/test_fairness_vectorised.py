@@ -13,7 +13,8 @@ import pytest
 
 from robustbench_med.errors import ConfigError
 from robustbench_med.fairness import (
-    binary_labels, bootstrap_group_stats, fairness_columns, group_columns, group_frame, metrics_frame, replicate_means,
+    binary_labels, bootstrap_group_stats, fairness_columns, group_columns, group_frame, json_frame, metrics_frame,
+    replicate_means,
 )
 
 
@@ -134,6 +135,9 @@ def test_decoding_each_distinct_text_once_equals_decoding_every_row():
     pd.testing.assert_frame_equal(metrics_frame(samples), reference)
     decoded = pd.DataFrame({"metrics": [json.loads(r) if isinstance(r, str) else {} for r in rows]}, index=samples.index)
     pd.testing.assert_frame_equal(metrics_frame(decoded), reference)  # already decoded (unhashable) rows
+    texts = pd.Series([json.dumps({"sex": s, "age_group": a}) for s, a in zip("FMFFM", ["old", "young", "old", "old", "mid"])]
+                      + [json.dumps({"sex": "M", "age_group": "old", "site": 2})], index=range(5, -1, -1))
+    pd.testing.assert_frame_equal(json_frame(texts), pd.DataFrame([json.loads(t) for t in texts], index=texts.index))
     pred, correct = ["1", "0", "1", 1, 0.0, "0"], [1, 1, 0, 0, 1, 1]
     assert binary_labels(pred, correct).tolist() == [1, 0, 0, 0, 0, 0]
     assert binary_labels(pd.Series(pred, dtype=object), correct).tolist() == [1, 0, 0, 0, 0, 0]
