@@ -186,7 +186,8 @@ def bootstrap_group_stats(
     gaps = means.max(1) - means.min(1)
     stats = {"clean_gap": gaps[:, 0], "robust_gap": gaps[:, 1], "gap_change": gaps[:, 1] - gaps[:, 0],
              "robust_worst": means[:, :, 1].min(1)}
-    return {k: (float(np.quantile(v, 0.025)), float(np.quantile(v, 0.975))) for k, v in stats.items()}
+    q = np.quantile(np.stack(list(stats.values()), 1), [0.025, 0.975], axis=0)  # column by column, as one call each
+    return {k: (float(q[0, j]), float(q[1, j])) for j, k in enumerate(stats)}
 
 
 def replicate_means(values: np.ndarray, draw: np.ndarray) -> np.ndarray:
@@ -318,24 +319,26 @@ def fairness_columns(samples: pd.DataFrame, attrs: pd.DataFrame, task: str, metr
 def _attribute_columns(attr: str, g: np.ndarray, clean: np.ndarray, robust: np.ndarray, metric: str, n_boot: int, seed: int) -> dict[str, float | str]:
     """Per-group means, gaps (max − min), worst group, ratio (min / max) and bootstrap CIs for one attribute."""
     out: dict[str, float | str] = {}
-    mf = group_frame({"clean": clean, "robust": robust}, g)
-    by = mf.by_group
+    by = group_frame({"clean": clean, "robust": robust}, g).by_group
     levels = list(by.index)
     codes = _level_codes(g, levels)
     counts = np.bincount(codes, minlength=len(levels))
-    for i, (level, row) in enumerate(by.iterrows()):
+    means = {k: by[k].to_numpy(float) for k in ("clean", "robust")}  # finite: fairness_columns drops the rest
+    for i, level in enumerate(levels):
         out[f"n[{attr}={level}]"] = float(counts[i])
-        out[f"clean_{metric}[{attr}={level}]"] = float(row["clean"])
-        out[f"robust_{metric}[{attr}={level}]"] = float(row["robust"])
-    if len(by) < 2:
+        out[f"clean_{metric}[{attr}={level}]"] = float(means["clean"][i])
+        out[f"robust_{metric}[{attr}={level}]"] = float(means["robust"][i])
+    if len(levels) < 2:
         return out
-    diff, ratio, worst = mf.difference(), mf.ratio(), mf.group_min()
-    for k in ("clean", "robust"):
-        out[f"{k}_gap_{metric}[{attr}]"] = float(diff[k])
-        out[f"{k}_ratio_{metric}[{attr}]"] = float(ratio[k])
-        out[f"{k}_worst_group[{attr}]"] = str(by[k].idxmin())
-        out[f"{k}_worst_group_{metric}[{attr}]"] = float(worst[k])
-    out[f"gap_change_{metric}[{attr}]"] = float(diff["robust"] - diff["clean"])
+    diff = {}
+    for k, m in means.items():  # GroupMeans' difference(), ratio(), group_min() on NumPy arrays
+        diff[k] = float(m.max() - m.min())
+        out[f"{k}_gap_{metric}[{attr}]"] = diff[k]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            out[f"{k}_ratio_{metric}[{attr}]"] = float(m.min() / m.max())
+        out[f"{k}_worst_group[{attr}]"] = str(levels[int(np.argmin(m))])
+        out[f"{k}_worst_group_{metric}[{attr}]"] = float(m.min())
+    out[f"gap_change_{metric}[{attr}]"] = diff["robust"] - diff["clean"]
     ci = bootstrap_group_stats(clean, robust, codes, len(levels), n_boot, seed)
     for stat, name in (("clean_gap", f"clean_gap_{metric}"), ("robust_gap", f"robust_gap_{metric}"),
                        ("gap_change", f"gap_change_{metric}"), ("robust_worst", f"robust_worst_group_{metric}")):
