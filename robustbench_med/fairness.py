@@ -117,13 +117,13 @@ def group_frame(values: dict[str, np.ndarray], groups: np.ndarray) -> GroupMeans
     """The group means of named per-sample scores (:class:`GroupMeans`): ``by_group[k][g] = mean_{i in g}
     values[k][i]``; ``overall[k]`` = mean over all samples; ``difference()`` = max_g − min_g; ``ratio()`` =
     min_g / max_g; ``group_min()`` = min_g."""
-    groups = np.asarray(groups)
-    levels = sorted(pd.unique(groups))
-    codes = _level_codes(groups, levels)
-    masks = [codes == i for i in range(len(levels))]
+    codes, found = pd.factorize(np.asarray(groups, dtype=object))
+    levels = sorted(found)
+    rank = np.argsort(np.array([levels.index(u) for u in found], dtype=np.intp))  # found[rank[i]] = levels[i]
+    masks = [codes == r for r in rank]
     cols = {k: np.asarray(v, dtype=float) for k, v in values.items()}
-    by = pd.DataFrame({k: [float(np.mean(v[m])) for m in masks] for k, v in cols.items()},
-                      index=pd.Index(levels, name="group"))
+    means = np.array([[float(np.mean(v[m])) for v in cols.values()] for m in masks], dtype=float).reshape(len(masks), len(cols))
+    by = pd.DataFrame(means, index=pd.Index(levels, name="group"), columns=list(cols))
     return GroupMeans(by, pd.Series({k: float(np.mean(v)) for k, v in cols.items()}))
 
 
