@@ -83,11 +83,13 @@ def group_columns(attrs: pd.DataFrame, attributes: Iterable[str] = ATTRIBUTES) -
 def _joined_labels(columns: list[np.ndarray]) -> np.ndarray:
     """``"*".join`` of the columns' values, sample by sample (an object array of str), joining each distinct
     combination once."""
+    if len(columns[0]) == 0:
+        return np.array([], dtype=object)
     codes, uniques = zip(*(pd.factorize(c) for c in columns))
-    dims = tuple(max(len(u), 1) for u in uniques)
-    combo, present = pd.factorize(np.ravel_multi_index(codes, dims)) if len(columns[0]) else (np.zeros(0, int), [])
-    names = [("*".join(str(u[i]) for u, i in zip(uniques, np.unravel_index(k, dims)))) for k in present]
-    return np.array(names, dtype=object)[combo] if len(names) else np.array([], dtype=object)
+    dims = tuple(len(u) for u in uniques)
+    combo, present = pd.factorize(np.ravel_multi_index(codes, dims))
+    names = ["*".join(u[i] for u, i in zip(uniques, np.unravel_index(k, dims))) for k in present]
+    return np.array(names, dtype=object)[combo]
 
 
 @dataclass(frozen=True)
