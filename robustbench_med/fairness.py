@@ -76,8 +76,20 @@ def group_columns(attrs: pd.DataFrame, attributes: Iterable[str] = ATTRIBUTES) -
         out[a] = col.astype(str).to_numpy()
     crossed = [a for a in present if a in INTERSECTED]
     if len(crossed) >= 2:
-        out["*".join(crossed)] = np.array(["*".join(v) for v in zip(*(out[a] for a in crossed))], dtype=object)
+        out["*".join(crossed)] = _joined_labels([out[a] for a in crossed])
     return out
+
+
+def _joined_labels(columns: list[np.ndarray]) -> np.ndarray:
+    """``"*".join`` of the columns' values, sample by sample (an object array of str), joining each distinct
+    combination once."""
+    if len(columns[0]) == 0:
+        return np.array([], dtype=object)
+    codes, uniques = zip(*(pd.factorize(c) for c in columns))
+    dims = tuple(len(u) for u in uniques)
+    combo, present = pd.factorize(np.ravel_multi_index(codes, dims))
+    names = ["*".join(u[i] for u, i in zip(uniques, np.unravel_index(k, dims))) for k in present]
+    return np.array(names, dtype=object)[combo]
 
 
 @dataclass(frozen=True)
@@ -107,13 +119,25 @@ def group_frame(values: dict[str, np.ndarray], groups: np.ndarray) -> GroupMeans
     """The group means of named per-sample scores (:class:`GroupMeans`): ``by_group[k][g] = mean_{i in g}
     values[k][i]``; ``overall[k]`` = mean over all samples; ``difference()`` = max_g − min_g; ``ratio()`` =
     min_g / max_g; ``group_min()`` = min_g."""
-    groups = np.asarray(groups)
-    levels = sorted(pd.unique(groups))
-    masks = [groups == level for level in levels]
+    codes, found = pd.factorize(np.asarray(groups, dtype=object))
+    levels = sorted(found)
+    rank = np.argsort(np.array([levels.index(u) for u in found], dtype=np.intp))  # found[rank[i]] = levels[i]
+    masks = [codes == r for r in rank]
     cols = {k: np.asarray(v, dtype=float) for k, v in values.items()}
-    by = pd.DataFrame({k: [float(np.mean(v[m])) for m in masks] for k, v in cols.items()},
-                      index=pd.Index(levels, name="group"))
+    means = np.array([[float(np.mean(v[m])) for v in cols.values()] for m in masks], dtype=float).reshape(len(masks), len(cols))
+    by = pd.DataFrame(means, index=pd.Index(levels, name="group"), columns=list(cols))
     return GroupMeans(by, pd.Series({k: float(np.mean(v)) for k, v in cols.items()}))
+
+
+def _level_codes(groups: np.ndarray, levels: list[Any]) -> np.ndarray:
+    """The position of every sample's group in ``levels`` (all groups must be among them): one hash pass instead of
+    an object comparison per level."""
+    codes, uniques = pd.factorize(np.asarray(groups, dtype=object))
+    position = {level: i for i, level in enumerate(levels)}
+    outside = [u for u in uniques if u not in position]
+    if outside:
+        raise ConfigError(f"groups {outside} are not among the levels {levels}")
+    return np.array([position[u] for u in uniques], dtype=np.intp)[codes] if len(uniques) else codes
 
 
 def es_fairseg(overall: float, group_means: Iterable[float]) -> float:
@@ -144,18 +168,42 @@ def bootstrap_group_stats(
     group vanishes) and keeps the clean and robust score of a sample together (paired). Per replicate b:
     ``clean_gap_b = max_g c̄_gb − min_g c̄_gb``, ``robust_gap_b`` likewise, ``gap_change_b = robust_gap_b − clean_gap_b``
     and ``robust_worst_b = min_g r̄_gb``. Interval = the 2.5% and 97.5% quantiles over b.
+
+    All replicates of a group are drawn at once (``Generator.integers(0, n_g, size=(n_boot, n_g))``, the same stream
+    as ``n_boot`` successive draws of ``n_g``) and averaged by :func:`replicate_means`; group order and draws are those
+    of the straightforward per-group loop, so the intervals are bit-identical to it (tested).
     """
+    clean, robust, codes = (np.asarray(a) for a in (clean, robust, codes))
+    dtype = np.result_type(clean, robust)
+    dtype = dtype if np.issubdtype(dtype, np.floating) else np.dtype(float)  # NumPy averages integers in float64
     rng = np.random.default_rng(seed)
     means = np.empty((n_boot, n_groups, 2))
-    pair = np.stack([clean, robust], 1)
     for g in range(n_groups):
         idx = np.flatnonzero(codes == g)
-        draw = idx[rng.integers(0, len(idx), size=(n_boot, len(idx)))]
-        means[:, g, :] = pair[draw].mean(1)
+        if len(idx) == 0:
+            raise ConfigError(f"group {g} of {n_groups} has no samples: a stratified bootstrap needs every group")
+        draw = rng.integers(0, len(idx), size=(n_boot, len(idx)), dtype=np.int32)  # the int64 stream, half the bytes
+        means[:, g, 0] = replicate_means(clean[idx].astype(dtype, copy=False), draw)
+        means[:, g, 1] = replicate_means(robust[idx].astype(dtype, copy=False), draw)
     gaps = means.max(1) - means.min(1)
     stats = {"clean_gap": gaps[:, 0], "robust_gap": gaps[:, 1], "gap_change": gaps[:, 1] - gaps[:, 0],
              "robust_worst": means[:, :, 1].min(1)}
-    return {k: (float(np.quantile(v, 0.025)), float(np.quantile(v, 0.975))) for k, v in stats.items()}
+    q = np.quantile(np.stack(list(stats.values()), 1), [0.025, 0.975], axis=0)  # column by column, as one call each
+    return {k: (float(q[0, j]), float(q[1, j])) for j, k in enumerate(stats)}
+
+
+def replicate_means(values: np.ndarray, draw: np.ndarray) -> np.ndarray:
+    """The mean of every bootstrap replicate, bit-identical to ``np.stack([values, other], 1)[draw].mean(1)[:, 0]``
+    for ``draw`` of shape ``(B, n)`` (the paired per-group form :func:`bootstrap_group_stats` used to compute).
+
+    NumPy reduces that gather one sample at a time, in sample order (the reduced axis is not the innermost, so no
+    pairwise summation). Here the values are gathered in the transposed layout ``(n, B)`` and summed down axis 0: the
+    same additions in the same order, across all replicates at once and contiguously (~40× faster). One replicate
+    (B = 1) would be summed pairwise that way, so it is summed with ``cumsum`` (sequential) instead.
+    """
+    if draw.shape[0] == 1:
+        return np.cumsum(values[draw[0]])[-1:] / draw.shape[1]
+    return np.take(values, draw.T).sum(0) / draw.shape[1]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -170,17 +218,50 @@ def _json(v: Any) -> Any:
     return v
 
 
+def _distinct(values: Iterable[Any]) -> tuple[np.ndarray, list[Any]] | None:
+    """Codes and distinct values (in order of appearance) of stored JSON cells; ``None`` when a value is unhashable
+    (already decoded)."""
+    arr = values.to_numpy(dtype=object) if isinstance(values, pd.Series) else np.asarray(list(values), dtype=object)
+    try:
+        codes, uniques = pd.factorize(arr, use_na_sentinel=False)
+    except TypeError:
+        return None
+    return codes, list(uniques)
+
+
+def json_frame(values: pd.Series) -> pd.DataFrame:
+    """A column of JSON objects (text, or already decoded) as a frame on the column's index, one column per key:
+    ``pd.DataFrame([json.loads(v) or {} for v in values])`` to the dtype, but each distinct text decoded once (a
+    store's ``metrics`` and ``attrs`` repeat a few texts over 100k rows)."""
+    found = _distinct(values)
+    if found is None:
+        return pd.DataFrame([_json(v) or {} for v in values], index=values.index)
+    codes, uniques = found
+    frame = pd.DataFrame([_json(v) or {} for v in uniques]).take(codes)
+    frame.index = values.index
+    return frame
+
+
 def metrics_frame(samples: pd.DataFrame) -> pd.DataFrame:
-    """The ``metrics`` JSON column decoded into a frame on ``samples``' index."""
+    """The ``metrics`` JSON column decoded into a frame on ``samples``' index (:func:`json_frame`)."""
     if "metrics" not in samples:
         return pd.DataFrame(index=samples.index)
-    return pd.DataFrame([_json(v) or {} for v in samples["metrics"]], index=samples.index)
+    return json_frame(samples["metrics"])
+
+
+def _ints(values: Iterable[Any]) -> np.ndarray:
+    """``[int(json(v)) for v in values]`` as an array, each distinct value decoded once."""
+    found = _distinct(values)
+    if found is None:
+        return np.asarray([int(_json(v)) for v in values])
+    codes, uniques = found
+    return np.asarray([int(_json(v)) for v in uniques])[codes] if len(uniques) else np.asarray([])
 
 
 def binary_labels(pred: Iterable[Any], correct: Iterable[Any]) -> np.ndarray:
     """Ground truth of a binary task recovered from a stored prediction and its correctness: ``y = ŷ if correct
     else 1 − ŷ`` (binary accuracy is 1 exactly when ŷ = y)."""
-    p = np.asarray([int(_json(v)) for v in pred])
+    p = _ints(pred)
     c = np.asarray(correct, dtype=int)
     return np.where(c == 1, p, 1 - p)
 
@@ -220,12 +301,15 @@ def fairness_columns(samples: pd.DataFrame, attrs: pd.DataFrame, task: str, metr
     if not groups:
         return {"notes": "no sensitive attributes in attrs"}
     extra = metrics_frame(samples)
+    if not finite.all():  # row selections made once, not per attribute
+        samples, extra, clean, robust = samples[finite], extra[finite], clean[finite], robust[finite]
     for attr, g in groups.items():
-        out.update(_attribute_columns(attr, g[finite], clean[finite], robust[finite], metric, n_boot, seed))
+        g = g[finite]
+        out.update(_attribute_columns(attr, g, clean, robust, metric, n_boot, seed))
         if task == "segmentation":
-            out.update(_es_columns(attr, g[finite], clean[finite], robust[finite], extra[finite], metric, notes))
+            out.update(_es_columns(attr, g, clean, robust, extra, metric, notes))
         if task == "binary":
-            out.update(_binary_columns(attr, g[finite], samples[finite], extra[finite], notes))
+            out.update(_binary_columns(attr, g, samples, extra, notes))
     if task == "segmentation" and "iou_fg" not in extra:
         notes.append("ES-IoU not computed: the stored metrics hold no IoU (Dice only)")
     if task in ("classification", "multilabel"):
@@ -237,23 +321,26 @@ def fairness_columns(samples: pd.DataFrame, attrs: pd.DataFrame, task: str, metr
 def _attribute_columns(attr: str, g: np.ndarray, clean: np.ndarray, robust: np.ndarray, metric: str, n_boot: int, seed: int) -> dict[str, float | str]:
     """Per-group means, gaps (max − min), worst group, ratio (min / max) and bootstrap CIs for one attribute."""
     out: dict[str, float | str] = {}
-    mf = group_frame({"clean": clean, "robust": robust}, g)
-    by = mf.by_group
-    for level, row in by.iterrows():
-        out[f"n[{attr}={level}]"] = float((g == level).sum())
-        out[f"clean_{metric}[{attr}={level}]"] = float(row["clean"])
-        out[f"robust_{metric}[{attr}={level}]"] = float(row["robust"])
-    if len(by) < 2:
-        return out
-    diff, ratio, worst = mf.difference(), mf.ratio(), mf.group_min()
-    for k in ("clean", "robust"):
-        out[f"{k}_gap_{metric}[{attr}]"] = float(diff[k])
-        out[f"{k}_ratio_{metric}[{attr}]"] = float(ratio[k])
-        out[f"{k}_worst_group[{attr}]"] = str(by[k].idxmin())
-        out[f"{k}_worst_group_{metric}[{attr}]"] = float(worst[k])
-    out[f"gap_change_{metric}[{attr}]"] = float(diff["robust"] - diff["clean"])
+    by = group_frame({"clean": clean, "robust": robust}, g).by_group
     levels = list(by.index)
-    codes = np.array([levels.index(v) for v in g])
+    codes = _level_codes(g, levels)
+    counts = np.bincount(codes, minlength=len(levels))
+    means = {k: by[k].to_numpy(float) for k in ("clean", "robust")}  # finite: fairness_columns drops the rest
+    for i, level in enumerate(levels):
+        out[f"n[{attr}={level}]"] = float(counts[i])
+        out[f"clean_{metric}[{attr}={level}]"] = float(means["clean"][i])
+        out[f"robust_{metric}[{attr}={level}]"] = float(means["robust"][i])
+    if len(levels) < 2:
+        return out
+    diff = {}
+    for k, m in means.items():  # GroupMeans' difference(), ratio(), group_min() on NumPy arrays
+        diff[k] = float(m.max() - m.min())
+        out[f"{k}_gap_{metric}[{attr}]"] = diff[k]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            out[f"{k}_ratio_{metric}[{attr}]"] = float(m.min() / m.max())
+        out[f"{k}_worst_group[{attr}]"] = str(levels[int(np.argmin(m))])
+        out[f"{k}_worst_group_{metric}[{attr}]"] = float(m.min())
+    out[f"gap_change_{metric}[{attr}]"] = diff["robust"] - diff["clean"]
     ci = bootstrap_group_stats(clean, robust, codes, len(levels), n_boot, seed)
     for stat, name in (("clean_gap", f"clean_gap_{metric}"), ("robust_gap", f"robust_gap_{metric}"),
                        ("gap_change", f"gap_change_{metric}"), ("robust_worst", f"robust_worst_group_{metric}")):
@@ -290,7 +377,7 @@ def _binary_columns(attr: str, g: np.ndarray, samples: pd.DataFrame, extra: pd.D
     y = binary_labels(samples["clean_pred"], samples["clean_correct"])
     if not np.array_equal(y, binary_labels(samples["adv_pred"], samples["adv_correct"])):
         raise ConfigError("inconsistent rows: clean and adversarial rows imply different ground truths")
-    preds = {k: np.asarray([int(_json(v)) for v in samples[col]]) for k, col in (("clean", "clean_pred"), ("robust", "adv_pred"))}
+    preds = {k: _ints(samples[col]) for k, col in (("clean", "clean_pred"), ("robust", "adv_pred"))}
     rates = group_rates(y, preds, g)
     out: dict[str, float | str] = {}
     for k in preds:
@@ -439,20 +526,34 @@ def compare_groups(
 def group_table(samples: pd.DataFrame, attrs: pd.DataFrame, cells: pd.DataFrame | None = None) -> pd.DataFrame:
     """Long-format per-group table for plots: one row per (cell, attribute, group) with ``n``, ``clean`` and
     ``robust`` group means, joined with the cell's ``victim``, ``defense``, ``attack``, ``eps`` when ``cells`` (the
-    store's cell table) is given."""
-    rows = []
-    for cell_id, sub in samples.groupby("cell_id", sort=False):
-        for attr, g in group_columns(attrs.loc[sub.index]).items():
-            frame = pd.DataFrame({"g": g, "clean": sub.clean_score.to_numpy(float), "robust": sub.adv_score.to_numpy(float)})
-            for level, s in frame.groupby("g"):
-                rows.append({"cell_id": cell_id, "attribute": attr, "group": level, "n": len(s),
-                             "clean": float(s.clean.mean()), "robust": float(s.robust.mean())})
-    df = pd.DataFrame(rows)
+    store's cell table) is given. Rows: cells in order of appearance, attributes as :func:`group_columns` lists them,
+    groups sorted; one pass over the samples per attribute."""
+    rows: list[tuple[tuple[int, int, int], dict[str, Any]]] = []
+    if len(samples):
+        cell_codes, cell_ids = pd.factorize(samples["cell_id"])  # cells in order of first appearance
+        scores = {k: samples[col].to_numpy(float) for k, col in (("clean", "clean_score"), ("robust", "adv_score"))}
+        for a, (attr, g) in enumerate(group_columns(attrs.loc[samples.index]).items()):
+            levels = sorted(pd.unique(g))
+            key = cell_codes * len(levels) + _level_codes(g, levels)
+            order = np.argsort(key, kind="stable")  # each (cell, group) block in sample order
+            starts = np.flatnonzero(np.r_[True, np.diff(key[order]) != 0])
+            for block in np.split(order, starts[1:]):
+                c, lv = divmod(int(key[block[0]]), len(levels))
+                means = {k: _series_mean(v[block]) for k, v in scores.items()}
+                rows.append(((c, a, lv), {"cell_id": cell_ids[c], "attribute": attr, "group": levels[lv], "n": len(block), **means}))
+    df = pd.DataFrame([row for _, row in sorted(rows, key=lambda r: r[0])])
     if cells is not None and len(df):
         meta = cells[["cell_id", "victim", "defense", "attack", "metric", "threat"]].copy()
         meta["eps"] = [json.loads(t).get("eps") if isinstance(t, str) else None for t in meta.threat]
         df = df.merge(meta.drop(columns="threat"), on="cell_id", how="left")
     return df
+
+
+def _series_mean(v: np.ndarray) -> float:
+    """``pandas.Series(v).mean()`` (NaN skipped; pairwise sum of the rest, as pandas sums with NaN set to 0)."""
+    missing = np.isnan(v)
+    count = len(v) - int(missing.sum())
+    return float(np.where(missing, 0.0, v).sum() / count) if count else math.nan
 
 
 def plot_group_gaps(df: pd.DataFrame, path: str | Path, attribute: str = "sex") -> Path | None:

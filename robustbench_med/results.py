@@ -88,7 +88,9 @@ def store_frames(store: Any) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
 
     def read(st: Store) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
         cells, samples = pd.DataFrame(st.cells()), st.samples_frame()
-        attrs = pd.DataFrame([_json(v) or {} for v in samples["attrs"]], index=samples.index) if len(samples) else pd.DataFrame()
+        from robustbench_med.fairness import json_frame  # decodes each distinct attribute text once
+
+        attrs = json_frame(samples["attrs"]) if len(samples) else pd.DataFrame()
         return cells, samples, attrs
 
     if isinstance(store, Store):
@@ -312,7 +314,9 @@ def _detection_stats(sub: pd.DataFrame) -> dict[str, Any]:
 def _secondary_means(sub: pd.DataFrame, primary: str) -> dict[str, float]:
     """``robust_<m>`` / ``clean_<m>``: means of the victim's secondary per-sample metrics (e.g. VQA accuracy on the
     attacked question ``vqa_accuracy_first`` and on the others ``vqa_accuracy_others``; MRE of landmarks)."""
-    per = pd.DataFrame([json.loads(m) if isinstance(m, str) else (m or {}) for m in sub["metrics"]])
+    from robustbench_med.fairness import metrics_frame  # decodes each distinct metrics text once
+
+    per = metrics_frame(sub)
     skip = {primary, "detector_score", "clean_detector_score"}
     out = {}
     for key in per.columns:
