@@ -179,7 +179,9 @@ def test_comparison_table_written_from_a_store(tmp_path, monkeypatch):
                            "overall_base": 0.9, "overall_other": 0.88, "gap_base": 0.01, "gap_other": 0.01, "gap_diff": 0.0,
                            "gap_diff_ci95_low": -0.01, "gap_diff_ci95_high": 0.01, "overall_diff": -0.02,
                            "overall_diff_ci95_low": -0.03, "overall_diff_ci95_high": -0.01}])
-    monkeypatch.setattr(FM, "compare_defenses", lambda *a, **k: frame)
+    import robustbench_med.results as R
+
+    monkeypatch.setattr(R, "compare_defenses", lambda *a, **k: frame)  # fairness.compare_defenses is its shim
     store = tmp_path / "run"
     store.mkdir()
     (store / "results.sqlite").write_bytes(b"")
