@@ -451,6 +451,7 @@ def entry_gaps(entries: Iterable[dict[str, Any]], n_boot: int = 1000) -> list[Ga
     ``robust_gap_<metric>[attr]`` with its stored interval is used; a row without it gets both from a stratified
     bootstrap of its per-sample scores (:func:`robustbench_med.fairness.bootstrap_group_stats`)."""
     from robustbench_med.entries import defense_key, headline_rows
+    from robustbench_med.results import is_baseline
 
     entries = list(entries)
     labels = defense_labels(r for e in entries for r in e["results"])
@@ -458,8 +459,8 @@ def entry_gaps(entries: Iterable[dict[str, Any]], n_boot: int = 1000) -> list[Ga
     for e in entries:
         m = e["metric"]
         for r in headline_rows(e):
-            if r["status"] != "done" or r["robust"] is None:
-                continue
+            if r["status"] != "done" or r["robust"] is None or is_baseline(r.get("knowledge"), e["threat"]["norm"]):
+                continue  # no robust gap where only a noise baseline ran
             g = r["groups"]
             attrs = sorted({k[len(f"robust_gap_{m}["):-1] for k in g if k.startswith(f"robust_gap_{m}[")}
                            | {k[len("robust_gap_"):] for k in g if k.startswith("robust_gap_") and "[" not in k
@@ -508,7 +509,8 @@ def _bootstrap_gap(e: dict[str, Any], r: dict[str, Any], a: str, n_boot: int):
 def group_gap_figure(gaps: Sequence[Gap], title: str | None = None,
                      styles: dict[str, Style] | None = None) -> "Figure | None":
     """Robust gap (filled, victim colour) and clean gap (hollow, grey) between groups with 95% intervals: one panel
-    per task × metric (rows) and attribute (columns), one line per headline row, labels wrapped to fit."""
+    per task × metric (rows) and attribute (columns) — one task's attributes stacked —, one line per headline row,
+    labels wrapped to fit."""
     if not gaps:
         return None
     plt = _pyplot()
@@ -518,17 +520,21 @@ def group_gap_figure(gaps: Sequence[Gap], title: str | None = None,
     rows = {f: [lbl for _, lbl in sorted({(g.order, g.row(one[f])) for g in gaps if g.facet == f})] for f in facets}
     styles = styles or victim_styles(g.victim for g in gaps)
     lines = {f: sum(wrap_label(lbl, 44, 3).count("\n") + 1 for lbl in rows[f]) for f in facets}
-    height = sum(0.2 * lines[f] + 1.1 for f in facets) + 0.6
-    fig, axes = plt.subplots(len(facets), len(attrs), figsize=(3.2 * len(attrs) + 3.4, height), squeeze=False,
-                             layout="constrained", gridspec_kw={"height_ratios": [lines[f] + 4 for f in facets]})
-    for i, f in enumerate(facets):
-        top = max(max(g.robust, *(g.robust_ci or ()), *(g.clean_ci or ())) for g in gaps if g.facet == f)
-        for j, a in enumerate(attrs):
-            ax = axes[i][j]
-            _draw_gaps(ax, rows[f], {g.row(one[f]): g for g in gaps if g.facet == f and g.attribute == a}, styles, j == 0)
-            ax.set_xlim(-0.02 * max(0.05, top), max(0.05, 1.05 * top))  # a gap of 0 stays visible
-            at = f" at {next(g.threat for g in gaps if g.facet == f)}" if one[f] else ""
-            ax.set_title(wrap_label(f"{f}{at}\ngap by {a}", 40), fontsize=9)
+    # one task: the attributes stacked (a figure that fits half a page's width); several: task rows × attribute columns
+    stacked = len(facets) == 1
+    cells = [(f, a) for f in facets for a in attrs]
+    heights = [lines[f] + 4 for f, _ in cells] if stacked else [lines[f] + 4 for f in facets]
+    height = sum(0.2 * (h - 4) + 1.1 for h in heights) + 0.6
+    fig, axes = plt.subplots(len(heights), 1 if stacked else len(attrs), squeeze=False, layout="constrained",
+                             figsize=(6.6 if stacked else 3.2 * len(attrs) + 3.4, height), gridspec_kw={"height_ratios": heights})
+    top = {f: max(max(g.robust, *(g.robust_ci or ()), *(g.clean_ci or ())) for g in gaps if g.facet == f) for f in facets}
+    for k, (f, a) in enumerate(cells):
+        i, j = (k, 0) if stacked else divmod(k, len(attrs))
+        ax = axes[i][j]
+        _draw_gaps(ax, rows[f], {g.row(one[f]): g for g in gaps if g.facet == f and g.attribute == a}, styles, j == 0)
+        ax.set_xlim(-0.02 * max(0.05, top[f]), max(0.05, 1.05 * top[f]))  # a gap of 0 stays visible
+        at = f" at {next(g.threat for g in gaps if g.facet == f)}" if one[f] else ""
+        ax.set_title(wrap_label(f"{f}{at}\ngap by {a}", 40 if not stacked else 70), fontsize=9)
     from matplotlib.lines import Line2D
 
     handles = [Line2D([], [], color="#333333", marker="o", linestyle="none", label="robust gap (95% CI)"),
@@ -625,8 +631,9 @@ def group_sweep(df: "pd.DataFrame", attribute: str = "sex") -> "Figure | None":
 def score_histograms(entries: Iterable[dict[str, Any]], max_panels: int = 12, bins: int = 20) -> "Figure | None":
     """Histograms of the per-sample clean and adversarial scores: one panel per victim × defence at its largest
     budget (its headline row; Linf before other norms). Panels take turns over the tasks (so every task shows),
-    at most ``max_panels`` (the title says how many were left out)."""
+    at most ``max_panels`` (the title says how many were left out). Noise baselines are left out."""
     from robustbench_med.entries import defense_key, headline_rows
+    from robustbench_med.results import is_baseline
 
     entries = list(entries)
     labels = defense_labels(r for e in entries for r in e["results"])
@@ -634,8 +641,8 @@ def score_histograms(entries: Iterable[dict[str, Any]], max_panels: int = 12, bi
     for e in entries:
         rank = (e["threat"]["norm"] == "Linf", float(e["threat"]["eps"]))
         for r in headline_rows(e):
-            if r["status"] != "done" or not r.get("per_sample"):
-                continue
+            if r["status"] != "done" or not r.get("per_sample") or is_baseline(r.get("knowledge"), e["threat"]["norm"]):
+                continue  # a noise baseline is no adversarial score
             key = (e["task"], e["metric"], e["victim"], labels[defense_key(r)])
             if key not in best or rank > (best[key][0]["threat"]["norm"] == "Linf", float(best[key][0]["threat"]["eps"])):
                 best[key] = (e, r)

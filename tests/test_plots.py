@@ -336,3 +336,19 @@ def test_a_budget_where_only_a_noise_baseline_ran_is_no_point_of_the_robustness_
     (series,) = [s for s in plots.entry_series(entries) if s.facet[1].startswith("robust")]
     assert sorted(series.display.values()) == ["1/255", "2/255", "4/255"]
     assert all(y < series.clean for y, _, _ in series.points.values())
+
+
+def test_histograms_leave_out_noise_baselines_and_one_task_gaps_stack_their_attributes():
+    """cls3d.phantom's largest budget (8/255) holds only noise.uniform: its histogram panel shows PGD at 4/255; the
+    gap figure of one task stacks its attributes in one column (it fits half the HTML page)."""
+    from robustbench_med.entries import load_entries
+
+    entries = [e for e in load_entries(ROOT / "volumes") if e["victim"] == "cls3d.phantom"]
+    fig = plots.score_histograms(entries)
+    (ax,) = [a for a in fig.axes if a.has_data()]
+    assert "4/255" in ax.get_title() and "8/255" not in ax.get_title()
+    gaps = plots.group_gaps(entries)
+    columns = {round(a.get_position().x0, 3) for a in gaps.axes}
+    assert len(gaps.axes) >= 2 and len(columns) == 1
+    assert not any("8/255" in t.get_text() for a in gaps.axes for t in a.get_yticklabels())  # no robust gap under noise
+    assert not layout_problems(gaps)
