@@ -73,14 +73,6 @@ def worst_case_label(n_attacks: int) -> str:
 # store reading
 
 
-def _json(v: Any) -> Any:
-    if isinstance(v, (bytes, str)):
-        return json.loads(v)
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return None
-    return v
-
-
 def store_frames(store: Any) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """Cells, samples and decoded attributes of a store (a :class:`Store` or a path); read once per version of an
     open :class:`Store` (:meth:`Store.memo`), copies returned."""
