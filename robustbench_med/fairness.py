@@ -92,6 +92,17 @@ def _joined_labels(columns: list[np.ndarray]) -> np.ndarray:
     return np.array(names, dtype=object)[combo]
 
 
+def group_gap(values: Any, axis: int | None = None) -> Any:
+    """The gap between groups: max − min of the per-group values (Fairlearn's ``MetricFrame.difference()``,
+    ``method='between_groups'``). The one implementation of a group gap: ``values`` is a sequence or array of group
+    values (``axis``: the group axis of an array of bootstrap replicates) or a pandas object (reduced per column,
+    NaN skipped, as pandas reduces)."""
+    if isinstance(values, (pd.Series, pd.DataFrame)):
+        return values.max() - values.min()
+    v = np.asarray(values, dtype=float)
+    return v.max(axis=axis) - v.min(axis=axis)
+
+
 @dataclass(frozen=True)
 class GroupMeans:
     """Group means of named per-sample scores, with the interface of a Fairlearn ``MetricFrame`` of column means
@@ -105,7 +116,7 @@ class GroupMeans:
 
     def difference(self) -> pd.Series:
         """max_g − min_g per metric (Fairlearn ``method='between_groups'``)."""
-        return self.by_group.max() - self.by_group.min()
+        return group_gap(self.by_group)
 
     def ratio(self) -> pd.Series:
         """min_g / max_g per metric."""
@@ -185,7 +196,7 @@ def bootstrap_group_stats(
         draw = rng.integers(0, len(idx), size=(n_boot, len(idx)), dtype=np.int32)  # the int64 stream, half the bytes
         means[:, g, 0] = replicate_means(clean[idx].astype(dtype, copy=False), draw)
         means[:, g, 1] = replicate_means(robust[idx].astype(dtype, copy=False), draw)
-    gaps = means.max(1) - means.min(1)
+    gaps = group_gap(means, axis=1)
     stats = {"clean_gap": gaps[:, 0], "robust_gap": gaps[:, 1], "gap_change": gaps[:, 1] - gaps[:, 0],
              "robust_worst": means[:, :, 1].min(1)}
     q = np.quantile(np.stack(list(stats.values()), 1), [0.025, 0.975], axis=0)  # column by column, as one call each
@@ -334,7 +345,7 @@ def _attribute_columns(attr: str, g: np.ndarray, clean: np.ndarray, robust: np.n
         return out
     diff = {}
     for k, m in means.items():  # GroupMeans' difference(), ratio(), group_min() on NumPy arrays
-        diff[k] = float(m.max() - m.min())
+        diff[k] = float(group_gap(m))
         out[f"{k}_gap_{metric}[{attr}]"] = diff[k]
         with np.errstate(divide="ignore", invalid="ignore"):
             out[f"{k}_ratio_{metric}[{attr}]"] = float(m.min() / m.max())
@@ -412,14 +423,14 @@ def demographic_parity_difference_from(rates: pd.DataFrame, k: str) -> float:
     """``DPD = max_g P(ŷ=1 | g) − min_g P(ŷ=1 | g)`` (Fairlearn ``demographic_parity_difference``,
     ``method='between_groups'``; lower is fairer, 0 = parity)."""
     sr = rates[f"sr_{k}"]
-    return float(sr.max() - sr.min())
+    return float(group_gap(sr))
 
 
 def equalized_odds_difference_from(rates: pd.DataFrame, k: str) -> float:
     """``EOD = max(max_g TPR_g − min_g TPR_g, max_g FPR_g − min_g FPR_g)`` (Fairlearn ``equalized_odds_difference``,
     ``agg='worst_case'``; lower is fairer). Not MEDFAIR's ``EqOdd = 1 − ½(|ΔTPR| + |ΔFPR|)`` (higher is fairer)."""
     tpr, fpr = rates[f"tpr_{k}"], rates[f"fpr_{k}"]
-    return float(max(tpr.max() - tpr.min(), fpr.max() - fpr.min()))
+    return float(max(group_gap(tpr), group_gap(fpr)))
 
 
 def demographic_parity_difference(y: np.ndarray, pred: np.ndarray, g: np.ndarray) -> float:
@@ -465,7 +476,7 @@ def _calibration_columns(attr: str, g: np.ndarray, y: np.ndarray, extra: pd.Data
         eces = {str(level): expected_calibration_error(p[g == level], y[g == level]) for level in np.unique(g)}
         for level, e in eces.items():
             out[f"{k}_ece[{attr}={level}]"] = e
-        out[f"{k}_ece_gap[{attr}]"] = float(max(eces.values()) - min(eces.values()))
+        out[f"{k}_ece_gap[{attr}]"] = float(group_gap(list(eces.values())))
     if not found:
         notes.append("calibration error not computed: the stored metrics hold no probabilities ('prob_pos', 'clean_prob_pos')")
     return out
@@ -502,7 +513,7 @@ def compare_groups(
 
     def gap(v: np.ndarray) -> float:
         m = [v[codes == c].mean() for c in range(len(levels))]
-        return float(max(m) - min(m))
+        return float(group_gap(m))
 
     rng = np.random.default_rng(seed)
     reps = np.empty((n_boot, 4))
@@ -513,7 +524,7 @@ def compare_groups(
         ca = codes[ix]
         ga = [va[ix][ca == c].mean() for c in range(len(levels))]
         gb = [vb[ix][ca == c].mean() for c in range(len(levels))]
-        reps[r] = (max(gb) - min(gb)) - (max(ga) - min(ga)), vb[ix].mean() - va[ix].mean(), max(ga) - min(ga), max(gb) - min(gb)
+        reps[r] = group_gap(gb) - group_gap(ga), vb[ix].mean() - va[ix].mean(), group_gap(ga), group_gap(gb)
     q = np.quantile(reps, [0.025, 0.975], axis=0)
     return {"n": float(len(common)), "overall_base": float(va.mean()), "overall_other": float(vb.mean()),
             "gap_base": gap(va), "gap_other": gap(vb), "gap_diff": gap(vb) - gap(va), "gap_diff_ci95_low": float(q[0, 0]),
@@ -620,7 +631,7 @@ def split_group_summary(victim: Any, data: Any, attribute: str = "sex", n: int |
             scores.append(victim.metrics(victim(x), y)[victim.spec.metric].float().cpu())
     s = torch.cat(scores).numpy().astype(float)
     groups = {str(g): float(s[labels == g].mean()) for g in sorted(set(labels))}
-    return {"overall": float(s.mean()), "groups": groups, "gap": float(max(groups.values()) - min(groups.values())),
+    return {"overall": float(s.mean()), "groups": groups, "gap": float(group_gap(list(groups.values()))),
             "scores": s, "labels": labels}
 
 

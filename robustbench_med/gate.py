@@ -35,6 +35,7 @@ from scipy import stats
 
 from robustbench_med.entries import defense_key, defense_label, headline_rows, load_entries
 from robustbench_med.errors import ConfigError
+from robustbench_med.fairness import group_gap
 from robustbench_med.tasks import ZERO_ONE_TASKS
 
 DEFAULT_MARGIN = 0.05
@@ -184,7 +185,7 @@ def group_deltas(where: str, metric: str, base: np.ndarray, new: np.ndarray, str
     full = np.arange(len(base))[None, :]
     gb, gn = _group_means(base, full, strata)[0], _group_means(new, full, strata)[0]
     out = []
-    for name, stat in ((f"robust_gap[{attr}]", lambda m: m.max(1) - m.min(1)), (f"worst_group_{metric}[{attr}]", lambda m: -m.min(1))):
+    for name, stat in ((f"robust_gap[{attr}]", lambda m: group_gap(m, axis=1)), (f"worst_group_{metric}[{attr}]", lambda m: -m.min(1))):
         boot = stat(mn) - stat(mb)
         lo, hi = np.percentile(boot, [2.5, 97.5])
         base_v, new_v = stat(gb[None])[0], stat(gn[None])[0]

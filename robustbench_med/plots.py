@@ -492,7 +492,7 @@ def _stored_gap(g: dict[str, Any], m: str, a: str):
 
 def _bootstrap_gap(e: dict[str, Any], r: dict[str, Any], a: str, n_boot: int):
     """Robust and clean gap with stratified bootstrap intervals from the row's per-sample scores."""
-    from robustbench_med.fairness import bootstrap_group_stats
+    from robustbench_med.fairness import bootstrap_group_stats, group_gap
 
     labels = (e.get("attributes") or {}).get(a)
     if not labels or "*" in a:
@@ -503,7 +503,7 @@ def _bootstrap_gap(e: dict[str, Any], r: dict[str, Any], a: str, n_boot: int):
         return None
     means = lambda v: [v[codes == i].mean() for i in range(len(levels))]  # noqa: E731
     ci = bootstrap_group_stats(clean, adv, codes, len(levels), n_boot, seed=0)
-    return (float(np.ptp(means(adv))), ci["robust_gap"], float(np.ptp(means(clean))), ci["clean_gap"])
+    return (float(group_gap(means(adv))), ci["robust_gap"], float(group_gap(means(clean))), ci["clean_gap"])
 
 
 def group_gap_figure(gaps: Sequence[Gap], title: str | None = None,

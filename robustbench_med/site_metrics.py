@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from robustbench_med.fairness import group_gap
 from robustbench_med.results import store_frames
 from robustbench_med.gate import resample_indices
 from robustbench_med.registry import VICTIMS
@@ -119,11 +120,11 @@ def _gap(sub: pd.DataFrame, attr: str, site: str, rng: np.random.Generator) -> t
     if len(values) < 2:
         return {}, None
     boot = np.stack([v[rng.integers(0, len(v), (N_BOOT, len(v)))].mean(1) for v in values], 1)
-    gaps = boot.max(1) - boot.min(1)
+    gaps = group_gap(boot, axis=1)
     means = np.array([v.mean() for v in values])
     lo, hi = np.percentile(gaps, [2.5, 97.5])
     key = f"gap[{attr}@{site}]"
-    return {key: float(means.max() - means.min()), f"{key}_ci95_low": float(lo), f"{key}_ci95_high": float(hi)}, gaps
+    return {key: float(group_gap(means)), f"{key}_ci95_low": float(lo), f"{key}_ci95_high": float(hi)}, gaps
 
 
 def _versus_baseline(scores: pd.DataFrame, victim: str, defense: str, condition: str, g: pd.DataFrame,

@@ -19,7 +19,7 @@ def _sources() -> dict[str, str]:
     return {str(p.relative_to(PACKAGE)): p.read_text() for p in PACKAGE.rglob("*.py")}
 
 
-def test_the_worst_case_threshold_and_baseline_rules_have_one_home():
+def test_the_worst_case_threshold_baseline_and_gap_rules_have_one_home():
     """grep: the per-sample minimum over attacks, a hard-coded success threshold and the noise-name rule appear only
     in results.py (the entry validator re-checks a stored minimum through results.worst_case_scores)."""
     patterns = {
@@ -30,6 +30,12 @@ def test_the_worst_case_threshold_and_baseline_rules_have_one_home():
     for what, pattern in patterns.items():
         where = sorted(f for f, text in _sources().items() if pattern.search(text))
         assert set(where) <= {"results.py"}, f"{what} outside results.py: {where}"
+    gap = re.compile(r"\.max\([^)]*\) - [^#\n]*\.min\(|max\([^)]*\) - min\(|np\.ptp\(")
+    gap_sites = {f for f, text in _sources().items() if gap.search(text)}
+    assert gap_sites <= {"fairness.py", "seed_studies.py"}, f"a group gap computed outside fairness.group_gap: {gap_sites}"
+    assert len(gap.findall(_sources()["fairness.py"])) == 2  # the two branches of fairness.group_gap
+    assert "ptp" not in _sources()["seed_studies.py"].replace("np.ptp(m.mean(-1), axis=1)", "").replace(
+        "np.ptp(_per_seed(a))", "").replace("np.ptp(_per_seed(b))", "")  # ranges over seeds, not group gaps
     assert "def worst_case_samples" in _sources()["results.py"]
     assert "worst_case_scores(" in _sources()["entry_schema.py"]
     entries_src = _sources()["entries.py"]
