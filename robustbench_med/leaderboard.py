@@ -217,6 +217,39 @@ def _write_reports(store: Store, out: Path) -> dict[str, Path]:
     gaps = plot_group_gap_sweep(store, out / "group_gaps_vs_eps.png")
     if gaps:
         paths["group_plot"] = gaps
+    paths.update(write_example_grids(df, store.path.parent / "adversarial", out))
+    return paths
+
+
+def write_example_grids(df: pd.DataFrame, adversarial: Path, out: Path, n: int = 4) -> dict[str, Path]:
+    """``examples_<victim>.png`` (:func:`robustbench_med.plots.example_grid`: clean, adversarial, amplified
+    perturbation) for each victim of a run with ``save_adversarial: true``: its first ``n`` samples under the attack
+    that left the lowest robust metric at the largest budget (valid cells of real attacks, undefended model first).
+    Units saved without their clean inputs (before this was written) are passed over."""
+    from safetensors.torch import load_file
+
+    from robustbench_med import plots
+    from robustbench_med.results import is_baseline
+
+    if not adversarial.is_dir() or "robust" not in df:
+        return {}
+    cells = df[(df.status == "done") & (df.cell_id != "") & df.robust.notna()]
+    cells = cells[[not is_baseline(k, nm) for k, nm in zip(cells.knowledge, cells.norm)]]
+    paths = {}
+    for victim, g in cells.groupby("victim", sort=True):
+        g = g.assign(undefended=g.defense != "identity.none").sort_values(["undefended", "eps", "robust"], ascending=[True, False, True])
+        for r in g.itertuples():
+            path = adversarial / r.cell_id / f"{0:06d}.safetensors"
+            batch = load_file(str(path)) if path.is_file() else {}
+            if "x" not in batch:
+                continue
+            moved = (batch["x_adv"] - batch["x"]).flatten(1).abs().amax(1) > 0  # attacked samples first (AutoAttack's
+            pick = [*moved.nonzero().flatten().tolist(), *(~moved).nonzero().flatten().tolist()][:n]  # protocol skips the rest)
+            titles = [f"sample {i}" + (f"\n{r.attack} {r.eps_display}" if j == 0 else "") for j, i in enumerate(pick)]
+            fig = plots.example_grid(batch["x"][pick], batch["x_adv"][pick], titles=titles)
+            fig.suptitle(f"{victim} / {r.defense}", fontsize=10)
+            paths[f"examples_{victim}"] = plots.save(fig, out / f"examples_{victim}.png")
+            break
     return paths
 
 

@@ -766,7 +766,7 @@ class GridRunner:
             invalid[p.cell_id] = "; ".join(filter(None, (f"budget violated: {report.reason()}" if not report.valid else "",
                                                          f"threat violated: {broken}" if broken else "")))
         if self.grid.save_adversarial:
-            self._save_adv(p.cell_id, start, x_adv)
+            self._save_adv(p.cell_id, start, x_adv, x)
         rows = []
         for j, out in enumerate(outcomes):
             i = start + j
@@ -782,12 +782,14 @@ class GridRunner:
             })
         return rows
 
-    def _save_adv(self, cell_id: str, start: int, x_adv: torch.Tensor) -> None:
+    def _save_adv(self, cell_id: str, start: int, x_adv: torch.Tensor, x: torch.Tensor) -> None:
+        """``save_adversarial``: the unit's adversarial inputs and, beside them, its clean inputs (``x_adv``, ``x``;
+        samples ``start``, ``start + 1``, ...) in ``<out>/adversarial/<cell_id>/<start>.safetensors``."""
         from safetensors.torch import save_file
 
         path = self.out_dir / "adversarial" / cell_id / f"{start:06d}.safetensors"
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"x_adv": x_adv.detach().cpu().contiguous()}, str(path))
+        save_file({"x_adv": x_adv.detach().cpu().contiguous(), "x": x.detach().cpu().contiguous()}, str(path))
 
 
 def shard_dir(out_dir: str | Path, shard: str | tuple[int, int] | None) -> Path:

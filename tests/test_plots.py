@@ -352,3 +352,28 @@ def test_histograms_leave_out_noise_baselines_and_one_task_gaps_stack_their_attr
     assert len(gaps.axes) >= 2 and len(columns) == 1
     assert not any("8/255" in t.get_text() for a in gaps.axes for t in a.get_yticklabels())  # no robust gap under noise
     assert not layout_problems(gaps)
+
+
+def test_a_run_that_saves_its_adversarial_inputs_gets_example_grids(tmp_path):
+    """``save_adversarial: true``: each unit's clean inputs are stored beside the adversarial ones, and the store's
+    report draws clean / adversarial / amplified perturbation for each victim (its strongest attack at the largest
+    budget), every perturbation inside the budget."""
+    from safetensors.torch import load_file
+
+    from robustbench_med.grid import parse_grid
+    from robustbench_med.leaderboard import write_leaderboard
+    from robustbench_med.runner import run_grid
+
+    grid = parse_grid({"name": "examples", "n_examples": 6, "batch_size": 6, "save_adversarial": True,
+                       "victims": [{"name": "cnn.phantom", "weights": None}],
+                       "attacks": [{"name": "fgsm.linf", "params": {"eps": ["2/255", "8/255"]}}, "noise.uniform"]})
+    store = run_grid(grid, tmp_path / "run", progress=False)
+    saved = sorted((tmp_path / "run" / "adversarial").glob("*/000000.safetensors"))
+    assert saved and all({"x", "x_adv"} <= set(load_file(str(p))) for p in saved)
+    for p in saved:
+        batch = load_file(str(p))
+        assert float((batch["x_adv"] - batch["x"]).abs().max()) <= 8 / 255 + 1e-6
+    paths = write_leaderboard(store, tmp_path / "report")
+    png = paths["examples_cnn.phantom"]
+    fig = plots.example_grid(*(load_file(str(saved[0]))[k][:4] for k in ("x", "x_adv")))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and len(fig.axes) == 3 * 4 and not layout_problems(fig)
