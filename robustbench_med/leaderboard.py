@@ -29,6 +29,7 @@ success threshold, the baseline rule and the group gaps live there); :func:`summ
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,8 @@ from robustbench_med.results import (  # noqa: F401 (GROUP_ATTRS, BLACK_BOX_MARG
 )
 from robustbench_med.statistics import Z95, attack_success_rate as _asr, bootstrap_ci, mean_ci, wilson  # noqa: F401 (shims)
 from robustbench_med.store import Store
+
+log = logging.getLogger(__name__)
 
 
 def _load(store: Store) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, dict[str, Any]]:
@@ -240,8 +243,12 @@ def write_example_grids(df: pd.DataFrame, adversarial: Path, out: Path, n: int =
         g = g.assign(undefended=g.defense != "identity.none").sort_values(["undefended", "eps", "robust"], ascending=[True, False, True])
         for r in g.itertuples():
             path = adversarial / r.cell_id / f"{0:06d}.safetensors"
-            batch = load_file(str(path)) if path.is_file() else {}
-            if "x" not in batch:
+            try:
+                batch = load_file(str(path)) if path.is_file() else {}
+            except Exception as e:  # a damaged file costs its picture, not the report  # noqa: BLE001
+                log.warning("example grid of %s: %s is not readable (%s); passed over", victim, path, e)
+                continue
+            if "x" not in batch or batch["x"].shape != batch.get("x_adv", batch["x"][:0]).shape:
                 continue
             moved = (batch["x_adv"] - batch["x"]).flatten(1).abs().amax(1) > 0  # attacked samples first (AutoAttack's
             pick = [*moved.nonzero().flatten().tolist(), *(~moved).nonzero().flatten().tolist()][:n]  # protocol skips the rest)

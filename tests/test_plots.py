@@ -377,3 +377,17 @@ def test_a_run_that_saves_its_adversarial_inputs_gets_example_grids(tmp_path):
     png = paths["examples_cnn.phantom"]
     fig = plots.example_grid(*(load_file(str(saved[0]))[k][:4] for k in ("x", "x_adv")))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and len(fig.axes) == 3 * 4 and not layout_problems(fig)
+
+
+def test_a_damaged_saved_example_costs_its_picture_not_the_report(tmp_path, caplog):
+    import pandas as pd
+
+    from robustbench_med.leaderboard import write_example_grids
+
+    (tmp_path / "adv" / "c1").mkdir(parents=True)
+    (tmp_path / "adv" / "c1" / "000000.safetensors").write_bytes(b"not a safetensors file")
+    df = pd.DataFrame([{"cell_id": "c1", "victim": "v", "defense": "identity.none", "attack": "pgd.linf", "knowledge": "white-box",
+                        "norm": "Linf", "eps": 8 / 255, "eps_display": "8/255", "status": "done", "robust": 0.1}])
+    with caplog.at_level("WARNING", logger="robustbench_med"):
+        assert write_example_grids(df, tmp_path / "adv", tmp_path / "out") == {}
+    assert "not readable" in caplog.text
