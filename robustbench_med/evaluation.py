@@ -1,5 +1,5 @@
 """One call for your own model, in the spirit of RobustBench's ``benchmark`` (Croce et al., NeurIPS 2021 D&B):
-``benchmark(model, dataset=..., threat='Linf', eps='8/255', attacks='standard')`` returns a tidy DataFrame.
+``benchmark(model, dataset=..., threat='Linf', eps='8/255', attacks='standard')`` returns a DataFrame: one row per cell, a column subset of the wide summary.
 
 The model (an ``nn.Module``, a builder name such as ``'timm:resnet18'``, or a :class:`~robustbench_med.victim.Victim`)
 runs through the same grid harness, store, budget checks, reliability flags and fairness columns as the packaged
@@ -95,7 +95,7 @@ def benchmark(model: nn.Module | str | Victim, *, dataset: str = "phantom.ct", s
               publish: str | Path | None = None, device: str | None = None, name: str | None = None,
               target_field: str | None = None, dataset_params: dict[str, Any] | None = None, progress: bool = False,
               **wrap_kwargs: Any) -> pd.DataFrame:
-    """Evaluate ``model`` under attack and return one tidy row per victim × defence × attack × eps.
+    """Evaluate ``model`` under attack and return one row per victim × defence × attack × eps.
 
     Args:
         model: an ``nn.Module`` (wrapped with :func:`robustbench_med.wrap.wrap`; pass ``task`` and, as needed,
