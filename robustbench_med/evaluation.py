@@ -1,5 +1,6 @@
 """One call for your own model, in the spirit of RobustBench's ``benchmark`` (Croce et al., NeurIPS 2021 D&B):
-``benchmark(model, dataset=..., threat='Linf', eps='8/255', attacks='standard')`` returns a DataFrame: one row per cell, a column subset of the wide summary.
+``benchmark(model, dataset=..., threat='Linf', eps='8/255', attacks='standard')`` returns a DataFrame: one row per
+cell, a column subset of the wide summary.
 
 The model (an ``nn.Module``, a builder name such as ``'timm:resnet18'``, or a :class:`~robustbench_med.victim.Victim`)
 runs through the same grid harness, store, budget checks, reliability flags and fairness columns as the packaged
