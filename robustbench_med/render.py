@@ -19,7 +19,7 @@ from typing import Any, Iterable
 
 from robustbench_med import plots
 from robustbench_med.columns import (
-    COLUMNS, CSV_ORDER, GROUPS_AFTER, Column, csv_columns, fixed3, for_rows, group_columns, interval,
+    COLUMNS, CSV_ORDER, GROUPS_AFTER, Column, csv_columns, for_rows, group_columns, interval,
 )
 from robustbench_med.entries import defense_label, headline_rows, is_worst_case
 
@@ -86,10 +86,6 @@ def display_metric_columns(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
     return [(c.key, c.heading) for c in for_rows(rows, "html") if c.source == "metrics"]
 
 
-def _f(v: Any) -> str:
-    return fixed3(v)
-
-
 def _metric_cell(r: dict[str, Any], key: str) -> str:
     """A per-attack metric as its registered column shows it (``0.042 (overshoot)`` for a one-sided detector AUROC
     significantly below 0.5)."""
@@ -111,15 +107,6 @@ def _sections(rows: list[dict[str, Any]]) -> dict[tuple[str, str, str], list[dic
     for r in rows:
         out.setdefault((r["dataset"], r["threat_label"], f"{r['task']} ({r['metric']})"), []).append(r)
     return out
-
-
-def _cells(r: dict[str, Any], groups: list[tuple[str, str]]) -> list[str]:
-    """Shim, kept for one release: the text cells of one LaTeX table row with the given group columns."""
-    keys = {k for k, _ in groups}
-    cols = [c for c in for_rows([r], "latex") if c.source != "groups"]
-    at = [c.key for c in cols].index("asr") + 1
-    fam = [c for c in group_columns([r]) if c.key in keys]
-    return [c.cell(r) for c in cols[:at] + fam + cols[at:]]
 
 
 HEAD = ["model", "defence", "attack", "clean", "robust", "95% CI", "ASR"]  # shim, kept for one release (columns.COLUMNS)

@@ -734,18 +734,9 @@ def train_vlm3d(victim: VLM3DVictim, recipe: VLM3DRecipe, device: str | torch.de
 
 def registry_trainer(name: str, path: Path, device: str | torch.device | None, progress: bool) -> None:
     """The registered ``trainer`` of the 3D VLMs: train with the recipe and write weights + sidecar to ``path``."""
-    from robustbench_med.training import recipe_for
-    from robustbench_med.weights import save_weights
-    from robustbench_med.wrap import build_victim
+    from robustbench_med.victims.lvlm.train import train_and_save
 
-    recipe = recipe_for(name)
-    torch.manual_seed(recipe.seed)
-    victim = build_victim(name)
-    metrics = train_vlm3d(victim, recipe, device=device or "cpu", progress=progress)
-    meta = {"victim": name, "recipe": asdict(recipe), "val_metric": {"vqa_accuracy": metrics["val_vqa_accuracy"]},
-            **metrics, "trainer_version": TRAINER_VERSION, "train_threads": torch.get_num_threads(),
-            "torch": torch.__version__}
-    save_weights(victim, path, meta)
+    train_and_save(name, path, train_vlm3d, TRAINER_VERSION, device, progress)
 
 
 # -------------------------------------------------------------------------------------------------- registration

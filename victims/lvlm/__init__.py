@@ -87,19 +87,25 @@ def _pretrained(name: str, family: str, path: str | None, input_size=PHANTOM_INP
     return victim
 
 
+def _register_tiny(family: str, name: str, seed: int, note: str, doc: str, card: VictimCard, **model_kw: Any) -> None:
+    """One tiny trained victim of ``family`` (the phantom VQA recipe with training seed ``seed``)."""
+    recipe = TrainRecipe(dataset="phantom.ct", target_field="vqa", n_train=1200, n_val=300, epochs=6, batch_size=32,
+                         lr=2e-3, seed=seed)
+
+    def tiny_factory(**kw: Any) -> LVLMVictim:
+        return _tiny(name, family, note, **model_kw, **kw)
+
+    tiny_factory.__doc__ = doc
+    register_victim(name, card=card, recipe=recipe, trainer=registry_trainer, trainer_version=TRAINER_VERSION,
+                    task="vqa")(tiny_factory)
+
+
 def _register_family(family: str) -> None:
     for tag, seed, note in (("tiny", 0, "tiny model trained on the phantom VQA bank"),
                             ("tiny_s1", 1, "seed-1 copy of the tiny model (transfer-attack surrogate)")):
         name = f"{family}.{tag}"
-        recipe = TrainRecipe(dataset="phantom.ct", target_field="vqa", n_train=1200, n_val=300, epochs=6, batch_size=32,
-                             lr=2e-3, seed=seed)
-
-        def tiny_factory(_name: str = name, _note: str = note, **kw: Any) -> LVLMVictim:
-            return _tiny(_name, family, _note, **kw)
-
-        tiny_factory.__doc__ = f"Tiny {family} ({PAPERS[family]}); {note}."
-        register_victim(name, card=_card(name, family, 0, PHANTOM_INPUT, note), recipe=recipe, trainer=registry_trainer,
-                        trainer_version=TRAINER_VERSION, task="vqa")(tiny_factory)
+        _register_tiny(family, name, seed, note, f"Tiny {family} ({PAPERS[family]}); {note}.",
+                       _card(name, family, 0, PHANTOM_INPUT, note))
 
     def hf_factory(path: str | None = None, **kw: Any) -> LVLMVictim:
         return _pretrained(f"{family}.hf", family, path, **kw)
@@ -115,15 +121,8 @@ def _register_t5(family: str) -> None:
     for tag, seed, note in (("tiny_t5", 0, "tiny model with an encoder-decoder (Flan-T5-style) LM trained on the phantom VQA bank"),
                             ("tiny_t5_s1", 1, "seed-1 copy of the tiny encoder-decoder model (transfer-attack surrogate)")):
         name = f"{family}.{tag}"
-        recipe = TrainRecipe(dataset="phantom.ct", target_field="vqa", n_train=1200, n_val=300, epochs=6, batch_size=32,
-                             lr=2e-3, seed=seed)
-
-        def tiny_factory(_name: str = name, _note: str = note, **kw: Any) -> LVLMVictim:
-            return _tiny(_name, family, _note, language_model="t5", **kw)
-
-        tiny_factory.__doc__ = f"Tiny {family} with a Flan-T5-style LM ({T5_PAPERS[family]}); {note}."
-        register_victim(name, card=_t5_card(name, family, 0, note), recipe=recipe, trainer=registry_trainer,
-                        trainer_version=TRAINER_VERSION, task="vqa")(tiny_factory)
+        _register_tiny(family, name, seed, note, f"Tiny {family} with a Flan-T5-style LM ({T5_PAPERS[family]}); {note}.",
+                       _t5_card(name, family, 0, note), language_model="t5")
 
 
 for _family in ("blip2", "instructblip", "llava"):

@@ -34,7 +34,7 @@ level); what is ours: the tiny scale, the phantom VQA data, the pooled-MLP arm a
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -189,18 +189,9 @@ def train_study_victim(victim: StudyVictim, recipe: TrainRecipe, device: str | t
 
 def registry_trainer(name: str, path: Path, device: str | torch.device | None, progress: bool) -> None:
     """The registered ``trainer`` of the study's victims: train with the recipe and write weights + sidecar."""
-    from robustbench_med.training import recipe_for
-    from robustbench_med.weights import save_weights
-    from robustbench_med.wrap import build_victim
+    from robustbench_med.victims.lvlm.train import train_and_save
 
-    recipe = recipe_for(name)
-    torch.manual_seed(recipe.seed)
-    victim = build_victim(name)
-    metrics = train_study_victim(victim, recipe, device=device or "cpu", progress=progress)
-    meta = {"victim": name, "recipe": asdict(recipe), "val_metric": {"vqa_accuracy": metrics["val_vqa_accuracy"]},
-            **metrics, "trainer_version": TRAINER_VERSION, "train_threads": torch.get_num_threads(),
-            "torch": torch.__version__}
-    save_weights(victim, path, meta)
+    train_and_save(name, path, train_study_victim, TRAINER_VERSION, device, progress)
 
 
 # -------------------------------------------------------------------------------------------------- registration

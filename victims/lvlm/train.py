@@ -239,6 +239,25 @@ def registry_trainer(name: str, path: Path, device: str | torch.device | None, p
     victim.save_pretrained(str(hf_dir(path)))
 
 
+def train_and_save(name: str, path: Path, train_fn: Any, trainer_version: int, device: str | torch.device | None,
+                   progress: bool) -> None:
+    """A registered VQA victim's ``trainer`` body: build ``name`` untrained, train it with its recipe
+    (``train_fn(victim, recipe, device=..., progress=...)`` → metrics with ``val_vqa_accuracy``) and write its weights
+    and sidecar (recipe, metrics, trainer version, thread count, torch version) to ``path``."""
+    from robustbench_med.training import recipe_for
+    from robustbench_med.weights import save_weights
+    from robustbench_med.wrap import build_victim
+
+    recipe = recipe_for(name)
+    torch.manual_seed(recipe.seed)
+    victim = build_victim(name)
+    metrics = train_fn(victim, recipe, device=device or "cpu", progress=progress)
+    meta = {"victim": name, "recipe": asdict(recipe), "val_metric": {"vqa_accuracy": metrics["val_vqa_accuracy"]},
+            **metrics, "trainer_version": trainer_version, "train_threads": torch.get_num_threads(),
+            "torch": torch.__version__}
+    save_weights(victim, path, meta)
+
+
 def hf_dir(weights_file: str | Path) -> Path:
     """The ``save_pretrained`` directory written beside a tiny victim's safetensors file."""
     p = Path(weights_file)
