@@ -167,8 +167,13 @@ def _attack_entry(a: str | dict[str, Any]) -> dict[str, Any]:
 
 
 def tidy(summary: pd.DataFrame) -> pd.DataFrame:
-    """The documented columns of a :func:`~robustbench_med.leaderboard.summarize` table (one row per cell and per
-    worst case), each metric once."""
+    """The documented columns of a :func:`~robustbench_med.leaderboard.summary_wide` table (one row per cell and per
+    worst case), each metric once: :data:`TIDY_COLUMNS`, the robust gap per attribute, and the victim's secondary
+    per-sample metrics, clean and attacked (``robust_iou_fg``, ``clean_hd95_px``, ``robust_mre_px``, ...)."""
+    from robustbench_med.columns import is_group_column
+
     gaps = sorted(c for c in summary.columns if c.startswith("robust_gap_") and "[" not in c and "ci95" not in c)
-    cols = [c for c in TIDY_COLUMNS if c in summary.columns] + gaps
+    secondary = sorted(c for c in summary.columns if c.startswith(("robust_", "clean_")) and c not in TIDY_COLUMNS
+                       and not is_group_column(c) and "ci95" not in c and not c.startswith("robust_worst_group"))
+    cols = [c for c in TIDY_COLUMNS if c in summary.columns] + gaps + secondary
     return summary[cols].sort_values(["defense", "attack", "eps"], kind="stable").reset_index(drop=True)

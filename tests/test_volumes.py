@@ -208,6 +208,7 @@ def test_a_users_monai_3d_network_runs_a_grid_on_the_volume_phantom(tmp_path):
     done = df[df.status == "done"]
     assert len(done) == 2 and set(done.metric) == {"dice_fg"} and (done.robust <= done.clean + 1e-9).all()
     assert {"robust_gap_sex", "robust_gap_age_group"} <= set(df.columns)
+    assert {"robust_hd95_vox", "clean_hd95_vox", "robust_assd_vox", "robust_iou_fg"} <= set(df.columns)  # secondary metrics
     summary = summary_wide(tmp_path / "run" / "results.sqlite", fairness_boot=0)  # the secondary metrics, clean and robust
     cells = summary[summary.status == "done"]
     assert {"clean_hd95_vox", "robust_hd95_vox", "clean_assd_vox", "robust_assd_vox"} <= set(summary.columns)
